@@ -1,0 +1,152 @@
+"""Differentiable Siamese augmentation (DSA, Zhao & Bilen 2021), shared by DSA, DM, MTT, DATM and evaluation.
+
+Mode 'S' of the reference: each call draws one op family from the strategy ('color' = brightness,
+saturation and contrast together). With ``siamese=True`` every sampled parameter is shared by the whole
+batch, so calling twice with the same seed applies the identical transform to a real and a synthetic batch.
+All ops are differentiable in the images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+DIGITS_STRATEGY = "color_crop_cutout_scale_rotate"  # "flip augmentation is not good for digit datasets"
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+@dataclass(frozen=True)
+class DSAParams:
+    prob_flip: float = 0.5
+    ratio_scale: float = 1.2
+    ratio_rotate: float = 15.0
+    ratio_crop_pad: float = 0.125
+    ratio_cutout: float = 0.5
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+
+
+def strategy_for(digits: bool) -> str:
+    return DIGITS_STRATEGY if digits else DEFAULT_STRATEGY
+
+
+def _rand(n: int, generator: torch.Generator | None, device, siamese: bool) -> torch.Tensor:
+    draw = torch.rand(1 if siamese else n, generator=generator)
+    return (draw.expand(n) if siamese else draw).to(device)
+
+
+def _randint(low: int, high: int, n: int, generator, device, siamese: bool) -> torch.Tensor:
+    draw = torch.randint(low, high, (1 if siamese else n,), generator=generator)
+    return (draw.expand(n) if siamese else draw).to(device)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def aug_scale(x, p: DSAParams, g, siamese):
+    n = x.shape[0]
+    sx = _rand(n, g, x.device, siamese) * (p.ratio_scale - 1.0 / p.ratio_scale) + 1.0 / p.ratio_scale
+    sy = _rand(n, g, x.device, siamese) * (p.ratio_scale - 1.0 / p.ratio_scale) + 1.0 / p.ratio_scale
+    zeros = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zeros, zeros], 1), torch.stack([zeros, sy, zeros], 1)], 1)
+    return _affine(x, theta)
+
+
+def aug_rotate(x, p: DSAParams, g, siamese):
+    n = x.shape[0]
+    angle = (_rand(n, g, x.device, siamese) - 0.5) * 2 * p.ratio_rotate / 180 * math.pi
+    cos, sin, zeros = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, sin, zeros], 1), torch.stack([-sin, cos, zeros], 1)], 1)
+    return _affine(x, theta)
+
+
+def aug_flip(x, p: DSAParams, g, siamese):
+    flip = _rand(x.shape[0], g, x.device, siamese) < p.prob_flip
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def aug_brightness(x, p: DSAParams, g, siamese):
+    shift = _rand(x.shape[0], g, x.device, siamese) - 0.5
+    return x + (shift * p.brightness).view(-1, 1, 1, 1)
+
+
+def aug_saturation(x, p: DSAParams, g, siamese):
+    factor = _rand(x.shape[0], g, x.device, siamese) * p.saturation
+    mean = x.mean(dim=1, keepdim=True)
+    return (x - mean) * factor.view(-1, 1, 1, 1) + mean
+
+
+def aug_contrast(x, p: DSAParams, g, siamese):
+    factor = _rand(x.shape[0], g, x.device, siamese) + p.contrast
+    mean = x.mean(dim=[1, 2, 3], keepdim=True)
+    return (x - mean) * factor.view(-1, 1, 1, 1) + mean
+
+
+def aug_crop(x, p: DSAParams, g, siamese):
+    """Integer translation by up to ratio_crop_pad of the size, zero-filled (the reference's 'crop')."""
+    n, _, h, w = x.shape
+    sh, sw = int(h * p.ratio_crop_pad + 0.5), int(w * p.ratio_crop_pad + 0.5)
+    tx = _randint(-sh, sh + 1, n, g, x.device, siamese)
+    ty = _randint(-sw, sw + 1, n, g, x.device, siamese)
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(n, device=x.device), torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij"
+    )
+    gx = torch.clamp(gx + tx.view(-1, 1, 1) + 1, 0, h + 1)
+    gy = torch.clamp(gy + ty.view(-1, 1, 1) + 1, 0, w + 1)
+    padded = F.pad(x, [1, 1, 1, 1])
+    return padded.permute(0, 2, 3, 1)[gb, gx, gy].permute(0, 3, 1, 2)
+
+
+def aug_cutout(x, p: DSAParams, g, siamese):
+    n, _, h, w = x.shape
+    ch, cw = int(h * p.ratio_cutout + 0.5), int(w * p.ratio_cutout + 0.5)
+    ox = _randint(0, h + (1 - ch % 2), n, g, x.device, siamese)
+    oy = _randint(0, w + (1 - cw % 2), n, g, x.device, siamese)
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(n, device=x.device), torch.arange(ch, device=x.device), torch.arange(cw, device=x.device), indexing="ij"
+    )
+    gx = torch.clamp(gx + ox.view(-1, 1, 1) - ch // 2, 0, h - 1)
+    gy = torch.clamp(gy + oy.view(-1, 1, 1) - cw // 2, 0, w - 1)
+    mask = torch.ones(n, h, w, dtype=x.dtype, device=x.device)
+    mask[gb, gx, gy] = 0
+    return x * mask.unsqueeze(1)
+
+
+OPS = {
+    "color": [aug_brightness, aug_saturation, aug_contrast],
+    "crop": [aug_crop],
+    "cutout": [aug_cutout],
+    "flip": [aug_flip],
+    "scale": [aug_scale],
+    "rotate": [aug_rotate],
+}
+
+
+def diff_augment(
+    x: torch.Tensor,
+    strategy: str,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    params: DSAParams = DSAParams(),
+) -> torch.Tensor:
+    """Augment a batch. ``seed`` set -> Siamese (shared parameters, reproducible across calls)."""
+    if not strategy or strategy == "none":
+        return x
+    families = [s for s in strategy.split("_") if s]
+    unknown = [s for s in families if s not in OPS]
+    if unknown:
+        raise ValueError(f"unknown DSA ops {unknown}; known: {list(OPS)}")
+    siamese = seed is not None
+    if siamese:
+        generator = torch.Generator().manual_seed(int(seed))
+    family = families[int(torch.randint(0, len(families), (1,), generator=generator))]
+    for op in OPS[family]:
+        x = op(x, params, generator, siamese)
+    return x

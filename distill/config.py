@@ -1,0 +1,82 @@
+"""Settings from the environment (``DISTILL_*``) or a TOML config file (``DISTILL_CONFIG``).
+
+Nothing in the code knows where data or weights live on a given machine: it asks these settings.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get("DISTILL_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = Path(os.environ.get("DISTILL_HOME", "~/.distillery")).expanduser()
+    candidate = home / "config.toml"
+    return candidate if candidate.exists() else None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    data_dir: Path | None = Field(None, description="Folder holding one sub-folder per dataset (mnist/, cifar10/ ...)")
+    weights_dir: Path | None = Field(None, description="Folder holding pretrained weights (taef2/, sd-vae/ ...)")
+    home: Path = Field(Path("~/.distillery"), description="State: database, artifacts, caches")
+    fashion_mnist_dir: Path = Field(Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home")
+    num_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None and path.exists():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def home_dir(self) -> Path:
+        path = self.home.expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def cache_dir(self) -> Path:
+        path = self.home_dir / "cache"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def artifacts_dir(self) -> Path:
+        path = self.home_dir / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Drop the cached settings (tests change the environment)."""
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,216 @@
+"""Readers for the on-disk dataset formats: IDX (MNIST family), CIFAR pickles, ImageFolder trees and tarballs.
+
+Readers return plain numpy arrays (uint8, N x C x H x W) or lists of files; the registry wraps them in splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distill.errors import DistillError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif", ".jpe"}
+
+
+# ----------------------------------------------------------------------------------------------- IDX
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzip or raw) into an array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DistillError(f"{path}: not an IDX file (bad magic)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise DistillError(f"{path}: unknown IDX data type {dtype_code:#x}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DistillError(f"{path}: truncated IDX file ({array.size} values, header says {shape})")
+    return array.reshape(shape)
+
+
+def find_idx(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).exists():
+            return folder / name
+    raise DistillError(f"missing data file {folder / stem}[.gz]")
+
+
+def read_idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-family split: ``{prefix}-images-idx3-ubyte`` and ``{prefix}-labels-idx1-ubyte``."""
+    images = read_idx(find_idx(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(find_idx(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if len(images) != len(labels):
+        raise DistillError(f"{folder}: {len(images)} images but {len(labels)} labels for split {prefix}")
+    return images[:, None, :, :].copy(), labels
+
+
+# ---------------------------------------------------------------------------------------- CIFAR pickles
+def _unpickle(raw: bytes) -> dict:
+    return pickle.loads(raw, encoding="latin1")
+
+
+def _cifar_members(source: Path) -> Callable[[str], bytes]:
+    """Return a function reading a member (by base name) from a folder or a .tar.gz."""
+    if source.is_dir():
+        return lambda name: (source / name).read_bytes()
+    archive = tarfile.open(source, "r:*")
+    members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
+
+    def read(name: str) -> bytes:
+        if name not in members:
+            raise DistillError(f"{source}: member {name} missing")
+        handle = archive.extractfile(members[name])
+        assert handle is not None
+        return handle.read()
+
+    return read
+
+
+def read_cifar10_pickles(source: Path) -> tuple[dict, list[str]]:
+    read = _cifar_members(source)
+    meta = _unpickle(read("batches.meta"))
+    splits = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        batches = [_unpickle(read(n)) for n in names]
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
+        splits[split] = (images, labels)
+    return splits, list(meta["label_names"])
+
+
+def read_cifar100_pickles(source: Path) -> tuple[dict, list[str]]:
+    read = _cifar_members(source)
+    meta = _unpickle(read("meta"))
+    splits = {}
+    for split in ("train", "test"):
+        batch = _unpickle(read(split))
+        splits[split] = (batch["data"].reshape(-1, 3, 32, 32), np.asarray(batch["fine_labels"], dtype=np.int64))
+    return splits, list(meta["fine_label_names"])
+
+
+# --------------------------------------------------------------------------------------- ImageFolder
+def unpack_once(tarball: Path, cache_dir: Path) -> Path:
+    """Unpack a tarball into the cache (keyed by name, size and mtime) exactly once; return the folder."""
+    stat = tarball.stat()
+    key = hashlib.sha256(f"{tarball.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "unpacked" / f"{tarball.name.split('.')[0]}-{key}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        with tarfile.open(tarball, "r:*") as archive:
+            archive.extractall(scratch, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise DistillError(f"{tarball}: cannot unpack ({exc})") from exc
+    (scratch / ".complete").write_text("ok")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(scratch, target)
+    return target
+
+
+def locate_imagefolder_root(folder: Path) -> Path:
+    """Find the directory that holds ``train/`` (a tarball often wraps the tree in one top folder)."""
+    if (folder / "train").is_dir():
+        return folder
+    children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    for child in children:
+        if (child / "train").is_dir():
+            return child
+    raise DistillError(f"{folder}: no train/ folder found (ImageFolder layout: train/<class>/*.jpg, val|test/...)")
+
+
+def list_imagefolder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """List an ImageFolder split: sorted class folders, sorted files per class (relative paths), labels."""
+    if classes is None:
+        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DistillError(f"{split_dir}: no class folders")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        names = sorted(
+            entry.name
+            for entry in os.scandir(class_dir)
+            if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+        )
+        files.extend(f"{name}/{n}" for n in names)
+        labels.extend([label] * len(names))
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image to uint8 C x size x size: resize the short side, centre crop (torchvision's eval policy)."""
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        width, height = img.size
+        if (width, height) != (size, size):
+            scale = size / min(width, height)
+            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def probe_image(path: Path) -> tuple[int, int, str]:
+    with Image.open(path) as img:
+        return img.size[0], img.size[1], img.mode
+
+
+def decode_all(root: Path, files: list[str], size: int, channels: int, progress: Callable | None = None) -> np.ndarray:
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    for i, rel in enumerate(files):
+        out[i] = load_image(root / rel, size, channels)
+        if progress is not None and i % 2000 == 0:
+            progress(i / max(1, len(files)))
+    return out
+
+
+def cached_json(path: Path, build: Callable[[], dict]) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+    return value
+
+
+def cached_npz(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if path.exists():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp.npz")
+    np.savez(tmp, **value)
+    os.replace(tmp, path)
+    return value
+
+
+def read_bytes_image(raw: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(raw))

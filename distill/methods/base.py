@@ -1,0 +1,210 @@
+"""The contract between every distillation method and whoever runs it (CLI, local worker, Ray worker).
+
+A method is a class with a pydantic ``Params`` model (defaults from its paper) and ``run(ctx, params)``
+returning a :class:`DistilledSet`. Only the :class:`RunContext` differs between callers: where progress
+goes, where checkpoints live, which device is used and how cancellation is signalled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from distill.data.registry import ArraySplit, Dataset, Split
+from distill.errors import Cancelled
+
+
+class MethodParams(BaseModel):
+    """Base for each method's parameters. Unknown keys are rejected; ``iterations`` is the budget knob."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass
+class DistilledSet:
+    """What a method produces.
+
+    images: float N x C x H x W in pixel scale ([0, 1] nominal; values outside are kept exactly).
+    labels: int64 N hard labels (always present: the argmax when soft labels exist).
+    soft_labels: optional float N x num_classes *logits* (students use softmax of them).
+    weights: optional float N per-image weights (e.g. cluster masses, summing to 1 per class).
+    learned_lr: optional learning rate learned with the set (DD, MTT, DATM); evaluation uses it.
+    extras: further tensors saved in the archive; metrics: JSON-able numbers for the manifest.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    soft_labels: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    learned_lr: float | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.images = self.images.detach().float().cpu().contiguous()
+        self.labels = self.labels.detach().long().cpu().contiguous()
+        n = len(self.images)
+        if len(self.labels) != n:
+            raise ValueError(f"{n} images but {len(self.labels)} labels")
+        if self.soft_labels is not None:
+            self.soft_labels = self.soft_labels.detach().float().cpu().contiguous()
+            if len(self.soft_labels) != n:
+                raise ValueError("soft_labels must have one row per image")
+        if self.weights is not None:
+            self.weights = self.weights.detach().float().cpu().contiguous()
+            if self.weights.shape != (n,):
+                raise ValueError("weights must be a vector with one entry per image")
+        self.extras = {k: v.detach().cpu().contiguous() for k, v in self.extras.items()}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class ProgressSink(Protocol):
+    def __call__(self, stage: str, fraction: float, message: str | None = None) -> None: ...
+
+
+class CheckpointStore:
+    """Per-stage checkpoints (tensors + JSON) under one folder; a stage with a checkpoint is not recomputed."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, stage: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{stage}.pt"
+
+    def has(self, stage: str) -> bool:
+        return self.folder is not None and self._path(stage).exists()
+
+    def save(self, stage: str, value: Any) -> None:
+        if self.folder is None:
+            return
+        path = self._path(stage)
+        tmp = path.with_suffix(".tmp")
+        torch.save(value, tmp)
+        tmp.replace(path)
+
+    def load(self, stage: str) -> Any:
+        return torch.load(self._path(stage), weights_only=False)
+
+    def stage(self, name: str, compute: Callable[[], Any]) -> Any:
+        """Run ``compute`` unless the stage was checkpointed by an earlier attempt."""
+        if self.has(name):
+            return self.load(name)
+        value = compute()
+        self.save(name, value)
+        return value
+
+
+@dataclass
+class RunContext:
+    dataset: Dataset
+    ipc: int
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_per_class: int | None = None
+    progress_sink: ProgressSink | None = None
+    checkpoints: CheckpointStore = field(default_factory=lambda: CheckpointStore(None))
+    is_cancelled: Callable[[], bool] = lambda: False
+    log: Callable[[str], None] = lambda message: None
+    show_progress_bars: bool = False
+    executor: Any = None  # optional fan-out engine (Ray) for heavy stages; None = run in-process
+    _train: Split | None = field(default=None, init=False, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def train(self) -> Split:
+        """The training split the method may see (at most ``max_per_class`` per class, seeded sample)."""
+        if self._train is None:
+            split = self.dataset.train
+            if self.max_per_class is not None:
+                rng = np.random.default_rng(self.seed + 7919)
+                keep = []
+                for c in range(self.num_classes):
+                    idx = split.class_indices(c)
+                    if len(idx) > self.max_per_class:
+                        idx = np.sort(rng.choice(idx, size=self.max_per_class, replace=False))
+                    keep.append(idx)
+                keep_idx = np.concatenate(keep)
+                split = ArraySplit(split.load(keep_idx).numpy(), split.labels[keep_idx])
+            self._train = split
+        return self._train
+
+    def class_images(self, label: int, limit: int | None = None, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Float [0, 1] images of one class (optionally a random subset of ``limit``)."""
+        idx = self.train.class_indices(label)
+        if limit is not None and len(idx) > limit:
+            rng = rng or np.random.default_rng(self.seed)
+            idx = np.sort(rng.choice(idx, size=limit, replace=False))
+        return self.train.load(idx).float().div_(255.0)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dataset.normalize(images)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    # ------------------------------------------------------------------ progress and control
+    def progress(self, stage: str, fraction: float, message: str | None = None) -> None:
+        if self.progress_sink is not None:
+            self.progress_sink(stage, float(min(max(fraction, 0.0), 1.0)), message)
+
+    def check_cancelled(self) -> None:
+        if self.is_cancelled():
+            raise Cancelled("job cancelled")
+
+    def steps(self, total: int, stage: str, every: int | None = None) -> Iterator[int]:
+        """``range(total)`` that reports progress, shows a bar in the CLI and honours cancellation."""
+        return self.track(range(total), stage, total=total, every=every)
+
+    def track(self, items: Iterable, stage: str, total: int | None = None, every: int | None = None) -> Iterator:
+        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
+        every = every or max(1, (total or 100) // 100)
+        bar = None
+        if self.show_progress_bars:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        self.progress(stage, 0.0)
+        try:
+            for i, item in enumerate(items):
+                if i % every == 0:
+                    self.check_cancelled()
+                    if total:
+                        self.progress(stage, i / total)
+                yield item
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        self.progress(stage, 1.0)
+
+
+class Method:
+    """Base class of a registered method."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    family: ClassVar[str] = "baseline"
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:  # pragma: no cover - abstract
+        raise NotImplementedError

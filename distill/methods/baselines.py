@@ -1,0 +1,135 @@
+"""Selection baselines: random real images, herding and k-center in a ConvNet feature space.
+
+Herding and k-center follow the coreset baselines the DC/DSA/DM papers compare against: features are the
+penultimate embedding of a ConvNet, randomly initialised (default) or a teacher trained on the dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+
+
+class RandomParams(MethodParams):
+    pass
+
+
+class RandomSelection(Method):
+    name = "random"
+    summary = "IPC real images per class, drawn uniformly at random (seeded)"
+    family = "baseline"
+    Params = RandomParams
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+        rng = np.random.default_rng(ctx.seed)
+        chosen = []
+        for label in ctx.steps(ctx.num_classes, "select"):
+            idx = ctx.train.class_indices(label)
+            chosen.append(np.sort(rng.choice(idx, size=ctx.ipc, replace=False)))
+        return _selection(ctx, chosen)
+
+
+class CoresetParams(MethodParams):
+    features: Literal["random", "teacher"] = Field(
+        "random", description="feature space: a randomly initialised ConvNet or a teacher trained on the dataset"
+    )
+    model: str = Field("convnet", description="feature network")
+    batch_size: int = Field(500, ge=1, description="images per forward pass when embedding")
+    teacher_epochs: int = Field(15, ge=1, description="epochs of the teacher when features=teacher")
+
+
+def _selection(ctx: RunContext, chosen: list[np.ndarray], metrics: dict | None = None) -> DistilledSet:
+    indices = np.concatenate(chosen)
+    images = ctx.train.load(indices).float().div_(255.0)
+    labels = torch.from_numpy(ctx.train.labels[indices].copy())
+    return DistilledSet(images=images, labels=labels, extras={"source_indices": torch.from_numpy(indices)},
+                        metrics=metrics or {})
+
+
+@torch.no_grad()
+def embed_class(ctx: RunContext, network: torch.nn.Module, label: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Indices and embeddings of every (visible) training image of one class."""
+    idx = ctx.train.class_indices(label)
+    features = []
+    for _, images in ctx.train.batches(batch_size, idx):
+        x = ctx.normalize(images.float().div_(255.0).to(ctx.device))
+        features.append(network.embed(x).float().cpu())
+    return idx, torch.cat(features)
+
+
+def feature_network(ctx: RunContext, params: CoresetParams) -> torch.nn.Module:
+    from distill.nets import build_network
+
+    ds = ctx.dataset
+    if params.features == "teacher":
+        from distill.evaluate import EvalConfig, get_teacher
+
+        config = EvalConfig(teacher_model=params.model, teacher_epochs=params.teacher_epochs, seed=ctx.seed,
+                            device=str(ctx.device))
+        return get_teacher(ds, config).to(ctx.device).eval()
+    return build_network(params.model, ds.channels, ds.num_classes, ds.image_size, seed=ctx.seed).to(ctx.device).eval()
+
+
+def herding_order(features: torch.Tensor, k: int) -> list[int]:
+    """Greedy herding (Welling 2009): each pick brings the running mean of picks closest to the class mean."""
+    mu = features.mean(0)
+    selected: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for t in range(k):
+        candidate_means = (running.unsqueeze(0) + features) / (t + 1)
+        distances = (candidate_means - mu).pow(2).sum(1)
+        distances[~available] = float("inf")
+        best = int(distances.argmin())
+        selected.append(best)
+        available[best] = False
+        running = running + features[best]
+    return selected
+
+
+def kcenter_order(features: torch.Tensor, k: int) -> list[int]:
+    """Greedy k-center: start at the point nearest the mean, then repeatedly take the farthest point."""
+    first = int((features - features.mean(0)).pow(2).sum(1).argmin())
+    selected = [first]
+    min_dist = (features - features[first]).pow(2).sum(1)
+    for _ in range(k - 1):
+        nxt = int(min_dist.argmax())
+        selected.append(nxt)
+        min_dist = torch.minimum(min_dist, (features - features[nxt]).pow(2).sum(1))
+    return selected
+
+
+class _Coreset(Method):
+    family = "baseline"
+    Params = CoresetParams
+
+    @staticmethod
+    def order(features: torch.Tensor, k: int) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+        assert isinstance(params, CoresetParams)
+        network = feature_network(ctx, params)
+        chosen = []
+        for label in ctx.steps(ctx.num_classes, "select"):
+            idx, features = embed_class(ctx, network, label, params.batch_size)
+            picks = self.order(features, ctx.ipc)
+            chosen.append(idx[picks])
+        return _selection(ctx, chosen, {"feature_space": params.features})
+
+
+class Herding(_Coreset):
+    name = "herding"
+    summary = "Herding selection of real images in a ConvNet feature space"
+    order = staticmethod(herding_order)
+
+
+class KCenter(_Coreset):
+    name = "kcenter"
+    summary = "Greedy k-center selection of real images in a ConvNet feature space"
+    order = staticmethod(kcenter_order)

@@ -1,0 +1,124 @@
+"""One entry point that turns a request (dataset, method, ipc, params, seed) into an archive.
+
+The CLI, the local worker and the Ray worker all call :func:`run_to_archive`; they differ only in the
+progress sink, the checkpoint folder and the cancellation check they pass in.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.archive import build_manifest, write_archive
+from distill.data.registry import check_ipc, get_dataset
+from distill.errors import DistillError
+from distill.methods.base import CheckpointStore, DistilledSet, ProgressSink, RunContext
+from distill.methods.registry import get_method, parse_params
+
+
+@dataclass
+class RunRequest:
+    dataset: str
+    method: str
+    ipc: int
+    params: dict[str, Any]
+    seed: int = 0
+    max_per_class: int | None = None
+    device: str = "auto"
+
+
+@dataclass
+class RunResult:
+    path: Path
+    sha256: str
+    manifest: dict[str, Any]
+    distilled: DistilledSet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DistillError(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def validate_request(request: RunRequest):
+    """Check everything that can be checked before any work: method, params, dataset, ipc."""
+    method_cls = get_method(request.method)
+    params = parse_params(method_cls, request.params)
+    if request.max_per_class is not None and request.max_per_class < 1:
+        raise DistillError("--max-per-class must be >= 1")
+    dataset = get_dataset(request.dataset)
+    check_ipc(dataset, request.ipc, request.max_per_class)
+    return method_cls, params, dataset
+
+
+def run_to_archive(
+    request: RunRequest,
+    out: Path,
+    *,
+    progress: ProgressSink | None = None,
+    checkpoint_dir: Path | None = None,
+    is_cancelled: Callable[[], bool] = lambda: False,
+    log: Callable[[str], None] = lambda message: None,
+    show_progress_bars: bool = False,
+    executor: Any = None,
+) -> RunResult:
+    method_cls, params, dataset = validate_request(request)
+    device = resolve_device(request.device)
+    seed_everything(request.seed)
+    ctx = RunContext(
+        dataset=dataset,
+        ipc=request.ipc,
+        seed=request.seed,
+        device=device,
+        max_per_class=request.max_per_class,
+        progress_sink=progress,
+        checkpoints=CheckpointStore(checkpoint_dir),
+        is_cancelled=is_cancelled,
+        log=log,
+        show_progress_bars=show_progress_bars,
+        executor=executor,
+    )
+    start = time.perf_counter()
+    distilled = method_cls().run(ctx, params)
+    ctx.timings["total"] = time.perf_counter() - start
+    _check_output(distilled, dataset.num_classes, request.ipc)
+    manifest = build_manifest(
+        distilled,
+        dataset=dataset.describe(),
+        method=request.method,
+        ipc=request.ipc,
+        params=params.model_dump(mode="json"),
+        seed=request.seed,
+        timings=ctx.timings,
+        extra={"max_per_class": request.max_per_class, "device": str(device)},
+    )
+    ctx.progress("archive", 0.0)
+    sha = write_archive(out, distilled, manifest)
+    ctx.progress("archive", 1.0)
+    return RunResult(path=Path(out), sha256=sha, manifest=manifest, distilled=distilled)
+
+
+def _check_output(distilled: DistilledSet, num_classes: int, ipc: int) -> None:
+    counts = torch.bincount(distilled.labels, minlength=num_classes)
+    if len(counts) != num_classes or (counts != ipc).any():
+        raise RuntimeError(f"method produced {counts.tolist()} images per class, expected {ipc} each")

@@ -1,0 +1,39 @@
+"""Test configuration: real data from DISTILL_DATA_DIR / DISTILL_WEIGHTS_DIR (CI points them at ../shared),
+and a fresh DISTILL_HOME per test session so caches never leak between runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SHARED = REPO.parent / "shared"
+os.environ.setdefault("DISTILL_DATA_DIR", str(_SHARED / "data"))
+os.environ.setdefault("DISTILL_WEIGHTS_DIR", str(_SHARED / "weights"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def distill_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = Path(os.environ.get("DISTILL_TEST_HOME") or tmp_path_factory.mktemp("distill-home"))
+    os.environ["DISTILL_HOME"] = str(home)
+    from distill.config import reload_settings
+
+    reload_settings()
+    return home
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from distill.data import get_dataset
+
+    return get_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def cifar10():
+    from distill.data import get_dataset
+
+    return get_dataset("cifar10")
