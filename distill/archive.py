@@ -218,7 +218,8 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"{path}: malformed {MANIFEST} ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArchiveError(f"{path}: unsupported archive format {manifest.get('format_version') if isinstance(manifest, dict) else '?'}")
+        version = manifest.get("format_version") if isinstance(manifest, dict) else "?"
+        raise ArchiveError(f"{path}: unsupported archive format {version}")
     files = manifest.get("files")
     if not isinstance(files, dict) or TENSORS not in files:
         raise ArchiveError(f"{path}: manifest lists no files")

@@ -64,8 +64,8 @@ def run(
         _configure_threads()
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
-        result = run_to_archive(request, out, show_progress_bars=not quiet and sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS")),
-                                log=lambda message: typer.echo(message, err=True))
+        bars = not quiet and (sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS")))
+        result = run_to_archive(request, out, show_progress_bars=bars, log=lambda message: typer.echo(message, err=True))
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.manifest["timings"].items())
         typer.echo(f"wrote {result.path} ({len(result.distilled)} images, sha256 {result.sha256[:16]}…; {timings})")
 
@@ -136,7 +136,8 @@ class _Bar:
     def __init__(self):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=1000, desc="eval", leave=False, dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+        self.bar = tqdm(total=1000, desc="eval", leave=False, dynamic_ncols=True, bar_format=bar_format)
 
     def __call__(self, stage: str, fraction: float) -> None:
         target = int(fraction * 1000)

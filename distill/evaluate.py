@@ -350,7 +350,8 @@ def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None 
     folder = get_settings().home_dir / "teachers"
     folder.mkdir(parents=True, exist_ok=True)
     cap = f"-cap{config.teacher_max_per_class}" if config.teacher_max_per_class else ""
-    name = f"{dataset.name.replace('/', '_').replace(':', '_')}-{config.teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}"
+    stem = dataset.name.replace("/", "_").replace(":", "_")
+    name = f"{stem}-{config.teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}"
     path = folder / f"{name}.safetensors"
     model = build_network(config.teacher_model, dataset.channels, dataset.num_classes, dataset.image_size)
     if path.exists():

@@ -140,6 +140,7 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
+NORM_TOKENS = {"bn": "batchnorm", "in": "instancenorm", "ln": "layernorm", "gn": "groupnorm", "nn": "none"}
 NETWORK_NAMES = ["convnet", "convnet-d4", "convnet-bn", "convnet-w64", "resnet18", "resnet18-ap", "resnet18-in"]
 
 
@@ -156,7 +157,7 @@ def build_network(name: str, channels: int, num_classes: int, image_size: int, s
             elif m := re.fullmatch(r"w(\d+)", token):
                 kwargs["width"] = int(m.group(1))
             elif token in ("bn", "in", "ln", "gn", "nn"):
-                kwargs["norm"] = {"bn": "batchnorm", "in": "instancenorm", "ln": "layernorm", "gn": "groupnorm", "nn": "none"}[token]
+                kwargs["norm"] = NORM_TOKENS[token]
             elif token in ("ap", "mp", "np"):
                 kwargs["pooling"] = {"ap": "avgpool", "mp": "maxpool", "np": "none"}[token]
             else:

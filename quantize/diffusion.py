@@ -82,6 +82,18 @@ def _noise_like(shape: tuple[int, ...], generator: torch.Generator, device: torc
 
 
 # ------------------------------------------------------------------------------------------- DiT prior
+def check_prior_dir(prior_dir: Path | str) -> Path:
+    """Cheap layout check of a diffusers DiT folder (``transformer/`` + ``scheduler/``); returns its path."""
+    root = Path(prior_dir).expanduser()
+    if not root.is_dir():
+        raise DistillError(f"prior directory not found: {root}")
+    if not (root / "transformer" / "config.json").is_file():
+        raise DistillError(f"not a diffusers DiT directory (no transformer/config.json): {root}")
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise DistillError(f"not a diffusers DiT directory (no scheduler/scheduler_config.json): {root}")
+    return root
+
+
 @dataclass
 class LatentPrior:
     """A loaded class-conditional DiT with its scheduler config and latent normalisation.
@@ -112,17 +124,13 @@ class LatentPrior:
         """Load ``transformer/`` + ``scheduler/`` (+ optional ``prior.json``) from a diffusers-format folder."""
         from diffusers import DiTTransformer2DModel
 
-        root = Path(prior_dir).expanduser()
-        if not root.is_dir():
-            raise DistillError(f"prior directory not found: {root}")
-        if not (root / "transformer" / "config.json").is_file():
-            raise DistillError(f"not a diffusers DiT directory (no transformer/config.json): {root}")
+        root = check_prior_dir(prior_dir)
         sched_file = root / "scheduler" / "scheduler_config.json"
-        if not sched_file.is_file():
-            raise DistillError(f"not a diffusers DiT directory (no scheduler/scheduler_config.json): {root}")
         device = torch.device(device)
         try:
-            transformer = DiTTransformer2DModel.from_pretrained(root / "transformer")
+            transformer = DiTTransformer2DModel.from_pretrained(
+                root / "transformer", torch_dtype=model_dtype(device, dtype), low_cpu_mem_usage=False
+            )
             scheduler_config = json.loads(sched_file.read_text())
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise DistillError(f"cannot load the prior in {root}: {str(exc).splitlines()[0]}") from None
@@ -142,7 +150,7 @@ class LatentPrior:
                 raise DistillError(f"bad {PRIOR_META} in {root}: {exc}") from None
             if mean.shape != (channels,) or std.shape != (channels,) or bool((std <= 0).any()):
                 raise DistillError(f"bad {PRIOR_META} in {root}: latent_mean/latent_std must have {channels} entries")
-        transformer = transformer.to(device=device, dtype=model_dtype(device, dtype)).eval().requires_grad_(False)
+        transformer = transformer.to(device).eval().requires_grad_(False)
         return cls(transformer, scheduler_config, int(num_classes), mean, std, meta, root)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -201,8 +209,7 @@ def decode_with_prior(
     if len(labels) != len(latents):
         raise DistillError(f"{len(latents)} latents but {len(labels)} labels")
     if strength == 0.0 and not isinstance(prior_dir, LatentPrior):
-        # No step runs; still validate the directory so a bad prior fails the same way at any strength.
-        LatentPrior.load(prior_dir, "cpu")
+        check_prior_dir(prior_dir)  # no step runs, but a wrong path still fails at any strength
         return latents
     device = torch.device(device)
     prior = prior_dir if isinstance(prior_dir, LatentPrior) else LatentPrior.load(prior_dir, device, dtype)
@@ -268,14 +275,14 @@ class StableDiffusionParts:
         device = torch.device(device)
         dtype = model_dtype(device, dtype)
         try:
-            unet = UNet2DConditionModel.from_pretrained(root / "unet")
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
             scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise DistillError(f"cannot load Stable Diffusion from {root}: {str(exc).splitlines()[0]}") from None
-        unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        unet = unet.to(device).eval().requires_grad_(False)
+        text_encoder = text_encoder.to(device).eval().requires_grad_(False)
         return cls(unet, text_encoder, tokenizer, scheduler_config, scheduler_config.get("_class_name", ""))
 
     def make_scheduler(self, kind: str | None):

@@ -336,9 +336,10 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in [
         DatasetSpec("mnist", "MNIST handwritten digits (IDX)", 1, 28, 10, (0.1307,), (0.3081,), load_mnist, True),
         DatasetSpec("fashion-mnist", "Fashion-MNIST (IDX)", 1, 28, 10, (0.2861,), (0.3530,), load_fashion_mnist),
-        DatasetSpec("cifar10", "CIFAR-10 (pickles, ImageFolder or its tarball)", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, load_cifar10),
+        DatasetSpec("cifar10", "CIFAR-10 (pickles, ImageFolder or tarball)", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, load_cifar10),
         DatasetSpec("cifar100", "CIFAR-100 (pickles or ImageFolder)", 3, 32, 100, CIFAR100_MEAN, CIFAR100_STD, load_cifar100),
-        DatasetSpec("imagenet", "ImageNet-1K, ImageFolder with wnid folders (streamed)", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD, load_imagenet),
+        DatasetSpec("imagenet", "ImageNet-1K, ImageFolder with wnid folders (streamed)", 3, 224, 1000,
+                    IMAGENET_MEAN, IMAGENET_STD, load_imagenet),
     ]
 }
 

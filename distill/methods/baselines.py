@@ -114,13 +114,39 @@ class _Coreset(Method):
 
     def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
         assert isinstance(params, CoresetParams)
-        network = feature_network(ctx, params)
+        features = class_features(ctx, params)
         chosen = []
         for label in ctx.steps(ctx.num_classes, "select"):
-            idx, features = embed_class(ctx, network, label, params.batch_size)
-            picks = self.order(features, ctx.ipc)
-            chosen.append(idx[picks])
+            idx, feats = features[label]
+            chosen.append(idx[self.order(feats, ctx.ipc)])
         return _selection(ctx, chosen, {"feature_space": params.features})
+
+
+def class_features(ctx: RunContext, params: CoresetParams) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Per-class embeddings, cached on disk: herding and k-center at every IPC share one pass over the data."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.config import get_settings
+
+    key = f"{ctx.dataset.name}-{params.features}-{params.model}-s{ctx.seed}-m{ctx.max_per_class}"
+    if params.features == "teacher":
+        key += f"-t{params.teacher_epochs}"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+    path = get_settings().cache_dir / "features" / f"{safe}.safetensors"
+    if path.exists():
+        stored = load_file(str(path))
+        return [(stored[f"idx{c}"].numpy(), stored[f"feat{c}"]) for c in range(ctx.num_classes)]
+    network = feature_network(ctx, params)
+    out = [embed_class(ctx, network, label, params.batch_size) for label in ctx.steps(ctx.num_classes, "embed")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tensors = {}
+    for c, (idx, feats) in enumerate(out):
+        tensors[f"idx{c}"] = torch.from_numpy(idx.copy())
+        tensors[f"feat{c}"] = feats.contiguous()
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return out
 
 
 class Herding(_Coreset):

@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# DISTILL_DATA_DIR / DISTILL_WEIGHTS_DIR must point at the data and weights (CI: ../shared/data, ../shared/weights).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU hosts pin the local CPU build of torch; GPU hosts run `make setup TORCH_CONSTRAINTS=constraints/gpu.txt`
+# after installing their CUDA build of torch, which pip then keeps.
+TORCH_CONSTRAINTS ?= constraints/cpu.txt
+BIN := $(VENV)/bin
+OUT ?= out
+
+.PHONY: setup demo test lint bench-baselines clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) scripts/setup-system.sh
+	bash scripts/setup-system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+# The main job on the embedded default: distill MNIST to 10 images per class, then evaluate the archive.
+demo: setup
+	$(BIN)/distill run random --dataset mnist --ipc 10 --out $(OUT)/mnist-random-10.tar
+	$(BIN)/distill eval $(OUT)/mnist-random-10.tar --runs 2 --epochs 300 --test-limit 2000
+
+test: setup
+	bash scripts/run-tests.sh $(BIN)/python
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench-baselines: setup
+	$(BIN)/python bench/baselines.py --epochs 300 --epochs-ipc50 100 --runs 2 --test-limit 2000
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,35 @@
+"""Bearer API keys. Each key is its own namespace: a job is visible only to the key that created it."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+bearer = HTTPBearer(auto_error=False, description="an API key configured by the operator (DISTILL_API_KEYS)")
+
+LOCAL_OWNER = "local"  # the one owner when no keys are configured (the server then binds loopback only)
+
+
+def owner_of(key: str) -> str:
+    """What the store records as owner: a hash, so the database never holds a usable key."""
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def current_owner(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return LOCAL_OWNER
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        presented = credentials.credentials.encode()
+        # Compare against every key (no early exit) so timing says nothing about which key matched.
+        matched = None
+        for key in keys:
+            if secrets.compare_digest(presented, key.encode()):
+                matched = key
+        if matched is not None:
+            return owner_of(matched)
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
+                        headers={"WWW-Authenticate": "Bearer"})

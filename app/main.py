@@ -1,0 +1,119 @@
+"""The FastAPI application: ``create_app(settings)`` wires the job store, metrics, limits and routes.
+
+Run it with ``distill serve`` (API + local workers) or ``distill api`` (API only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.metrics import ApiMetrics
+from app.routes import jobs, meta
+from app.settings import ServiceSettings, get_service_settings
+from distill import __version__
+from distill.errors import DistillError
+from workers.jobs import JobStore
+from workers.logs import job_id_var
+
+log = logging.getLogger("distill.api")
+
+
+class BodySizeLimit:
+    """Reject bodies over ``max_bytes`` with 413, whether or not the client sent Content-Length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except HTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+def create_app(settings: ServiceSettings | None = None, store: JobStore | None = None) -> FastAPI:
+    settings = settings or get_service_settings()
+    store = store or JobStore.from_settings(settings)  # migrates the schema
+    metrics = ApiMetrics(store)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        log.info("api started", extra={"database": store.engine.url.render_as_string(hide_password=True),
+                                      "auth": "api-keys" if settings.api_keys else "none (loopback only)"})
+        yield
+        store.engine.dispose()
+
+    app = FastAPI(
+        title="distillery",
+        version=__version__,
+        summary="Dataset distillation as a service: submit a job, poll it, download the distilled set.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = metrics
+    app.include_router(jobs.router)
+    app.include_router(meta.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202 - starlette's signature
+        path_params = request.scope.get("path", "").split("/")
+        token = job_id_var.set(path_params[2] if len(path_params) > 2 and path_params[1] == "jobs" else None)
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            metrics.requests.labels(request.method, template, str(status)).inc()
+            metrics.latency.labels(request.method, template).observe(time.perf_counter() - start)
+            job_id_var.reset(token)
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(DistillError)
+    async def distill_error(_request: Request, exc: DistillError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return app

@@ -1,0 +1,217 @@
+"""/jobs: submit, inspect, list, cancel, follow events, download the archive and its preview."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+
+from app import schemas
+from app.auth import current_owner
+from app.deps import get_metrics, get_settings, get_store
+from app.metrics import ApiMetrics
+from app.settings import ServiceSettings
+from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
+from workers.models import Job
+from workers.validation import RequestProblems, validate_job_request
+
+router = APIRouter(tags=["jobs"])
+
+JobId = Annotated[str, PathParam(min_length=1, max_length=40, description="job id (job_...)")]
+NOT_FOUND = {404: {"model": schemas.Problem, "description": "no such job for this API key"}}
+UNAUTHORIZED = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
+
+
+def to_schema(job: Job) -> schemas.Job:
+    artifact = None
+    if job.status == "succeeded" and job.artifact_sha256:
+        artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
+                                    sha256=job.artifact_sha256, preview_url=f"/jobs/{job.id}/preview.png")
+    error = schemas.JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return schemas.Job(
+        id=job.id, status=job.status, stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
+        cancel_requested=job.cancel_requested_at is not None, request=schemas.JobRequest(**job_request(job)),
+        error=error, artifact=artifact,
+    )
+
+
+def _find(store: JobStore, job_id: str, owner: str) -> Job:
+    try:
+        return store.get_job(job_id, owner)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+
+
+@router.post(
+    "/jobs", status_code=202, response_model=schemas.Job,
+    responses={**UNAUTHORIZED, 413: {"model": schemas.Problem, "description": "request body too large"}},
+    summary="Submit a distillation job",
+)
+def create_job(
+    body: schemas.JobCreate,
+    response: Response,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    settings: ServiceSettings = Depends(get_settings),
+    metrics: ApiMetrics = Depends(get_metrics),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255,
+                                         description="retry-safe submission: same key and body -> same job"),
+) -> schemas.Job:
+    try:
+        request = validate_job_request(body.model_dump(), settings.max_ipc)
+        job, replayed = store.create_job(owner, request, idempotency_key)
+    except RequestProblems as exc:
+        raise RequestValidationError(exc.errors) from None
+    except IdempotencyConflict as exc:
+        raise RequestValidationError([{"loc": ["header", "Idempotency-Key"], "msg": str(exc),
+                                       "type": "value_error.idempotency_conflict"}]) from None
+    if not replayed:
+        metrics.submitted.labels(job.method).inc()
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return to_schema(job)
+
+
+@router.get("/jobs", response_model=schemas.JobList, responses=UNAUTHORIZED, summary="List jobs, newest first")
+def list_jobs(
+    status: schemas.JobStatus | None = Query(None, description="only jobs in this status"),
+    limit: int = Query(20, ge=1, le=100),
+    after: str | None = Query(None, min_length=1, max_length=40, description="id of the last job of the previous page"),
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+) -> schemas.JobList:
+    try:
+        jobs, has_more = store.list_jobs(owner, status=status, limit=limit, after=after)
+    except JobNotFound:
+        raise RequestValidationError([{"loc": ["query", "after"], "msg": f"no job {after}",
+                                       "type": "value_error.unknown_cursor"}]) from None
+    return schemas.JobList(data=[to_schema(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/jobs/{job_id}", response_model=schemas.Job, responses={**UNAUTHORIZED, **NOT_FOUND})
+def get_job(job_id: JobId, owner: str = Depends(current_owner), store: JobStore = Depends(get_store)) -> schemas.Job:
+    return to_schema(_find(store, job_id, owner))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel", response_model=schemas.Job,
+    responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "job already finished"}},
+    summary="Cancel a queued or running job (a running job stops at its next check)",
+)
+def cancel_job(job_id: JobId, owner: str = Depends(current_owner), store: JobStore = Depends(get_store)) -> schemas.Job:
+    try:
+        return to_schema(store.cancel_job(job_id, owner))
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+    except InvalidState as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND})
+def list_events(
+    job_id: JobId,
+    after: int | None = Query(None, ge=0, le=2**62, description="id of the last event already seen"),
+    limit: int = Query(100, ge=1, le=1000),
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+) -> schemas.JobEventList:
+    try:
+        events, has_more = store.list_events(job_id, owner, after=after, limit=limit)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+    return schemas.JobEventList(
+        data=[schemas.JobEvent(id=e.id, created_at=e.created_at, level=e.level, stage=e.stage, message=e.message,
+                               progress=e.progress) for e in events],
+        has_more=has_more,
+    )
+
+
+ARTIFACT_RESPONSES = {
+    **UNAUTHORIZED, **NOT_FOUND,
+    409: {"model": schemas.Problem, "description": "the job has not succeeded (yet)"},
+    410: {"model": schemas.Problem, "description": "the archive was removed from storage"},
+}
+
+
+def _artifact_path(job: Job, settings: ServiceSettings) -> Path:
+    if job.status != "succeeded" or not job.artifact_path:
+        raise HTTPException(409, f"job is {job.status}: no archive")
+    path = settings.artifacts_dir / Path(job.artifact_path).name
+    if not path.is_file():
+        raise HTTPException(410, "the archive is no longer in storage")
+    return path
+
+
+@router.get(
+    "/jobs/{job_id}/artifact", response_class=FileResponse, responses={
+        200: {"content": {"application/x-tar": {}}, "description": "the archive (Range requests supported)"},
+        206: {"content": {"application/x-tar": {}}, "description": "part of the archive"},
+        416: {"description": "range not satisfiable"},
+        **ARTIFACT_RESPONSES,
+    },
+    summary="Download the distilled-set archive",
+)
+def download_artifact(
+    job_id: JobId,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    settings: ServiceSettings = Depends(get_settings),
+) -> FileResponse:
+    job = _find(store, job_id, owner)
+    path = _artifact_path(job, settings)
+    sha = job.artifact_sha256 or ""
+    digest = base64.b64encode(bytes.fromhex(sha)).decode()
+    filename = f"{job.dataset}-{job.method}-ipc{job.ipc}-{job.id}.tar"
+    return FileResponse(path, media_type="application/x-tar", filename=filename, headers={
+        "Repr-Digest": f"sha-256=:{digest}:",
+        "X-Checksum-Sha256": sha,
+        "ETag": f'"{sha}"',
+        "Cache-Control": "private, max-age=3600",
+    })
+
+
+@router.get(
+    "/jobs/{job_id}/preview.png", response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "one row per class"}, **ARTIFACT_RESPONSES},
+    summary="A PNG grid of the distilled images, one row per class",
+)
+def preview(
+    job_id: JobId,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    settings: ServiceSettings = Depends(get_settings),
+) -> Response:
+    job = _find(store, job_id, owner)
+    path = _artifact_path(job, settings)
+    cached = path.with_name(f"{job.id}.preview.png")
+    if not cached.exists():
+        _write_atomic(cached, render_preview(path))
+    return Response(cached.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def render_preview(archive: Path) -> bytes:
+    from PIL import Image
+
+    from distill.archive import image_grid, read_archive
+
+    loaded = read_archive(archive)
+    grid = image_grid(loaded.distilled.images, loaded.distilled.labels)
+    image = Image.fromarray(grid[:, :, 0], mode="L") if grid.shape[2] == 1 else Image.fromarray(grid)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

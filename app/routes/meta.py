@@ -1,0 +1,61 @@
+"""Catalogue and operations: /datasets, /methods, /healthz, /metrics."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import schemas
+from app.deps import get_metrics, get_store
+from app.metrics import ApiMetrics
+from distill import __version__
+from workers.jobs import JobStore
+
+router = APIRouter()
+
+
+@router.get("/datasets", response_model=list[schemas.DatasetInfo], tags=["catalogue"])
+def list_datasets() -> list[schemas.DatasetInfo]:
+    """Datasets registered on this server. Requests name one of these; paths are never accepted."""
+    from distill.data.registry import DATASETS
+
+    return [schemas.DatasetInfo(name=s.name, description=s.description, num_classes=s.num_classes,
+                                channels=s.channels, image_size=s.image_size) for s in DATASETS.values()]
+
+
+@lru_cache(maxsize=1)
+def _methods() -> tuple[schemas.MethodInfo, ...]:
+    from distill.methods.registry import available_methods
+
+    return tuple(
+        schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family,
+                           parameters=cls.Params.model_json_schema())
+        for name, cls in available_methods().items()
+    )
+
+
+@router.get("/methods", response_model=list[schemas.MethodInfo], tags=["catalogue"])
+def list_methods() -> list[schemas.MethodInfo]:
+    """Methods available on this server, each with its parameters as JSON schema (defaults from its paper)."""
+    return list(_methods())
+
+
+@router.get("/healthz", response_model=schemas.Health, tags=["operations"],
+            responses={503: {"model": schemas.Health, "description": "the job store is unreachable"}})
+def healthz(store: JobStore = Depends(get_store)) -> schemas.Health | JSONResponse:
+    try:
+        counts = store.counts_by_status()
+    except Exception:
+        body = schemas.Health(status="degraded", database="unreachable", version=__version__)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return schemas.Health(status="ok", database="ok", version=__version__, queued=counts.get("queued", 0),
+                          running=counts.get("running", 0))
+
+
+@router.get("/metrics", response_class=Response, tags=["operations"],
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def metrics(metrics: ApiMetrics = Depends(get_metrics)) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,126 @@
+"""Request and response models of the HTTP API: the only shapes that cross the wire."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
+
+from distill.data.registry import DATASETS
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # registered names only, never paths
+
+
+class JobCreate(BaseModel):
+    """A distillation request. Parameters are validated against the method's own model at submission."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "examples": [{"dataset": "mnist", "method": "random", "ipc": 10, "params": {}, "seed": 0}]
+    })
+
+    dataset: DatasetName = Field(description="a dataset registered on the server (GET /datasets)")
+    method: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$",
+                        description="a registered method (GET /methods)")
+    ipc: StrictInt = Field(ge=1, le=10_000, description="images per class; at most the smallest class size")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters (GET /methods schema)")
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    max_per_class: StrictInt | None = Field(
+        None, ge=1, le=1_000_000, description="use at most this many training images per class (quick jobs)"
+    )
+
+
+class _UtcModel(BaseModel):
+    """Timestamps are stored as naive UTC; they leave the API with an explicit offset."""
+
+    @field_serializer("*", when_used="json")
+    def _utc(self, value: Any) -> Any:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC).isoformat()
+        return value
+
+
+class JobRequest(BaseModel):
+    dataset: str
+    method: str
+    ipc: int
+    params: dict[str, Any]
+    seed: int
+    max_per_class: int | None
+
+
+class JobError(BaseModel):
+    code: str = Field(description="machine-readable: invalid_request, internal_error, worker_lost, cancelled ...")
+    message: str
+
+
+class Artifact(BaseModel):
+    url: str = Field(description="download URL of the archive (tar), relative to the API root")
+    bytes: int
+    sha256: str
+    preview_url: str
+
+
+class Job(_UtcModel):
+    object: Literal["job"] = "job"
+    id: str
+    status: JobStatus
+    stage: str | None = Field(description="current stage of the method (select, encode, kmeans, archive ...)")
+    progress: float = Field(ge=0, le=1, description="fraction of the current stage done")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int = Field(description="times a worker claimed the job (a lost worker's job is claimed again)")
+    cancel_requested: bool
+    request: JobRequest
+    error: JobError | None
+    artifact: Artifact | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+class JobEvent(_UtcModel):
+    id: int
+    created_at: datetime
+    level: Literal["info", "warn", "error"]
+    stage: str | None
+    message: str
+    progress: float | None
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class DatasetInfo(BaseModel):
+    name: str
+    description: str
+    num_classes: int
+    channels: int
+    image_size: int
+
+
+class MethodInfo(BaseModel):
+    name: str
+    summary: str
+    family: str
+    parameters: dict[str, Any] = Field(description="JSON schema of the method's parameters, with defaults")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unreachable"]
+    version: str
+    queued: int | None = None
+    running: int | None = None
+
+
+class Problem(BaseModel):
+    detail: str

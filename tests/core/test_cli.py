@@ -1,0 +1,101 @@
+"""The CLI end to end on real MNIST slices, and every user error path: one line, exit 2, no output file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def random_archive(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "mnist-random-5.tar"
+    result = invoke("run", "random", "--dataset", "mnist", "--ipc", 5, "--out", out, "--max-per-class", 50, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_then_eval_json(random_archive: Path):
+    result = invoke("eval", random_archive, "--runs", 2, "--epochs", 15, "--test-limit", 500, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.strip().splitlines()[-1])
+    for key in ("accuracy_mean", "accuracy_std", "runs", "epochs", "model", "dataset"):
+        assert key in payload
+    assert payload["runs"] == 2 and payload["epochs"] == 15 and payload["dataset"] == "mnist"
+    assert len(payload["accuracies"]) == 2
+    # 50 real digits, 15 epochs: far above chance (10 %) on a 500-image stratified test subset.
+    assert payload["accuracy_mean"] > 50
+
+
+def test_run_is_deterministic_by_seed(tmp_path: Path, random_archive: Path):
+    from distill.archive import read_archive
+
+    again = tmp_path / "again.tar"
+    assert invoke("run", "random", "-d", "mnist", "--ipc", 5, "-o", again, "--max-per-class", 50, "--seed", 1).exit_code == 0
+    first, second = read_archive(random_archive).distilled, read_archive(again).distilled
+    assert (first.images == second.images).all() and (first.labels == second.labels).all()
+
+
+def test_listing_commands():
+    result = invoke("methods", "--json")
+    assert result.exit_code == 0
+    methods = json.loads(result.output)
+    assert {"random", "herding", "kcenter"} <= set(methods)
+    assert methods["herding"]["params"]["properties"]["features"]["default"] == "random"
+    result = invoke("datasets")
+    assert result.exit_code == 0 and "fashion-mnist" in result.output and "imagefolder:PATH" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "random", "-d", "nosuchset", "--ipc", "1"], "unknown dataset 'nosuchset'"),
+        (["run", "nosuchmethod", "-d", "mnist", "--ipc", "1"], "unknown method 'nosuchmethod'"),
+        (["run", "random", "-d", "mnist", "--ipc", "0"], "ipc must be >= 1"),
+        (["run", "random", "-d", "mnist", "--ipc", "6000"], "larger than the smallest class"),
+        (["run", "random", "-d", "mnist", "--ipc", "3", "--max-per-class", "2"], "larger than the smallest class"),
+        (["run", "herding", "-d", "mnist", "--ipc", "1", "--set", "bogus=1"], "unknown parameter 'bogus'"),
+        (["run", "herding", "-d", "mnist", "--ipc", "1", "--set", "batch_size=many"], "bad value for 'batch_size'"),
+        (["run", "herding", "-d", "mnist", "--ipc", "1", "--set", "features=oracle"], "bad value for 'features'"),
+        (["run", "herding", "-d", "mnist", "--ipc", "1", "--set", "novalue"], "--set expects KEY=VALUE"),
+    ],
+)
+def test_run_errors(tmp_path: Path, args: list[str], message: str):
+    out = tmp_path / "out.tar"
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_eval_errors(tmp_path: Path, random_archive: Path):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\x00" * 10)
+    result = invoke("eval", garbage)
+    assert result.exit_code == 2 and "error:" in result.output
+    result = invoke("eval", random_archive, "--protocol", "magic", "--runs", 1)
+    assert result.exit_code == 2 and "unknown protocol" in result.output
+    result = invoke("eval", "--full")
+    assert result.exit_code == 2 and "--full needs --dataset" in result.output
+
+
+def test_missing_data_dir_is_one_clear_line(tmp_path: Path):
+    env = {**os.environ, "DISTILL_DATA_DIR": str(tmp_path / "nowhere"), "DISTILL_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", "random", "-d", "mnist", "--ipc", "1",
+                           "-o", str(tmp_path / "x.tar")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: missing data folder for mnist: {tmp_path / 'nowhere' / 'mnist'}"]
+    assert not (tmp_path / "x.tar").exists()

@@ -1,0 +1,50 @@
+"""Registers ``slow-test``, a real (tiny) method with a checkpointed stage followed by a slow stage.
+
+Loaded into the API and worker processes through DISTILL_PLUGINS, so tests can kill a worker or cancel a job
+while it is reliably mid-run, and check that a resumed attempt reuses the checkpoint of the first attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.registry import METHODS
+
+
+class SlowParams(MethodParams):
+    iterations: int = Field(20, ge=1, le=10_000, description="steps of the slow stage")
+    step_seconds: float = Field(0.1, ge=0, le=5, description="sleep per step")
+
+
+class SlowSelection(Method):
+    name = "slow-test"
+    summary = "random selection, then a slow checkpoint-free stage (service tests only)"
+    family = "baseline"
+    Params = SlowParams
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+        assert isinstance(params, SlowParams)
+
+        def pick() -> dict:
+            rng = np.random.default_rng(ctx.seed)
+            chosen = [np.sort(rng.choice(ctx.train.class_indices(c), size=ctx.ipc, replace=False))
+                      for c in range(ctx.num_classes)]
+            return {"indices": np.concatenate(chosen), "pid": os.getpid()}
+
+        picked = ctx.checkpoints.stage("pick", pick)
+        for _ in ctx.steps(params.iterations, "wait", every=1):
+            time.sleep(params.step_seconds)
+        indices = picked["indices"]
+        images = ctx.train.load(indices).float().div_(255.0)
+        labels = torch.from_numpy(ctx.train.labels[indices].copy())
+        return DistilledSet(images=images, labels=labels,
+                            metrics={"pick_pid": picked["pid"], "run_pid": os.getpid()})
+
+
+METHODS.setdefault("slow-test", f"{__name__}:SlowSelection")

@@ -1,0 +1,185 @@
+"""The embedded executor: a worker loop that claims jobs from the store and runs them in this process,
+and the supervisor behind ``distill serve`` that keeps one such worker process per GPU (or one on the CPU).
+
+A worker runs one job at a time, so killing its process affects that job only; the job's lease then expires
+and another worker claims it again, resuming from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.jobs import JobStore, Lease
+from workers.logs import worker_id_var
+
+log = logging.getLogger("distill.worker")
+
+
+def new_worker_id(tag: str = "cpu") -> str:
+    return f"{socket.gethostname()}:{tag}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def run_worker(
+    settings: Any,
+    *,
+    worker_id: str | None = None,
+    stop: threading.Event | None = None,
+    once: bool = False,
+    max_jobs: int | None = None,
+    executor: Any = None,
+) -> int:
+    """Claim and run jobs until ``stop`` is set (or after one idle poll with ``once``). Returns jobs run."""
+    stop = stop or threading.Event()
+    worker_id = worker_id or new_worker_id()
+    worker_id_var.set(worker_id)
+    store = JobStore.from_settings(settings)
+    import distill.runner  # noqa: F401 - import torch and the methods before claiming, not while holding a lease
+    from workers.runner import execute_job
+
+    log.info("worker started", extra={"database": store.engine.url.render_as_string(hide_password=True)})
+    ran = 0
+    while not stop.is_set():
+        try:
+            store.sweep_stale()
+            claimed = store.claim(worker_id)
+        except Exception:  # the database may be restarting; keep polling
+            log.warning("claim failed", exc_info=True)
+            claimed = None
+        if claimed is None:
+            if once:
+                break
+            stop.wait(settings.poll_seconds)
+            continue
+        job, lease = claimed
+        execute_job(store, job, lease, settings, executor=executor, stop_flag=stop)
+        ran += 1
+        if max_jobs is not None and ran >= max_jobs:
+            break
+    log.info("worker stopped", extra={"jobs_run": ran})
+    store.engine.dispose()
+    return ran
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT: stop claiming, hand the running job back at its next check, then exit."""
+
+    def _handler(signum: int, _frame: Any) -> None:
+        log.info("stop signal received", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+
+
+# ----------------------------------------------------------------------------------------------- supervisor
+@dataclass
+class _Child:
+    index: int
+    gpu: int | None
+    worker_id: str = ""
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def local_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+class Supervisor:
+    """Keeps N worker processes alive (``python -m workers worker``), one pinned to each GPU.
+
+    It also enforces cancellation: a worker whose job ignores a cancel for ``cancel_grace_seconds`` is killed
+    and restarted, and the job is recorded as cancelled.
+    """
+
+    def __init__(self, settings: Any, count: int, gpus: list[int] | None = None, extra_args: list[str] | None = None):
+        self.settings = settings
+        self.children = [_Child(i, gpus[i] if gpus else None) for i in range(count)]
+        self.extra_args = extra_args or []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self.store: JobStore | None = None
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+        self._thread.start()
+
+    def _spawn(self, child: _Child) -> None:
+        tag = f"gpu{child.gpu}" if child.gpu is not None else f"cpu{child.index}"
+        child.worker_id = f"{socket.gethostname()}:{tag}:{uuid.uuid4().hex[:6]}"
+        env = dict(os.environ)
+        if child.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(child.gpu)
+        command = [sys.executable, "-m", "workers", "worker", "--worker-id", child.worker_id, *self.extra_args]
+        child.process = subprocess.Popen(command, env=env)
+        child.started = time.monotonic()
+        log.info("worker process started", extra={"pid": child.process.pid, "child_worker": child.worker_id})
+
+    def _watch(self) -> None:
+        self.store = JobStore.from_settings(self.settings, migrate_schema=False)
+        while not self._stop.wait(1.0):
+            for child in self.children:
+                if child.process is None:
+                    continue
+                code = child.process.poll()
+                if code is not None and not self._stop.is_set():
+                    log.warning("worker process exited; restarting", extra={"code": code, "child_worker": child.worker_id})
+                    child.restarts += 1
+                    time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
+                    self._spawn(child)
+                    continue
+                try:
+                    self._enforce_cancel(child)
+                except Exception:
+                    log.warning("cancel enforcement failed", exc_info=True)
+
+    def _enforce_cancel(self, child: _Child) -> None:
+        assert self.store is not None
+        from workers.models import utcnow
+
+        for job in self.store.running_jobs_of(child.worker_id):
+            if job.cancel_requested_at is None:
+                continue
+            waited = (utcnow() - job.cancel_requested_at).total_seconds()
+            if waited < self.settings.cancel_grace_seconds:
+                continue
+            log.warning("job ignored its cancel; killing its worker", extra={"job_id": job.id, "waited_s": waited})
+            assert child.process is not None
+            child.process.kill()
+            child.process.wait(timeout=30)
+            self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
+                              error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if self.store is not None:
+            self.store.engine.dispose()

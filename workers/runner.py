@@ -1,0 +1,161 @@
+"""Turn one claimed job into an archive: the glue between the job store and :func:`distill.runner.run_to_archive`.
+
+Used unchanged by the local worker process and inside a Ray task. While the method runs, a heartbeat thread
+renews the lease and reads the cancel flag; the progress sink writes stage changes as events and throttled
+progress to the job row. Checkpoints live under DISTILL_HOME/jobs/<id>/checkpoints, so a job claimed again
+after its worker died resumes from its last completed stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.errors import Cancelled, DistillError
+from workers.jobs import JobStore, Lease
+from workers.logs import job_context
+from workers.models import Job
+
+log = logging.getLogger("distill.worker")
+
+PROGRESS_WRITE_SECONDS = 0.5
+
+
+def artifact_name(job_id: str) -> str:
+    return f"{job_id}.tar"
+
+
+class _JobControl:
+    """Shared state between the method's thread (progress, cancel checks) and the heartbeat thread."""
+
+    def __init__(self, store: JobStore, lease: Lease, heartbeat_seconds: float, stop_flag: threading.Event | None):
+        self.store = store
+        self.lease = lease
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stop_flag = stop_flag
+        self.stage: str | None = None
+        self.fraction = 0.0
+        self.cancel_requested = False
+        self.lost = False
+        self._last_write = 0.0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lease.job_id}", daemon=True)
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.heartbeat_seconds):
+            self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last_write < PROGRESS_WRITE_SECONDS:
+                return
+            self._last_write = now
+            stage, fraction = self.stage, self.fraction
+        try:
+            result = self.store.heartbeat(self.lease, stage, fraction)
+        except Exception:  # a database hiccup must not kill the job; the next beat retries
+            log.warning("heartbeat failed", exc_info=True)
+            return
+        self.cancel_requested = self.cancel_requested or result.cancel_requested
+        if not result.held and not self.lost:
+            self.lost = True
+            log.warning("lease lost: the job was taken back (worker considered dead or job cancelled)")
+
+    # -- what the method sees
+    def progress(self, stage: str, fraction: float, message: str | None = None) -> None:
+        changed = stage != self.stage
+        with self._lock:
+            self.stage, self.fraction = stage, fraction
+        if changed:
+            self.store.add_event(self.lease.job_id, f"stage {stage} started", stage=stage, progress=fraction)
+            log.info("stage started", extra={"stage": stage})
+        if message:
+            self.store.add_event(self.lease.job_id, message, stage=stage, progress=fraction)
+        self._write(force=changed)
+
+    def log(self, message: str) -> None:
+        log.info(message, extra={"stage": self.stage})
+        self.store.add_event(self.lease.job_id, message, stage=self.stage, progress=self.fraction)
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_requested or self.lost or (self.stop_flag is not None and self.stop_flag.is_set())
+
+
+def execute_job(
+    store: JobStore,
+    job: Job,
+    lease: Lease,
+    settings: Any,
+    *,
+    executor: Any = None,
+    stop_flag: threading.Event | None = None,
+) -> str:
+    """Run a claimed job to its end and record the outcome. Returns the final status (or 'lost'/'released')."""
+    from distill.runner import RunRequest, run_to_archive
+
+    with job_context(job.id):
+        control = _JobControl(store, lease, settings.heartbeat_seconds, stop_flag)
+        checkpoint_dir = settings.job_dir(job.id) / "checkpoints"
+        resumed = sorted(p.stem for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.exists() else []
+        log.info("job started", extra={"attempt": lease.attempt, "method": job.method, "dataset": job.dataset})
+        if resumed:
+            control.log(f"resuming attempt {lease.attempt} from checkpoints: {', '.join(resumed)}")
+        out = settings.artifacts_dir / artifact_name(job.id)
+        request = RunRequest(dataset=job.dataset, method=job.method, ipc=job.ipc, params=dict(job.params or {}),
+                             seed=job.seed, max_per_class=job.max_per_class, device=settings.device)
+        control.start()
+        started = time.perf_counter()
+        try:
+            result = run_to_archive(request, out, progress=control.progress, checkpoint_dir=checkpoint_dir,
+                                    is_cancelled=control.is_cancelled, log=control.log, executor=executor)
+        except Cancelled:
+            return _stopped(store, lease, control, stop_flag)
+        except DistillError as exc:
+            control.stop()
+            store.finish(lease, "failed", error=(exc.code, str(exc)))
+            log.warning("job failed", extra={"error": str(exc)})
+            return "failed"
+        except Exception as exc:  # a bug or a resource problem: record it, keep the worker alive
+            control.stop()
+            log.exception("job crashed")
+            store.finish(lease, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
+            return "failed"
+        control.stop()
+        size = Path(result.path).stat().st_size
+        timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
+        if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
+            shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
+            log.info("job succeeded", extra={"bytes": size, "sha256": result.sha256,
+                                            "seconds": round(time.perf_counter() - started, 3)})
+            return "succeeded"
+        log.warning("job finished but its lease was lost; result not recorded")
+        return "lost"
+
+
+def _stopped(store: JobStore, lease: Lease, control: _JobControl, stop_flag: threading.Event | None) -> str:
+    control.stop()
+    if control.lost:
+        log.warning("stopped: lease lost")
+        return "lost"
+    if control.cancel_requested:
+        store.finish(lease, "cancelled", error=("cancelled", "cancelled while running"))
+        log.info("job cancelled")
+        return "cancelled"
+    # The worker is shutting down: hand the job back so another worker resumes it from its checkpoints.
+    store.release(lease, "worker shutting down; job re-queued")
+    log.info("job released (worker shutting down)")
+    return "released"
