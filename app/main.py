@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import ApiMetrics
@@ -69,6 +72,38 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class Observe:
+    """Request metrics by route template, and the job id (from /jobs/{id}/...) on every log line."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parts = scope.get("path", "").split("/")
+        token = job_id_var.set(parts[2] if len(parts) > 2 and parts[1] == "jobs" else None)
+        start = time.perf_counter()
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+            job_id_var.reset(token)
+
+
 def create_app(settings: ServiceSettings | None = None, store: JobStore | None = None) -> FastAPI:
     settings = settings or get_service_settings()
     store = store or JobStore.from_settings(settings)  # migrates the schema
@@ -92,25 +127,24 @@ def create_app(settings: ServiceSettings | None = None, store: JobStore | None =
     app.state.metrics = metrics
     app.include_router(jobs.router)
     app.include_router(meta.router)
+    route_table = [(route.path_regex, set(route.methods)) for router in (jobs.router, meta.router)
+                   for route in router.routes if isinstance(route, APIRoute)]
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # noqa: ANN001, ANN202 - starlette's signature
-        path_params = request.scope.get("path", "").split("/")
-        token = job_id_var.set(path_params[2] if len(path_params) > 2 and path_params[1] == "jobs" else None)
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            metrics.requests.labels(request.method, template, str(status)).inc()
-            metrics.latency.labels(request.method, template).observe(time.perf_counter() - start)
-            job_id_var.reset(token)
-
+    app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; GET and POST /jobs are two routes.
+            allowed: set[str] = set()
+            for regex, methods in route_table:
+                if regex.match(request.url.path):
+                    allowed |= methods
+            if allowed:
+                headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+                return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(DistillError)
     async def distill_error(_request: Request, exc: DistillError) -> JSONResponse:

@@ -47,7 +47,7 @@ def load_results(path: Path) -> list[dict]:
 
 def measure(args: argparse.Namespace) -> list[dict]:
     results = load_results(args.results)
-    done = {(r["dataset"], r["method"], r["ipc"]) for r in results}
+    done = {(r["dataset"], r["method"], r["ipc"]) for r in results if r.get("augment", "auto") == args.augment}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for dataset in args.datasets:
         ds = get_dataset(dataset)
@@ -61,14 +61,15 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     run = run_to_archive(RunRequest(dataset, method, ipc, {}, seed=0, device=device), Path(tmp) / "a.tar")
                     distill_seconds = time.perf_counter() - start
                     archive = read_archive(run.path)
-                config = EvalConfig(runs=args.runs, epochs=epochs, test_limit=args.test_limit, device=device)
+                config = EvalConfig(runs=args.runs, epochs=epochs, test_limit=args.test_limit, device=device,
+                                    augment=args.augment)
                 result = evaluate_distilled(archive.distilled, ds, config)
                 row = {
                     "dataset": dataset, "method": method, "ipc": ipc, "epochs": epochs, "runs": args.runs,
                     "mean": round(result.accuracy_mean, 2), "std": round(result.accuracy_std, 2),
                     "accuracies": [round(a, 2) for a in result.accuracies], "test_images": result.test_images,
                     "distill_s": round(distill_seconds, 1), "eval_s": result.wall_seconds, "device": device_name(),
-                    "date": date.today().isoformat(),
+                    "date": date.today().isoformat(), "augment": args.augment,
                 }
                 _append(args.results, row)
                 results.append(row)
@@ -102,9 +103,10 @@ def table(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: (r["dataset"], r["ipc"] if r["ipc"] else 999, order.get(r["method"], 9))):
         published = PUBLISHED.get((r["dataset"], r["method"]), {}).get(r["ipc"], "n/a")
         ipc = r["ipc"] if r["method"] != "full" else f"all ({r.get('train_images', '?')} images)"
+        aug = "none" if r.get("augment") == "none" else "DSA"
         lines.append(
             f"| {r['dataset']} | {r['method']} | {ipc} | {r['mean']:.2f} ± {r['std']:.2f} | {published} | "
-            f"{r['runs']} x {r['epochs']} | {r['test_images']} | {r['eval_s']:.0f} | {r['device']} | {r['date']} |"
+            f"{r['runs']} x {r['epochs']}, aug {aug} | {r['test_images']} | {r['eval_s']:.0f} | {r['device']} | {r['date']} |"
         )
     return "\n".join(lines)
 
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1000, help="student epochs (protocol dc default 1000)")
     parser.add_argument("--epochs-ipc50", type=int, default=None, help="a smaller budget for IPC 50 on a CPU")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--augment", default="auto", help="DSA strategy during evaluation; 'none' = DC paper's CIFAR protocol")
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--full-epochs", type=int, default=0, help="whole-dataset epochs (0 = skip)")
     parser.add_argument("--full-max-per-class", type=int, default=None)

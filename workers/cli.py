@@ -6,6 +6,7 @@ Registered on the main CLI through :func:`register`; ``python -m workers`` runs 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import typer
@@ -22,6 +23,11 @@ def serve(
     access_log: bool = typer.Option(True, help="log every HTTP request"),
 ) -> None:
     """Run the HTTP API and a local worker per GPU (one on the CPU) on this machine."""
+    settings = get_service_settings()
+    host = host or settings.host
+    port = port or settings.port
+    check_bind(host, settings.api_keys)
+
     import uvicorn
 
     from app.main import create_app
@@ -29,10 +35,6 @@ def serve(
     from workers.logs import UVICORN_LOG_CONFIG, configure_logging
 
     configure_logging()
-    settings = get_service_settings()
-    host = host or settings.host
-    port = port or settings.port
-    check_bind(host, settings.api_keys)
     settings.load_plugins()
     app = create_app(settings)  # migrates the store before any worker starts
     gpus = local_gpu_count()
@@ -40,6 +42,10 @@ def serve(
     supervisor = Supervisor(settings, count, gpus=list(range(gpus)) if gpus and count <= gpus else None)
     supervisor.start()
     log.info("serving", extra={"host": host, "port": port, "workers": count, "gpus": gpus})
+    # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that would end this
+    # process before the supervisor stops its workers, so catch it here and stop them below.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: log.info("stopping", extra={"signal": received}))
     try:
         uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
     finally:
@@ -49,9 +55,9 @@ def serve(
 def check_bind(host: str, api_keys: list[str]) -> None:
     """Without API keys anyone who can reach the port could run jobs: allow loopback only."""
     if not api_keys and host not in LOOPBACK_HOSTS:
-        raise typer.BadParameter(
-            f"refusing to bind {host} without API keys: set DISTILL_API_KEYS or bind 127.0.0.1", param_hint="--host"
-        )
+        typer.echo(f"error: refusing to bind {host} without API keys: set DISTILL_API_KEYS or bind 127.0.0.1",
+                   err=True)
+        raise typer.Exit(2)
 
 
 def worker(
@@ -87,16 +93,17 @@ def api(
     access_log: bool = typer.Option(True, help="log every HTTP request"),
 ) -> None:
     """Run only the HTTP API (workers run elsewhere: `distill worker`)."""
+    settings = get_service_settings()
+    host = host or settings.host
+    port = port or settings.port
+    check_bind(host, settings.api_keys)  # before the heavy imports: a refusal is immediate
+
     import uvicorn
 
     from app.main import create_app
     from workers.logs import UVICORN_LOG_CONFIG, configure_logging
 
     configure_logging()
-    settings = get_service_settings()
-    host = host or settings.host
-    port = port or settings.port
-    check_bind(host, settings.api_keys)
     settings.load_plugins()
     uvicorn.run(create_app(settings), host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
 

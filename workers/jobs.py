@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Engine, and_, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -99,6 +99,7 @@ class JobStore:
     @contextmanager
     def write(self) -> Iterator[Session]:
         with self._write() as session, session.begin():
+            session.connection()  # BEGIN now (SQLite: takes the write lock), so timestamps taken inside are fresh
             yield session
 
     def ping(self) -> None:
@@ -187,8 +188,8 @@ class JobStore:
     def cancel_job(self, job_id: str, owner: str | None = None) -> Job:
         """Queued -> cancelled at once; running -> cancel requested (the worker stops at its next check)."""
         job = self.get_job(job_id, owner)
-        now = utcnow()
         with self.write() as session:
+            now = utcnow()
             done = session.execute(
                 update(Job).where(Job.id == job.id, Job.status == "queued")
                 .values(status="cancelled", finished_at=now, cancel_requested_at=now,
@@ -241,17 +242,19 @@ class JobStore:
     # ------------------------------------------------------------------------------------ worker side
     def claim(self, worker_id: str) -> tuple[Job, Lease] | None:
         """Atomically move the oldest queued job to running under this worker's lease."""
-        now = utcnow()
         queued = aliased(Job, name="queued_job")
         pick = select(queued.seq).where(queued.status == "queued").order_by(queued.seq).limit(1)
         if self.postgres:
             pick = pick.with_for_update(skip_locked=True)
         with self.write() as session:
+            now = utcnow()
+            # Clocks of different processes (and a job committed just after `now`): never start before creation.
+            first_start = case((Job.created_at > now, Job.created_at), else_=now)
             claimed = session.execute(
                 update(Job)
                 .where(Job.seq == pick.scalar_subquery(), Job.status == "queued")
                 .values(status="running", worker_id=worker_id, attempts=Job.attempts + 1, heartbeat_at=now,
-                        started_at=func.coalesce(Job.started_at, now))
+                        started_at=func.coalesce(Job.started_at, first_start))
                 .returning(Job.id, Job.attempts)
             ).first()
             if claimed is None:
@@ -287,8 +290,7 @@ class JobStore:
                artifact: tuple[str, int, str] | None = None, timings: dict[str, float] | None = None) -> bool:
         """Record the end of a job; a no-op (returns False) when the lease was lost meanwhile."""
         assert status in TERMINAL
-        now = utcnow()
-        values: dict[str, Any] = {"status": status, "finished_at": now, "heartbeat_at": now}
+        values: dict[str, Any] = {"status": status}
         if status == "succeeded":
             values.update(progress=1.0, stage="done")
         if error is not None:
@@ -298,6 +300,7 @@ class JobStore:
         if timings is not None:
             values["timings"] = timings
         with self.write() as session:
+            now = values["finished_at"] = values["heartbeat_at"] = utcnow()
             done = session.execute(update(Job).where(self._held(lease)).values(**values)).rowcount
             if done:
                 message = status if error is None else f"{status}: {error[1]}"
@@ -307,13 +310,13 @@ class JobStore:
 
     def sweep_stale(self, now: datetime | None = None) -> int:
         """Take back running jobs whose worker stopped heartbeating: re-queue, or fail after max attempts."""
-        now = now or utcnow()
-        cutoff = now - timedelta(seconds=self.lease_seconds)
-        query = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
-        if self.postgres:
-            query = query.with_for_update(skip_locked=True)
         changed = 0
         with self.write() as session:
+            now = now or utcnow()
+            cutoff = now - timedelta(seconds=self.lease_seconds)
+            query = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
+            if self.postgres:
+                query = query.with_for_update(skip_locked=True)
             for job in session.scalars(query).all():
                 lost = f"worker {job.worker_id} stopped heartbeating during attempt {job.attempts}"
                 if job.cancel_requested_at is not None:
@@ -335,8 +338,8 @@ class JobStore:
 
     def release(self, lease: Lease, reason: str) -> bool:
         """Hand a running job back to the queue (graceful worker shutdown); the attempt is not counted."""
-        now = utcnow()
         with self.write() as session:
+            now = utcnow()
             done = session.execute(
                 update(Job).where(self._held(lease))
                 .values(status="queued", worker_id=None, heartbeat_at=None, attempts=Job.attempts - 1)

@@ -48,6 +48,9 @@ def run_worker(
 
     log.info("worker started", extra={"database": store.engine.url.render_as_string(hide_password=True)})
     ran = 0
+    supervisor = int(os.environ.get("DISTILL_SUPERVISOR_PID", "0"))
+    if supervisor:
+        threading.Thread(target=_watch_parent, args=(supervisor, stop), name="parent-watch", daemon=True).start()
     while not stop.is_set():
         try:
             store.sweep_stale()
@@ -68,6 +71,14 @@ def run_worker(
     log.info("worker stopped", extra={"jobs_run": ran})
     store.engine.dispose()
     return ran
+
+
+def _watch_parent(parent: int, stop: threading.Event) -> None:
+    """`distill serve` was killed without stopping us: behave as on SIGTERM instead of lingering as an orphan."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("supervisor is gone; stopping")
+            stop.set()
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -124,7 +135,7 @@ class Supervisor:
     def _spawn(self, child: _Child) -> None:
         tag = f"gpu{child.gpu}" if child.gpu is not None else f"cpu{child.index}"
         child.worker_id = f"{socket.gethostname()}:{tag}:{uuid.uuid4().hex[:6]}"
-        env = dict(os.environ)
+        env = dict(os.environ, DISTILL_SUPERVISOR_PID=str(os.getpid()))
         if child.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(child.gpu)
         command = [sys.executable, "-m", "workers", "worker", "--worker-id", child.worker_id, *self.extra_args]
@@ -142,7 +153,8 @@ class Supervisor:
                 if code is not None and not self._stop.is_set():
                     log.warning("worker process exited; restarting", extra={"code": code, "child_worker": child.worker_id})
                     child.restarts += 1
-                    time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
+                    if self._stop.wait(min(30.0, 0.5 * 2 ** min(child.restarts, 6))):
+                        return
                     self._spawn(child)
                     continue
                 try:
@@ -169,6 +181,8 @@ class Supervisor:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)  # no restart can race with the shutdown below
         for child in self.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)

@@ -53,6 +53,7 @@ def configure_logging(level: str = "INFO") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # every process migrates at start-up
 
 
 # uvicorn's own log config, pointing every logger at the JSON formatter (passed as uvicorn's log_config).

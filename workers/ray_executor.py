@@ -66,6 +66,29 @@ def _job_task(job_id: str, lease: tuple[str, str, int], gpus_per_task: float) ->
         store.engine.dispose()
 
 
+def _enforce_cancel(store: JobStore, inflight: dict[Any, Lease], grace_seconds: float) -> None:
+    """A job that ignores its cancel for ``grace_seconds`` has its Ray task force-cancelled (worker killed)."""
+    import ray
+
+    from workers.models import utcnow
+
+    for ref, lease in list(inflight.items()):
+        try:
+            job = store.get_job(lease.job_id)
+        except Exception:
+            continue
+        if job.status != "running" or job.cancel_requested_at is None:
+            continue
+        waited = (utcnow() - job.cancel_requested_at).total_seconds()
+        if waited < grace_seconds:
+            continue
+        log.warning("job ignored its cancel; force-cancelling its ray task",
+                    extra={"job_id": lease.job_id, "waited_s": round(waited, 1)})
+        ray.cancel(ref, force=True)
+        store.finish(lease, "cancelled", error=("cancelled", f"cancelled (ray task killed after {waited:.0f} s grace)"))
+        inflight.pop(ref)
+
+
 def run_ray_worker(
     settings: Any,
     *,
@@ -118,6 +141,7 @@ def run_ray_worker(
                 break
             stop.wait(settings.poll_seconds)
             continue
+        _enforce_cancel(store, inflight, settings.cancel_grace_seconds)
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=settings.poll_seconds)
         for ref in ready:
             lease = inflight.pop(ref)

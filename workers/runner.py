@@ -81,15 +81,21 @@ class _JobControl:
         with self._lock:
             self.stage, self.fraction = stage, fraction
         if changed:
-            self.store.add_event(self.lease.job_id, f"stage {stage} started", stage=stage, progress=fraction)
+            self._event(f"stage {stage} started", stage, fraction)
             log.info("stage started", extra={"stage": stage})
         if message:
-            self.store.add_event(self.lease.job_id, message, stage=stage, progress=fraction)
+            self._event(message, stage, fraction)
         self._write(force=changed)
 
     def log(self, message: str) -> None:
         log.info(message, extra={"stage": self.stage})
-        self.store.add_event(self.lease.job_id, message, stage=self.stage, progress=self.fraction)
+        self._event(message, self.stage, self.fraction)
+
+    def _event(self, message: str, stage: str | None, fraction: float) -> None:
+        try:
+            self.store.add_event(self.lease.job_id, message, stage=stage, progress=fraction)
+        except Exception:  # an event lost to a database hiccup must not fail an hour-long job
+            log.warning("could not record event", exc_info=True, extra={"event": message})
 
     def is_cancelled(self) -> bool:
         return self.cancel_requested or self.lost or (self.stop_flag is not None and self.stop_flag.is_set())
@@ -135,6 +141,7 @@ def execute_job(
             store.finish(lease, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
             return "failed"
         control.stop()
+        _remember_counts(job.dataset)
         size = Path(result.path).stat().st_size
         timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
         if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
@@ -144,6 +151,18 @@ def execute_job(
             return "succeeded"
         log.warning("job finished but its lease was lost; result not recorded")
         return "lost"
+
+
+def _remember_counts(dataset: str) -> None:
+    """Tell the API this server's real class sizes (used for its ipc check), from the dataset loaded anyway."""
+    try:
+        from distill.data.registry import get_dataset
+        from workers.validation import remember_class_counts
+
+        loaded = get_dataset(dataset)
+        remember_class_counts(dataset, [int(c) for c in loaded.train.counts(loaded.num_classes)])
+    except Exception:
+        log.debug("could not record class counts", exc_info=True)
 
 
 def _stopped(store: JobStore, lease: Lease, control: _JobControl, stop_flag: threading.Event | None) -> str:

@@ -52,7 +52,8 @@ def _find(store: JobStore, job_id: str, owner: str) -> Job:
 
 @router.post(
     "/jobs", status_code=202, response_model=schemas.Job,
-    responses={**UNAUTHORIZED, 413: {"model": schemas.Problem, "description": "request body too large"}},
+    responses={**UNAUTHORIZED, 400: {"model": schemas.Problem, "description": "body is not UTF-8 JSON"},
+               413: {"model": schemas.Problem, "description": "request body too large"}},
     summary="Submit a distillation job",
 )
 def create_job(

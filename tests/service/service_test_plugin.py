@@ -47,4 +47,31 @@ class SlowSelection(Method):
                             metrics={"pick_pid": picked["pid"], "run_pid": os.getpid()})
 
 
+class FanoutSelection(Method):
+    """Random selection whose per-class picks go through ``ctx.executor.map`` when an executor is present."""
+
+    name = "fanout-test"
+    summary = "random selection fanned out per class over ctx.executor (service tests only)"
+    family = "baseline"
+    Params = MethodParams
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+        labels, ipc, seed = ctx.train.labels, ctx.ipc, ctx.seed
+
+        def pick(label: int) -> tuple[np.ndarray, int]:
+            rng = np.random.default_rng(seed + label)
+            return np.sort(rng.choice(np.flatnonzero(labels == label), size=ipc, replace=False)), os.getpid()
+
+        if ctx.executor is not None:
+            results = ctx.executor.map(pick, range(ctx.num_classes), num_gpus=1)
+        else:
+            results = [pick(c) for c in range(ctx.num_classes)]
+        indices = np.concatenate([r[0] for r in results])
+        images = ctx.train.load(indices).float().div_(255.0)
+        return DistilledSet(images=images, labels=torch.from_numpy(labels[indices].copy()), metrics={
+            "executor": type(ctx.executor).__name__, "task_pids": sorted({r[1] for r in results}),
+            "run_pid": os.getpid()})
+
+
 METHODS.setdefault("slow-test", f"{__name__}:SlowSelection")
+METHODS.setdefault("fanout-test", f"{__name__}:FanoutSelection")

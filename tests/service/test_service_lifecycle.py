@@ -6,9 +6,10 @@ import base64
 import hashlib
 import io
 import time
+from datetime import datetime
 
-from conftest import KEY_B, Stack, wait_for_job, wait_until
 from PIL import Image
+from service_helpers import KEY_B, Stack, wait_for_job, wait_until
 
 QUICK = {"dataset": "mnist", "method": "random", "ipc": 2, "params": {}, "max_per_class": 60, "seed": 3}
 
@@ -36,7 +37,8 @@ def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path) -> None
         job = wait_for_job(client, job_id, stack=stack)
         assert job["status"] == "succeeded", job
         assert job["attempts"] == 1 and job["progress"] == 1.0 and job["error"] is None
-        assert job["started_at"] and job["finished_at"] >= job["started_at"] >= job["created_at"]
+        created, started, finished = (datetime.fromisoformat(job[k]) for k in ("created_at", "started_at", "finished_at"))
+        assert finished >= started >= created and created.utcoffset() is not None
         artifact = job["artifact"]
         assert artifact["url"] == f"/jobs/{job_id}/artifact"
 
@@ -71,8 +73,10 @@ def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path) -> None
     assert (manifest["method"], manifest["ipc"], manifest["seed"]) == ("random", 2, 3)
     assert manifest["dataset"]["name"] == "mnist" and manifest["num_images"] == 20
     assert sorted(archive.distilled.labels.tolist()) == sorted(list(range(10)) * 2)
+    if stack.backend != "sqlite":
+        return  # the archive is built the same way on both stores: train on it once (2 cores, CPU)
     result = evaluate_distilled(archive.distilled, get_dataset("mnist"),
-                                EvalConfig(runs=1, epochs=30, test_limit=300, device="cpu"))
+                                EvalConfig(runs=1, epochs=10, test_limit=300, device="cpu"))
     assert 30.0 < result.accuracy_mean <= 100.0  # percent: 20 real digits beat chance (10 %) by far
 
 
