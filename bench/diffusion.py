@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,8 +103,6 @@ def bench_decode(args) -> None:
 # ------------------------------------------------------------------------------------------- DiT-XL
 def bench_dit_xl(args) -> None:
     """DiT-XL/2 at 256 px (4 x 32 x 32 latents, learned sigma, 1000 classes), random weights."""
-    import tempfile
-
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
     from quantize.diffusion import LatentPrior, decode_with_prior
@@ -143,20 +143,23 @@ def bench_oq(args) -> None:
 
     dataset = get_dataset(args.dataset)
     rows = []
-    variants = [("vae", {"decode": "vae"})]
+    variants = [("random (reference)", "random", {}), ("oq, VAE decode", "oq", {"decode": "vae"})]
     for strength in args.strengths:
-        variants.append((f"diffusion s={strength}", {"decode": "diffusion", "prior": args.prior,
-                                                      "strength": strength, "steps": args.steps,
-                                                      "guidance": args.guidance}))
-    for name, params in variants:
-        out = Path(f"/tmp/oq-bench-{name.replace(' ', '_').replace('=', '')}.tar")
+        variants.append((f"oq, prior decode s={strength}", "oq",
+                         {"decode": "diffusion", "prior": args.prior, "strength": strength, "steps": args.steps,
+                          "guidance": args.guidance}))
+    wanted = set(args.variants)
+    variants = [v for v in variants if ("random" if v[1] == "random" else v[2]["decode"]) in wanted]
+    for name, method, params in variants:
+        out = Path(tempfile.mkdtemp()) / "set.tar"
         t = time.perf_counter()
-        result = run_to_archive(RunRequest(dataset=args.dataset, method="oq", ipc=args.ipc, params=params,
+        result = run_to_archive(RunRequest(dataset=args.dataset, method=method, ipc=args.ipc, params=params,
                                            seed=0, max_per_class=args.max_per_class, device="cpu"), out)
         run_s = time.perf_counter() - t
         config = EvalConfig(protocol="dc", model="convnet", runs=args.runs, epochs=args.epochs,
                             test_limit=args.test_limit, seed=0, device="cpu")
         ev = evaluate_distilled(result.distilled, dataset, config)
+        shutil.rmtree(out.parent, ignore_errors=True)
         rows.append([name, f"{run_s:.0f}", f"{ev.accuracy_mean:.2f} ± {ev.accuracy_std:.2f}"])
         print(json.dumps({"variant": name, "run_s": run_s, "acc": ev.accuracy_mean, "std": ev.accuracy_std}),
               flush=True)
@@ -164,7 +167,7 @@ def bench_oq(args) -> None:
                    epochs=args.epochs, runs=args.runs, test_limit=args.test_limit, steps=args.steps,
                    guidance=args.guidance, device="cpu"))
     print()
-    print(_table(["decode", "distill s", "accuracy %"], rows))
+    print(_table(["method / decode", "distill s", "accuracy %"], rows))
 
 
 def main() -> None:
@@ -198,9 +201,11 @@ def main() -> None:
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--max-per-class", type=int, default=100)
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.6])
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--variants", nargs="+", default=["random", "vae", "diffusion"],
+                   choices=["random", "vae", "diffusion"], help="which rows to run (split long runs)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--test-limit", type=int, default=2000)

@@ -262,39 +262,31 @@ def load_dataset_latents(
     resolution: int | None = None,
     *,
     max_per_class: int | None = None,
+    seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
-    """Latents + labels of a dataset's training split through the shared latent cache (encoded once)."""
+    """Latents + labels of a dataset's training split from the shared latent cache (encoded once, then
+    reused by ``oq``/``d4m`` runs with the same dataset, encoder, resolution and --max-per-class sample)."""
     from distill.data import get_dataset
-    from distill.data.registry import to_float
-    from quantize.encoders import load_encoder
+    from quantize.latent_cache import latents_for_dataset
 
+    if max_per_class is not None and max_per_class < 1:
+        raise DistillError(f"max_per_class must be >= 1, got {max_per_class}")
     dataset = get_dataset(dataset_name)
-    labels_all = np.asarray(dataset.train.labels)
-    if max_per_class is not None:
-        if max_per_class < 1:
-            raise DistillError(f"max_per_class must be >= 1, got {max_per_class}")
-        indices = np.concatenate(
-            [dataset.train.class_indices(c)[:max_per_class] for c in range(dataset.num_classes)]
-        )
-    else:
-        indices = np.arange(len(labels_all))
-    enc = load_encoder(encoder, image_size=dataset.image_size, resolution=resolution, device=device)
-    chunks = []
-    for done, (_, images) in enumerate(dataset.train.batches(enc.batch_size, indices)):
-        chunks.append(enc.encode(to_float(images)))
-        if progress is not None:
-            progress(min(1.0, (done + 1) * enc.batch_size / len(indices)), None)
-    latents = torch.cat(chunks).float()
-    labels = torch.as_tensor(labels_all[indices]).long()
+    store = latents_for_dataset(
+        dataset.name, encoder, resolution=resolution, device=str(torch.device(device)), max_per_class=max_per_class,
+        seed=seed, progress=(lambda fraction: progress(fraction, None)) if progress is not None else None,
+    )
+    latents, labels = store.all_latents()
     meta = {
         "dataset": dataset.name,
         "classes": list(dataset.classes),
         "encoder": encoder,
-        "resolution": int(enc.resolution),
+        "resolution": int(store.meta["resolution"]),
+        "latent_cache": store.folder.name,
     }
-    return latents, labels, dataset.num_classes, meta
+    return latents.float(), labels.long(), dataset.num_classes, meta
 
 
 def train_prior(
@@ -314,7 +306,7 @@ def train_prior(
 ) -> PriorResult:
     """Encode (or reuse the cached latents of) a dataset, train the DiT prior on them and save it."""
     latents, labels, num_classes, meta = load_dataset_latents(
-        dataset_name, encoder, resolution, max_per_class=max_per_class, device=device,
+        dataset_name, encoder, resolution, max_per_class=max_per_class, seed=seed, device=device,
         progress=(lambda f, m=None: progress(0.0, f"encoding {f:.0%}")) if progress else None,
     )
     if out_dir is None:

@@ -18,8 +18,9 @@ TINY = PriorConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32)
 
 @pytest.fixture(scope="module")
 def mnist_latents():
-    """300 real MNIST training images (30 per class) encoded by TAEF2 at 64 px: 32 x 8 x 8 latents."""
-    return load_dataset_latents("mnist", "taef2", max_per_class=30)
+    """500 real MNIST training images (the seeded 50-per-class sample) encoded by TAEF2 at 64 px into
+    32 x 8 x 8 latents; the same latent-cache folder as conftest's ``mnist_store``, so encoded once."""
+    return load_dataset_latents("mnist", "taef2", max_per_class=50, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,8 @@ def trained(mnist_latents, tmp_path_factory):
 
 def test_latents_are_real_taef2_latents(mnist_latents):
     latents, labels, num_classes, meta = mnist_latents
-    assert latents.shape == (300, 32, 8, 8) and latents.dtype == torch.float32
-    assert num_classes == 10 and torch.equal(torch.bincount(labels), torch.full((10,), 30))
+    assert latents.shape == (500, 32, 8, 8) and latents.dtype == torch.float32
+    assert num_classes == 10 and torch.equal(torch.bincount(labels), torch.full((10,), 50))
     assert meta["resolution"] == 64 and meta["encoder"] == "taef2" and meta["dataset"] == "mnist"
     assert 0.2 < float(latents.std()) < 3.0  # real encodings, not zeros
 
