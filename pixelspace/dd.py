@@ -123,7 +123,7 @@ class DatasetDistillation(Method):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if it % 50 == 0:
                 ctx.log(f"dd iteration {it}: loss {losses[-1]:.4f}")
         step_lrs = F.softplus(raw_lrs.detach()).cpu()

@@ -24,12 +24,15 @@ from torch import nn
 from distill.augment import diff_augment
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.common import (
+    REAL_PRECISION_HELP,
     RealPool,
+    autocast_context,
     draw_seed,
     fresh_network,
     has_batchnorm,
     image_optimizer,
     init_synthetic,
+    real_autocast_dtype,
     resolve_strategy,
     to_pixel,
 )
@@ -44,7 +47,8 @@ class DMParams(MethodParams):
     model: str = Field("convnet", description="Embedding network (distill.nets name; reference ConvNet-3, instance norm).")
     dsa_strategy: str = Field(
         "auto", description="Siamese DSA ops joined by '_'; 'auto' = color_crop_cutout_flip_scale_rotate, no flip for digits.")
-    real_chunk: int = Field(1280, ge=1, description="Real images per graph-free forward (memory bound; no effect on results).")
+    real_chunk: int = Field(512, ge=1, description="Real images per graph-free forward (memory bound; no effect on results).")
+    real_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=REAL_PRECISION_HELP)
 
 
 def embed_fn(net: nn.Module):
@@ -52,14 +56,17 @@ def embed_fn(net: nn.Module):
 
 
 def dm_loss_batched(
-    net: nn.Module, real: torch.Tensor, syn: torch.Tensor, real_chunk: int = 1280
+    net: nn.Module, real: torch.Tensor, syn: torch.Tensor, real_chunk: int = 512, real_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 with one forward per side (C x n x ... inputs)."""
+    """sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 with one forward per side (C x n x ... inputs).
+
+    The real side runs without a graph (in ``real_dtype`` arithmetic when given, e.g. torch.bfloat16).
+    """
     embed = embed_fn(net)
     classes, n = real.shape[:2]
     flat = real.reshape(classes * n, *real.shape[2:])
-    with torch.no_grad():
-        feats = torch.cat([embed(flat[s : s + real_chunk]) for s in range(0, len(flat), real_chunk)])
+    with torch.no_grad(), autocast_context(real.device, real_dtype):
+        feats = torch.cat([embed(flat[s : s + real_chunk]).float() for s in range(0, len(flat), real_chunk)])
     mean_real = feats.view(classes, n, -1).mean(1)
     feats_syn = embed(syn.reshape(-1, *syn.shape[2:]))
     mean_syn = feats_syn.view(classes, syn.shape[1], -1).mean(1)
@@ -88,6 +95,7 @@ class DistributionMatching(Method):
         strategy = resolve_strategy(params.dsa_strategy, ds.digits)
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         generator = ctx.generator(13)
+        real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
         pool = RealPool(ctx)
         image_syn, label_syn = init_synthetic(ctx, pool, params.init, generator)
         image_syn.requires_grad_(True)
@@ -111,11 +119,11 @@ class DistributionMatching(Method):
                 feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(ds.num_classes, ctx.ipc, -1)
                 loss = ((feats_real.mean(1) - feats_syn.mean(1)) ** 2).sum()
             else:
-                loss = dm_loss_batched(net, real, syn, params.real_chunk)
+                loss = dm_loss_batched(net, real, syn, params.real_chunk, real_dtype)
             optimizer_img.zero_grad(set_to_none=True)
             loss.backward()
             optimizer_img.step()
-            losses.append(float(loss) / ds.num_classes)
+            losses.append(float(loss.detach()) / ds.num_classes)
             if it % 100 == 0:
                 ctx.log(f"dm iteration {it}: loss {losses[-1]:.4f}")
         return DistilledSet(
@@ -127,6 +135,7 @@ class DistributionMatching(Method):
                 "first_loss": losses[0] if losses else None,
                 "lr_img": lr_img,
                 "dsa_strategy": strategy,
+                "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
                 "space": "normalised during optimisation, pixel scale in the archive",
             },
         )

@@ -8,9 +8,10 @@ momentum, batch 256; DSA augmentation during it for DSA). BatchNorm networks fir
 class in train mode, then freeze the statistics. DSA applies the same (Siamese) augmentation to the real
 and synthetic batch of each class.
 
-Speed: instead of the reference's per-class loop (one real forward/backward per class) all classes go
-through torch.func ``vmap(grad(...))`` at once (in chunks of classes to bound memory); the result equals
-the per-class loop (tests check it numerically against :func:`matching_loss_naive`).
+Speed: the synthetic gradients of all classes come from one torch.func ``vmap(grad(...))`` (second order
+through it); the real gradients (the expensive part: C x 256 images) run per class without a graph to the
+images and, by default on CPUs with native bfloat16, with bf16 convolutions (``real_precision``). The loss
+equals the reference's per-class loop (tests check it against :func:`matching_loss_naive`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from distill.augment import diff_augment
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.common import (
+    REAL_PRECISION_HELP,
     RealPool,
     class_chunk_for,
     detached_params,
@@ -37,6 +39,7 @@ from pixelspace.common import (
     init_synthetic,
     match_distance,
     per_class_gradients,
+    real_autocast_dtype,
     resolve_strategy,
     to_pixel,
 )
@@ -45,18 +48,28 @@ BN_SIZE_PER_CLASS = 16  # the reference's BNSizePC
 
 
 class GradientMatchingParams(MethodParams):
-    iterations: int = Field(1000, ge=1, description="Outer iterations, each on a freshly sampled network (reference --Iteration).")
-    lr_img: float = Field(0.1, gt=0, description="SGD (momentum 0.5) learning rate of the synthetic images (0.01 for MLPs).")
+    iterations: int = Field(
+        1000, ge=1, description="Outer iterations, each on a freshly sampled network (reference --Iteration).")
+    lr_img: float = Field(
+        0.1, gt=0, description="SGD (momentum 0.5) learning rate of the synthetic images (0.01 for MLPs).")
     lr_net: float = Field(0.01, gt=0, description="SGD learning rate of the network in the inner loop.")
     batch_real: int = Field(256, ge=1, description="Real images per class per matching step.")
-    batch_train: int = Field(256, ge=1, description="Batch size of the inner-loop network training on the synthetic set.")
-    init: Literal["noise", "real"] = Field("noise", description="Synthetic initialisation: Gaussian noise or random real images.")
-    model: str = Field("convnet", description="Network to match gradients on (distill.nets name; reference ConvNet-3, IN).")
-    dis_metric: Literal["ours", "mse", "cos"] = Field("ours", description="Gradient distance: layer-wise ('ours'), mse or cos.")
+    batch_train: int = Field(256, ge=1, description="Batch of the inner-loop network training on the synthetic set.")
+    init: Literal["noise", "real"] = Field(
+        "noise", description="Synthetic initialisation: Gaussian noise or random real images.")
+    model: str = Field("convnet", description="Network to match on (distill.nets name; reference ConvNet-3, IN).")
+    dis_metric: Literal["ours", "mse", "cos"] = Field(
+        "ours", description="Gradient distance: layer-wise ('ours'), mse or cos.")
     outer_loop: int | None = Field(None, ge=1, description="Matching steps per iteration; None = get_loops(ipc).")
-    inner_loop: int | None = Field(None, ge=0, description="Network epochs on the synthetic set between matching steps; None = get_loops(ipc).")
-    dsa_strategy: str = Field("none", description="Siamese augmentation ops joined by '_' ('none' = DC, 'auto' = dataset default).")
-    real_chunk: int = Field(1024, ge=1, description="About this many real images per vmapped pass (memory bound; no effect on results).")
+    inner_loop: int | None = Field(
+        None, ge=0, description="Network epochs on the synthetic set between matching steps; None = get_loops(ipc).")
+    dsa_strategy: str = Field(
+        "none", description="Siamese augmentation ops joined by '_' ('none' = DC, 'auto' = dataset default).")
+    real_chunk: int = Field(
+        1024, ge=1, description="Real images per vmapped pass when real_strategy is vmap (bounds memory).")
+    real_strategy: Literal["loop", "vmap"] = Field(
+        "loop", description="Real per-class gradients: a per-class loop (faster on CPU) or torch.func vmap.")
+    real_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=REAL_PRECISION_HELP)
 
 
 class DSAParams(GradientMatchingParams):
@@ -83,18 +96,26 @@ def matching_loss_batched(
     syn: torch.Tensor,
     metric: str = "ours",
     real_chunk: int = 1024,
+    real_dtype: torch.dtype | None = None,
+    real_strategy: str = "loop",
 ) -> torch.Tensor:
     """Sum over classes of match_distance(grad syn_c, grad real_c); real: C x n x ..., syn: C x ipc x ...
 
-    Differentiable w.r.t. ``syn``; the real gradients are computed without a graph.
+    Differentiable w.r.t. ``syn``; the real gradients are computed without a graph (in ``real_dtype``
+    arithmetic when given, e.g. torch.bfloat16).
     """
     classes = real.shape[0]
     labels_real = torch.arange(classes, device=real.device).view(-1, 1).expand(-1, real.shape[1])
     labels_syn = torch.arange(classes, device=syn.device).view(-1, 1).expand(-1, syn.shape[1])
     params = detached_params(net)
+    fixed: dict[str, torch.Tensor] = {}
+    if metric == "ours":  # the layer-wise distance ignores 1-D tensors: do not compute their gradients
+        fixed = {k: v for k, v in params.items() if v.ndim <= 1}
+        params = {k: v for k, v in params.items() if v.ndim > 1}
     with torch.no_grad():
-        gw_real = per_class_gradients(net, params, real, labels_real, class_chunk=class_chunk_for(real.shape[1], real_chunk))
-    gw_syn = per_class_gradients(net, params, syn, labels_syn)
+        gw_real = per_class_gradients(net, params, real, labels_real, autocast_dtype=real_dtype, strategy=real_strategy,
+                                      class_chunk=class_chunk_for(real.shape[1], real_chunk), fixed=fixed)
+    gw_syn = per_class_gradients(net, params, syn, labels_syn, fixed=fixed)
     return match_distance(gw_syn, gw_real, metric, batch_dims=1).sum()
 
 
@@ -150,6 +171,7 @@ class DatasetCondensation(Method):
         outer = params.outer_loop or ref_outer
         inner = ref_inner if params.inner_loop is None else params.inner_loop
         generator = ctx.generator(11)
+        real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
         pool = RealPool(ctx)
         if params.batch_real < 1:
             raise DistillError("batch_real must be >= 1")
@@ -171,11 +193,12 @@ class DatasetCondensation(Method):
                 real = pool.sample_all(params.batch_real, generator)
                 syn = image_syn.view(ds.num_classes, ctx.ipc, *image_syn.shape[1:])
                 real, syn = _augment_classes(real, syn, strategy, generator)
-                loss = matching_loss_batched(net, real, syn, params.dis_metric, params.real_chunk)
+                loss = matching_loss_batched(net, real, syn, params.dis_metric, params.real_chunk, real_dtype,
+                                             params.real_strategy)
                 optimizer_img.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer_img.step()
-                loss_avg += float(loss)
+                loss_avg += float(loss.detach())
                 if ol == outer - 1:
                     break
                 train_network_epochs(net, optimizer_net, image_syn.detach().clone(), label_syn, inner,
@@ -193,6 +216,7 @@ class DatasetCondensation(Method):
                 "outer_loop": outer,
                 "inner_loop": inner,
                 "dsa_strategy": strategy,
+                "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
                 "space": "normalised during optimisation, pixel scale in the archive",
             },
         )
