@@ -71,7 +71,7 @@ class TrajectoryParams(MethodParams):
                               "color_crop_cutout_flip_scale_rotate (no flip for digits); 'none' disables")
     zca: bool = Field(False, description="ZCA whitening as in the reference's --zca. Not supported: distill "
                       "evaluation trains on mean/std-normalised pixels, so ZCA-space images would not transfer")
-    memory_efficient: bool = Field(True, description="Constant-memory exact gradient (adjoint sweep, TESLA-style "
+    memory_efficient: bool = Field(False, description="Constant-memory exact gradient (adjoint sweep, TESLA-style "
                                    "recomputation) instead of one graph over all syn_steps")
     experts: int = Field(100, ge=1, description="Expert trajectories in the buffer (buffer.py --num_experts 100); "
                          "trained once under DISTILL_HOME/experts when missing")
@@ -191,11 +191,15 @@ def match_trajectory(
         theta = thetas[i].requires_grad_(True)
         (g,) = torch.autograd.grad(step_loss(theta, i), theta, create_graph=True)
         grad_lr = grad_lr - (adjoint * g.detach()).sum()
-        back = torch.autograd.grad((g * adjoint).sum(), [theta, *leaves], allow_unused=True)
+        wrt = [theta, *leaves] if i > 0 else list(leaves)  # the adjoint of theta_0 is never used
+        back = list(torch.autograd.grad((g * adjoint).sum(), wrt, allow_unused=True))
+        if i == 0:
+            back.insert(0, None)
         for k, gk in enumerate(back[1:]):
             if gk is not None:
                 grads[k] = -lr_value * gk if grads[k] is None else grads[k] - lr_value * gk
-        adjoint = adjoint - lr_value * back[0]
+        if i > 0:
+            adjoint = adjoint - lr_value * back[0]
         thetas[i + 1] = None  # type: ignore[call-overload]  # free as we go
     return MatchResult(float(loss), grads, grad_lr, float(param_dist))
 
@@ -286,9 +290,9 @@ class TrajectoryMatching(Method):
     Params: ClassVar[type[MethodParams]] = MTTParams
 
     def run(self, ctx: RunContext, params: MTTParams) -> DistilledSet:  # type: ignore[override]
-        resolved = resolve(params, MTT_TABLE, MTT_DEFAULTS, ctx.dataset.name, ctx.ipc)
         if params.zca:
             raise DistillError("zca=true is not supported: distill evaluation trains on mean/std-normalised pixels")
+        resolved = resolve(params, MTT_TABLE, MTT_DEFAULTS, ctx.dataset.name, ctx.ipc)
         buffer = get_buffer(ctx, params)
         max_start = check_common(params, resolved, buffer.epochs, ctx.log)
         device = ctx.device
@@ -330,7 +334,7 @@ class TrajectoryMatching(Method):
             history.append(result.loss)
             iter_seconds.append(time.perf_counter() - t0)
             if it % 10 == 0:
-                ctx.log(f"mtt it {it}: loss {result.loss:.4f} syn_lr {float(syn_lr):.5f}")
+                ctx.log(f"mtt it {it}: loss {result.loss:.4f} syn_lr {float(syn_lr.detach()):.5f}")
 
         out = ctx.dataset.denormalize(images.detach().cpu())
         return DistilledSet(

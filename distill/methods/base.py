@@ -32,7 +32,7 @@ class DistilledSet:
     """What a method produces.
 
     images: float N x C x H x W in pixel scale ([0, 1] nominal; values outside are kept exactly).
-    labels: int64 N hard labels (always present: the argmax when soft labels exist).
+    labels: int64 N hard labels: the class each image stands for (always present, also with soft labels).
     soft_labels: optional float N x num_classes *logits* (students use softmax of them).
     weights: optional float N per-image weights (e.g. cluster masses, summing to 1 per class).
     learned_lr: optional learning rate learned with the set (DD, MTT, DATM); evaluation uses it.
