@@ -26,7 +26,7 @@ _class_counts: dict[str, list[int]] = {}
 # Smallest training class of the standard releases of the registered datasets, so a POST never has to decode a
 # dataset (CIFAR-10 from JPEGs takes minutes). Counts measured on this server (a worker records them after its
 # first run) take precedence; a dataset missing here is loaded once and its counts cached.
-KNOWN_SMALLEST_CLASS = {"mnist": 5421, "fashion-mnist": 6000, "cifar10": 5000, "cifar100": 500, "imagenet": 732}
+KNOWN_SMALLEST_CLASS = {name: spec.smallest_class for name, spec in DATASETS.items() if spec.smallest_class}
 
 
 def _counts_path():  # noqa: ANN202

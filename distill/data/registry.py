@@ -129,6 +129,7 @@ class DatasetSpec:
     std: tuple[float, ...]
     loader: Callable[[], Dataset]
     digits: bool = False
+    smallest_class: int | None = None  # training images in the smallest class of the standard release
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -334,12 +335,15 @@ def load_imagenet() -> Dataset:
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
-        DatasetSpec("mnist", "MNIST handwritten digits (IDX)", 1, 28, 10, (0.1307,), (0.3081,), load_mnist, True),
-        DatasetSpec("fashion-mnist", "Fashion-MNIST (IDX)", 1, 28, 10, (0.2861,), (0.3530,), load_fashion_mnist),
-        DatasetSpec("cifar10", "CIFAR-10 (pickles, ImageFolder or tarball)", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, load_cifar10),
-        DatasetSpec("cifar100", "CIFAR-100 (pickles or ImageFolder)", 3, 32, 100, CIFAR100_MEAN, CIFAR100_STD, load_cifar100),
+        DatasetSpec("mnist", "MNIST handwritten digits (IDX)", 1, 28, 10, (0.1307,), (0.3081,), load_mnist, True, 5421),
+        DatasetSpec("fashion-mnist", "Fashion-MNIST (IDX)", 1, 28, 10, (0.2861,), (0.3530,), load_fashion_mnist,
+                    smallest_class=6000),
+        DatasetSpec("cifar10", "CIFAR-10 (pickles, ImageFolder or tarball)", 3, 32, 10, CIFAR10_MEAN, CIFAR10_STD, load_cifar10,
+                    smallest_class=5000),
+        DatasetSpec("cifar100", "CIFAR-100 (pickles or ImageFolder)", 3, 32, 100, CIFAR100_MEAN, CIFAR100_STD, load_cifar100,
+                    smallest_class=500),
         DatasetSpec("imagenet", "ImageNet-1K, ImageFolder with wnid folders (streamed)", 3, 224, 1000,
-                    IMAGENET_MEAN, IMAGENET_STD, load_imagenet),
+                    IMAGENET_MEAN, IMAGENET_STD, load_imagenet, smallest_class=732),
     ]
 }
 

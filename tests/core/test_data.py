@@ -132,3 +132,14 @@ def test_check_ipc_bounds(mnist):
         registry.check_ipc(mnist, 5422)
     with pytest.raises(DistillError, match="smallest class"):
         registry.check_ipc(mnist, 11, max_per_class=10)
+
+
+def test_fashion_mnist_from_debian_package():
+    ds = registry.get_dataset("fashion-mnist")
+    assert ds.classes[0] == "T-shirt/top" and not ds.digits
+    assert ds.train.counts(10).tolist() == [6000] * 10 and len(ds.test) == 10000
+
+
+def test_registry_smallest_class_matches_data(mnist, cifar10):
+    assert registry.DATASETS["mnist"].smallest_class == int(mnist.train.counts(10).min())
+    assert registry.DATASETS["cifar10"].smallest_class == int(cifar10.train.counts(10).min())
