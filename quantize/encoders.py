@@ -216,9 +216,16 @@ def _weights_dir() -> Path:
     return settings.weights_dir.expanduser()
 
 
+def _to(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    model = model.to(device)
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
 def _wrap_taef2(model, name: str, key: str, resolution: int, device: torch.device, dtype: torch.dtype,
                 batch_size: int) -> LatentEncoder:
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = _to(model, device, dtype)
     # EncoderTiny maps [-1, 1] -> [0, 1] itself; DecoderTiny clamps and maps back to [-1, 1].
     return LatentEncoder(
         name=name, key=key, latent_channels=model.config.latent_channels, downsample=8, resolution=resolution,
@@ -231,7 +238,7 @@ def wrap_autoencoder_kl(vae, name: str, key: str, resolution: int, device: torch
                         dtype: torch.dtype, batch_size: int) -> LatentEncoder:
     """AutoencoderKL: posterior mean (deterministic, cacheable) times the scaling factor; decode divides it.
     (D4M samples the posterior; its std is tiny for SD's VAE.)"""
-    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = _to(vae, device, dtype)
     scale = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALE)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)

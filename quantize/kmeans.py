@@ -73,12 +73,33 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return labels[:, 0].astype(np.int64), np.maximum(distances[:, 0].astype(np.float64), 0.0)
 
 
-def kmeanspp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Greedy k-means++ seeding (scikit-learn's, 2 + log k local trials)."""
-    from sklearn.cluster import kmeans_plusplus
+def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; scikit-learn's variant with 2 + log k local trials).
 
-    centers, _ = kmeans_plusplus(x, k, random_state=seed)
-    return np.ascontiguousarray(centers, dtype=np.float32)
+    Written here in float32 BLAS because scikit-learn's ``kmeans_plusplus`` took 10-20x longer than the 25
+    faiss Lloyd iterations it seeds (1300 x 2048 points, K = 100).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    trials = local_trials or 2 + int(math.log(k))
+    sq_norms = np.einsum("ij,ij->i", x, x)
+    chosen = [int(rng.integers(n))]
+    closest = np.maximum(sq_norms - 2.0 * (x @ x[chosen[0]]) + sq_norms[chosen[0]], 0.0)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0.0:  # fewer distinct points than k: pick unused points uniformly
+            candidates = rng.choice(np.setdiff1d(np.arange(n), chosen), size=1)
+        else:
+            cumulative = np.cumsum(closest, dtype=np.float64)
+            candidates = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right")
+            candidates = np.minimum(candidates, n - 1)
+        distances = sq_norms[:, None] - 2.0 * (x @ x[candidates].T) + sq_norms[candidates][None, :]
+        distances = np.minimum(closest[:, None], np.maximum(distances, 0.0))
+        best = int(np.argmin(distances.sum(0)))
+        chosen.append(int(candidates[best]))
+        closest = distances[:, best]
+    return np.ascontiguousarray(x[chosen])
 
 
 def faiss_has_gpu() -> bool:
@@ -115,12 +136,16 @@ def d4m_partial_fit(x: np.ndarray, k: int, *, seed: int, km_expand: int = 1, pas
     chunk = km_expand * k
     if len(x) < chunk:
         raise DistillError(f"D4M's stream needs at least km_expand*ipc = {chunk} points, got {len(x)}")
+    from threadpoolctl import threadpool_limits
+
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=chunk, n_init="auto")
     rng = np.random.default_rng(seed)
-    for _ in range(max(1, passes)):
-        order = rng.permutation(len(x))
-        for start in range(0, len(order) - chunk + 1, chunk):  # a short leftover is dropped, as in D4M
-            model.partial_fit(x[order[start : start + chunk]])
+    # Chunks of K points gain nothing from threads; OpenMP spin-waits made each call ~1 s on a busy 2-core host.
+    with threadpool_limits(limits=1):
+        for _ in range(max(1, passes)):
+            order = rng.permutation(len(x))
+            for start in range(0, len(order) - chunk + 1, chunk):  # a short leftover is dropped, as in D4M
+                model.partial_fit(x[order[start : start + chunk]])
     return np.ascontiguousarray(model.cluster_centers_, dtype=np.float32)
 
 

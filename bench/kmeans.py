@@ -1,0 +1,105 @@
+"""K-means backends side by side: FAISS vs MiniBatchKMeans.fit vs D4M's partial_fit stream vs sklearn KMeans.
+
+Data: real CIFAR-10 TAEF2 latents (64 px -> 32x8x8 = 2048 dims) of the first N training images of a few
+classes, and random Gaussian "4x32x32" latents (4096 dims, ImageNet class size 1300). For each K: wall time,
+time ratio to FAISS, squared W2 with cluster-mass weights (= mean squared distance, the k-means objective),
+its gap to sklearn's Lloyd KMeans, and the squared W2 to the *uniform* measure on the same centroids.
+
+    python bench/kmeans.py --per-class 1300 --classes 2 --ks 10 50 100 --threads 1
+
+Prints a markdown table. Every backend runs with the same thread count (``--threads``, via threadpoolctl and
+faiss.omp_set_num_threads) so the ratios compare algorithms, not thread scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BACKENDS = [
+    ("faiss", "faiss (25 it, k-means++)", {"iterations": 25}),
+    ("sklearn-minibatch", "MiniBatchKMeans.fit", {"iterations": 100}),
+    ("sklearn-partial-fit", "D4M partial_fit stream", {"iterations": 1}),
+    ("sklearn", "sklearn KMeans (Lloyd)", {"iterations": 300}),
+]
+
+
+def cifar_latents(per_class: int, classes: int, cache: Path) -> dict[str, np.ndarray]:
+    """TAEF2 latents of the first ``per_class`` CIFAR-10 training images of the first ``classes`` classes."""
+    if cache.exists():
+        data = np.load(cache)
+        return {k: data[k] for k in data.files}
+    from distill.data import get_dataset
+    from quantize.encoders import load_encoder
+
+    ds = get_dataset("cifar10")
+    encoder = load_encoder("taef2", image_size=ds.image_size)
+    out = {}
+    for c in range(classes):
+        idx = ds.train.class_indices(c)[:per_class]
+        start = time.perf_counter()
+        z = encoder.encode(ds.train.load(idx).float() / 255.0)
+        print(f"encoded class {c}: {len(idx)} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        out[f"cifar10-{ds.classes[c]}"] = z.reshape(len(z), -1).numpy()
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **out)
+    tmp.replace(cache)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=1300)
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--random-n", type=int, default=1300)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-uniform", action="store_true", help="skip the OT solves for the uniform W2")
+    parser.add_argument("--cache", type=Path, default=None, help="npz cache of the encoded latents")
+    args = parser.parse_args()
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    from distill.config import get_settings
+    from quantize.kmeans import kmeans, w2_uniform
+
+    faiss.omp_set_num_threads(args.threads)
+    cache = args.cache or get_settings().cache_dir / f"bench-kmeans-cifar10-taef2-{args.per_class}x{args.classes}.npz"
+    datasets = cifar_latents(args.per_class, args.classes, cache)
+    rng = np.random.default_rng(args.seed)
+    datasets[f"random-4x32x32-n{args.random_n}"] = rng.standard_normal((args.random_n, 4096)).astype(np.float32)
+
+    print("| data | n x d | K | backend | seconds | time / faiss | W2² weighted | vs Lloyd | W2² uniform | "
+          "weights lower W2² by |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    with threadpool_limits(limits=args.threads):
+        for name, x in datasets.items():
+            for k in args.ks:
+                rows = []
+                for backend, label, kwargs in BACKENDS:
+                    result = kmeans(x, k, seed=args.seed, backend=backend, **kwargs)
+                    uniform = None if args.no_uniform else w2_uniform(x, result.centroids)[0]
+                    rows.append((label, result, uniform))
+                faiss_s = rows[0][1].seconds
+                lloyd = rows[-1][1].error
+                for label, result, uniform in rows:
+                    gap = 100 * (result.error / lloyd - 1)
+                    uni = "-" if uniform is None else f"{uniform:.2f}"
+                    red = "-" if uniform is None else f"{100 * (1 - result.error / uniform):.1f} %"
+                    print(f"| {name} | {x.shape[0]} x {x.shape[1]} | {k} | {label} | {result.seconds:.3f} | "
+                          f"{result.seconds / faiss_s:.1f}x | {result.error:.2f} | {gap:+.2f} % | {uni} | {red} |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""``oq`` (DDOQ-style latent optimal quantization) and ``d4m`` (D4M's unweighted prototypes).
+
+Both compose the same stages, each checkpointed for resume:
+
+1. ``encode``: the run's training split -> latents, through the shared on-disk cache (:mod:`quantize.latent_cache`).
+2. ``quantize``: per class, K = IPC centroids (:func:`quantize.kmeans.kmeans`), their Voronoi masses and the
+   squared W2 errors (weighted = with the masses, uniform = with weights 1/K). Classes fan out through
+   ``ctx.executor.map`` when an executor is present.
+3. ``decode``: centroids -> images, with the VAE decoder (``decode=vae``), through a class-conditional latent
+   DiT prior (``decode=diffusion``, :func:`quantize.diffusion.decode_with_prior`) or, for ``d4m``, D4M's Stable
+   Diffusion img2img (``decode=sd-img2img``, needs an SD-v1.5 directory and ``encoder=sd-vae``: GPU hosts).
+   Images are resized back to the dataset's resolution and channels.
+
+``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from distill.errors import DistillError
+from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+
+KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn"]
+
+
+class _LatentParams(MethodParams):
+    encoder: str = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae), an autoencoder "
+                                              "directory or a hub id")
+    resolution: int | None = Field(None, ge=8, description="encode resolution in px (multiple of 8); default: "
+                                                           "64 for <=32 px datasets with taef2, 256 with sd-vae")
+    prior: str | None = Field(None, description="diffusers DiT directory (e.g. from `distill prior train`); "
+                                                "required with decode=diffusion")
+    strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
+                                                             "(D4M: 0.7; 0 = plain VAE decode)")
+    steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
+    scheduler: Literal["ddim", "dpm"] = Field("ddim", description="diffusion sampler")
+    restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
+    labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
+                                                                   "soft labels (teacher trained once and cached)")
+    teacher_model: str = Field("convnet", description="teacher network for labels=teacher")
+    teacher_epochs: int = Field(15, ge=1, description="teacher training epochs (full train split)")
+    teacher_max_per_class: int | None = Field(None, ge=1, description="cap the teacher's training images per class")
+    batch_size: int = Field(64, ge=1, description="encode/decode batch size")
+    w2_uniform: bool = Field(True, description="also measure the squared W2 to the uniformly weighted centroids "
+                                               "(an OT solve per class)")
+
+
+class LatentOQParams(_LatentParams):
+    decode: Literal["vae", "diffusion"] = Field("vae", description="decode centroids with the VAE decoder or "
+                                                                   "through the latent diffusion prior")
+    guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
+    kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
+                                                               "sklearn-minibatch, sklearn-partial-fit (D4M) or "
+                                                               "sklearn (Lloyd)")
+    iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
+                                                   "sklearn-minibatch; passes for sklearn-partial-fit)")
+    weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
+    weight_power: float = Field(1.0, gt=0.0, description="weights proportional to mass**power (1 = DDOQ's "
+                                                         "masses, 0.5 = the square-root variance-reduction variant)")
+
+    @model_validator(mode="after")
+    def _need_prior(self) -> LatentOQParams:
+        if self.decode == "diffusion" and not self.prior:
+            raise ValueError("decode=diffusion needs prior=PATH (a diffusers DiT directory)")
+        return self
+
+
+class D4MParams(_LatentParams):
+    decode: Literal["vae", "diffusion", "sd-img2img"] = Field(
+        "vae", description="vae; diffusion (latent DiT prior); sd-img2img (D4M's SD-v1.5 img2img with class-name "
+                           "prompts: set sd=PATH and encoder=sd-vae, GPU hosts)")
+    sd: str | None = Field(None, description="Stable Diffusion v1.5 pipeline directory for decode=sd-img2img")
+    guidance: float = Field(8.0, ge=0.0, description="classifier-free guidance (D4M: 8)")
+    kmeans_backend: KMeansBackend = Field("sklearn-partial-fit", description="D4M streams MiniBatchKMeans."
+                                                                             "partial_fit; others for comparison")
+    iterations: int = Field(1, ge=0, description="passes over the class stream (D4M: 1); k-means iterations for "
+                                                 "the other backends")
+    km_expand: int = Field(1, ge=1, description="D4M's partial_fit chunk = km_expand*IPC latents (its scripts: 1)")
+
+    @model_validator(mode="after")
+    def _need_models(self) -> D4MParams:
+        if self.decode == "diffusion" and not self.prior:
+            raise ValueError("decode=diffusion needs prior=PATH (a diffusers DiT directory)")
+        if self.decode == "sd-img2img" and not self.sd:
+            raise ValueError("decode=sd-img2img needs sd=PATH (a Stable Diffusion v1.5 pipeline directory)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- stages
+def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One class: k-means on its cached latents (picklable entry point for ``executor.map``)."""
+    from quantize.kmeans import kmeans, w2_uniform
+    from quantize.latent_cache import open_store
+
+    store = open_store(job["folder"])
+    if store is None:
+        raise DistillError(f"latent cache {job['folder']} is incomplete")
+    x = store.class_latents(job["label"]).reshape(store.class_count(job["label"]), -1).numpy()
+    result = kmeans(x, job["k"], iterations=job["iterations"], restarts=job["restarts"], seed=job["seed"],
+                    backend=job["backend"], km_expand=job["km_expand"])
+    out = {
+        "label": job["label"], "centroids": torch.from_numpy(result.centroids), "counts": result.counts.tolist(),
+        "w2_weighted": result.error, "seconds": result.seconds, "n": len(x),
+    }
+    if job["w2_uniform"]:
+        value, method = w2_uniform(x, result.centroids)
+        out["w2_uniform"], out["w2_uniform_method"] = value, method
+    return out
+
+
+def quantize_classes(ctx: RunContext, store, params, *, seed_per_class: bool) -> dict[str, Any]:
+    """Per-class k-means over the cache (``executor.map`` over classes when present)."""
+    for c in range(ctx.num_classes):
+        n = store.class_count(c)
+        need = ctx.ipc * getattr(params, "km_expand", 1) if params.kmeans_backend == "sklearn-partial-fit" else ctx.ipc
+        if n < need:
+            raise DistillError(f"class {c} has {n} training images, fewer than the {need} that ipc {ctx.ipc} "
+                               f"needs with kmeans_backend={params.kmeans_backend}")
+    jobs = [{
+        "folder": str(store.folder), "label": c, "k": ctx.ipc, "iterations": params.iterations,
+        "restarts": params.restarts, "seed": ctx.seed * 1000 + c if seed_per_class else ctx.seed,
+        "backend": params.kmeans_backend, "km_expand": getattr(params, "km_expand", 1),
+        "w2_uniform": params.w2_uniform,
+    } for c in range(ctx.num_classes)]
+    start = time.perf_counter()
+    if ctx.executor is not None:
+        ctx.check_cancelled()
+        results = list(ctx.executor.map(_quantize_job, jobs))
+    else:
+        results = [_quantize_job(job) for job in ctx.track(jobs, "quantize", total=len(jobs), every=1)]
+    ctx.timings["quantize"] = ctx.timings.get("quantize", 0.0) + time.perf_counter() - start
+    results.sort(key=lambda r: r["label"])
+    return {
+        "centroids": torch.cat([r["centroids"] for r in results]).reshape(-1, *store.latent_shape),
+        "labels": torch.repeat_interleave(torch.arange(ctx.num_classes), ctx.ipc),
+        "counts": [r["counts"] for r in results],
+        "class_sizes": [r["n"] for r in results],
+        "w2_weighted": [r["w2_weighted"] for r in results],
+        "w2_uniform": [r.get("w2_uniform") for r in results],
+        "w2_uniform_method": sorted({r["w2_uniform_method"] for r in results if "w2_uniform_method" in r}),
+        "kmeans_seconds": [r["seconds"] for r in results],
+    }
+
+
+def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
+    """Centroid latents -> [0, 1] images at the dataset's channels and size."""
+    start = time.perf_counter()
+    if params.decode == "diffusion":
+        from quantize.diffusion import decode_with_prior
+
+        latents = decode_with_prior(
+            latents, labels, Path(params.prior).expanduser(), strength=params.strength, steps=params.steps,
+            guidance=params.guidance, scheduler=params.scheduler, seed=ctx.seed, device=ctx.device,
+            progress=lambda f: ctx.progress("decode", 0.9 * f),
+        )
+    elif params.decode == "sd-img2img":
+        from quantize.diffusion import decode_with_stable_diffusion
+
+        names = [ctx.dataset.classes[int(c)] for c in labels]
+        latents = decode_with_stable_diffusion(
+            latents, names, Path(params.sd).expanduser(), strength=params.strength, steps=params.steps,
+            guidance=params.guidance, seed=ctx.seed, device=ctx.device,
+            progress=lambda f: ctx.progress("decode", 0.9 * f),
+        )
+    images = encoder.decode(latents.float(), channels=ctx.dataset.channels, size=ctx.dataset.image_size)
+    ctx.progress("decode", 1.0)
+    ctx.timings["decode"] = ctx.timings.get("decode", 0.0) + time.perf_counter() - start
+    return images
+
+
+def teacher_logits(ctx: RunContext, images: torch.Tensor, params) -> torch.Tensor:
+    """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached)."""
+    from distill.evaluate import EvalConfig, get_teacher
+
+    config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
+                        teacher_max_per_class=params.teacher_max_per_class, device=str(ctx.device))
+    teacher = get_teacher(ctx.dataset, config, progress=lambda stage, f: ctx.progress("teacher", f)).to(ctx.device)
+    with torch.no_grad():
+        return torch.cat([teacher(ctx.normalize(chunk.to(ctx.device))).cpu() for chunk in images.split(256)])
+
+
+def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:
+    """Per-image weights: mass**power normalised to sum 1 within each class."""
+    out = []
+    for row in counts:
+        mass = np.asarray(row, dtype=np.float64) ** power
+        total = mass.sum()
+        out.append(mass / total if total > 0 else np.full(len(row), 1.0 / len(row)))
+    return torch.from_numpy(np.concatenate(out)).float()
+
+
+def run_latent_pipeline(ctx: RunContext, params, *, weighted: bool, weight_power: float = 1.0,
+                        seed_per_class: bool = True) -> DistilledSet:
+    from quantize.encoders import load_encoder
+    from quantize.latent_cache import latents_for_context, open_store
+
+    if params.decode == "sd-img2img" and params.encoder != "sd-vae" and not Path(params.encoder).is_dir():
+        raise DistillError("decode=sd-img2img needs Stable Diffusion's own VAE latents: set encoder=sd-vae (or its "
+                           "directory)")
+    encoder = load_encoder(params.encoder, image_size=ctx.dataset.image_size, resolution=params.resolution,
+                           device=ctx.device, batch_size=params.batch_size)
+
+    def encode() -> dict:
+        store = latents_for_context(ctx, params.encoder, resolution=encoder.resolution,
+                                    batch_size=params.batch_size, encoder=encoder)
+        return {"folder": str(store.folder)}
+
+    info = ctx.checkpoints.stage("encode", encode)
+    store = open_store(info["folder"]) or open_store(encode()["folder"])
+    assert store is not None
+    quant = ctx.checkpoints.stage("quantize", lambda: quantize_classes(ctx, store, params,
+                                                                        seed_per_class=seed_per_class))
+    images = ctx.checkpoints.stage("decode", lambda: decode_latents(ctx, encoder, quant["centroids"],
+                                                                    quant["labels"], params))
+    soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
+    w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
+    metrics: dict[str, Any] = {
+        "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
+        "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
+        "class_sizes": quant["class_sizes"], "counts": quant["counts"],
+        "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
+        "w2_weighted_mean": round(float(w_weighted.mean()), 6),
+        "kmeans_seconds": round(float(sum(quant["kmeans_seconds"])), 4),
+    }
+    if params.w2_uniform and all(v is not None for v in quant["w2_uniform"]):
+        w_uniform = np.asarray(quant["w2_uniform"], dtype=np.float64)
+        metrics["w2_uniform"] = [round(v, 6) for v in quant["w2_uniform"]]
+        metrics["w2_uniform_mean"] = round(float(w_uniform.mean()), 6)
+        metrics["w2_uniform_method"] = ",".join(quant["w2_uniform_method"])
+        metrics["w2_reduction_pct"] = round(float(100 * (1 - w_weighted.mean() / w_uniform.mean())), 3)
+    return DistilledSet(
+        images=images,
+        labels=quant["labels"],
+        soft_labels=soft,
+        weights=class_weights(quant["counts"], weight_power) if weighted else None,
+        extras={"latents": quant["centroids"].float()},
+        metrics=metrics,
+    )
+
+
+class LatentOptimalQuantization(Method):
+    name: ClassVar[str] = "oq"
+    summary: ClassVar[str] = ("Latent optimal quantization (DDOQ): encode, per-class k-means with cluster-mass "
+                              "weights, decode with the VAE or a latent diffusion prior")
+    family: ClassVar[str] = "latent"
+    Params: ClassVar[type[MethodParams]] = LatentOQParams
+
+    def run(self, ctx: RunContext, params: LatentOQParams) -> DistilledSet:  # type: ignore[override]
+        return run_latent_pipeline(ctx, params, weighted=params.weighted, weight_power=params.weight_power)
+
+
+class D4M(Method):
+    name: ClassVar[str] = "d4m"
+    summary: ClassVar[str] = ("D4M: per-class MiniBatchKMeans prototypes of latents (streamed partial_fit), "
+                              "unweighted, decoded by VAE, latent prior or SD img2img")
+    family: ClassVar[str] = "latent"
+    Params: ClassVar[type[MethodParams]] = D4MParams
+
+    def run(self, ctx: RunContext, params: D4MParams) -> DistilledSet:  # type: ignore[override]
+        # D4M creates every class's MiniBatchKMeans with random_state=0: one seed for all classes.
+        return run_latent_pipeline(ctx, params, weighted=False, seed_per_class=False)

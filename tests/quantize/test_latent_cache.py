@@ -1,0 +1,120 @@
+"""The on-disk latent cache: class-contiguous shards, reuse, resume after a killed encode, executor fan-out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data.registry import ArraySplit
+from distill.errors import Cancelled
+from quantize.encoders import load_encoder
+from quantize.latent_cache import (
+    COMPLETE,
+    EncoderSpec,
+    SplitSpec,
+    build_latent_cache,
+    cache_folder,
+    latents_for_context,
+    open_store,
+    shard_path,
+)
+
+
+class CountingEncoder:
+    """The real TAEF2 encoder, counting the images it encodes (to see which shards a resume redoes)."""
+
+    def __init__(self, encoder):
+        self.inner = encoder
+        self.images = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, images):
+        self.images += len(images)
+        return self.inner.encode(images)
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """36 real MNIST digits (shuffled labels order), encoded at 32 px to keep the test fast."""
+    idx = np.arange(36) * 97
+    split = ArraySplit(mnist.train.load(idx).numpy(), mnist.train.labels[idx])
+    encoder = load_encoder("taef2", image_size=28, resolution=32, batch_size=8)
+    return split, encoder
+
+
+def _build(split, encoder, name: str, **kwargs):
+    spec = EncoderSpec("taef2", encoder.resolution, 28, "cpu", encoder.batch_size)
+    return build_latent_cache(split, split_spec=SplitSpec(name), encoder_spec=spec, encoder_key="taef2",
+                              num_classes=10, latent_shape=encoder.latent_shape, shard_size=8, encoder=encoder,
+                              **kwargs)
+
+
+def test_shards_are_class_contiguous_and_match_direct_encoding(small):
+    split, encoder = small
+    counting = CountingEncoder(encoder)
+    fractions: list[float] = []
+    store = _build(split, counting, "unit-a", progress=fractions.append)
+    assert counting.images == 36 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert len(list(store.folder.glob("shard_*.safetensors"))) == 5 and (store.folder / COMPLETE).exists()
+    direct = encoder.encode(split.load(np.arange(36)).float() / 255.0)
+    for c in range(10):
+        idx = store.class_indices(c)
+        assert (split.labels[idx] == c).all() and len(idx) == (split.labels == c).sum()
+        torch.testing.assert_close(store.class_latents(c), direct[idx].half().float())
+    again = CountingEncoder(encoder)
+    assert _build(split, again, "unit-a").folder == store.folder and again.images == 0  # reused, nothing encoded
+
+
+def test_killed_encode_resumes_from_the_last_complete_shard(small):
+    split, encoder = small
+    calls = {"n": 0}
+
+    def cancel_after_two_shards() -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Cancelled("killed")
+
+    with pytest.raises(Cancelled):
+        _build(split, encoder, "unit-b", check_cancelled=cancel_after_two_shards)
+    folder = cache_folder("unit-b", "taef2", 32)
+    assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    assert not (folder / COMPLETE).exists() and open_store(folder) is None
+    resumed = CountingEncoder(encoder)
+    store = _build(split, resumed, "unit-b")
+    assert resumed.images == 36 - 16  # only the three missing shards
+    # a kill during the last shard: no marker, last shard gone -> only that shard is encoded again
+    (folder / COMPLETE).unlink()
+    shard_path(folder, 4).unlink()
+    last = CountingEncoder(encoder)
+    store2 = _build(split, last, "unit-b")
+    assert last.images == 4
+    for c in range(10):
+        torch.testing.assert_close(store2.class_latents(c), store.class_latents(c))
+
+
+class InProcessExecutor:
+    """The executor protocol (``map(fn, items)``) run in this process: exercises the picklable shard jobs."""
+
+    def __init__(self):
+        self.items = 0
+
+    def map(self, fn, items):
+        items = list(items)
+        self.items += len(items)
+        return [fn(item) for item in items]
+
+
+def test_executor_path_encodes_the_same_latents(mnist):
+    from distill.methods.base import RunContext
+
+    executor = InProcessExecutor()
+    ctx = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3, executor=executor)
+    store = latents_for_context(ctx, "taef2", resolution=32, batch_size=8, shard_size=8)
+    assert executor.items == 4 and len(store) == 30
+    assert store.folder.name == "mnist-taef2-32-max3-s3"
+    ctx_local = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3)
+    direct = load_encoder("taef2", resolution=32).encode(ctx_local.class_images(5))
+    torch.testing.assert_close(store.class_latents(5), direct.half().float())

@@ -1,0 +1,136 @@
+"""``oq`` and ``d4m`` end to end on a real MNIST slice (TAEF2 latents), through the CLI and the runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill.archive import read_archive
+from distill.cli import app
+from distill.runner import RunRequest, run_to_archive
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def oq_archive(tmp_path_factory, mnist_store) -> Path:
+    out = tmp_path_factory.mktemp("oq") / "mnist-oq-10.tar"
+    result = invoke("run", "oq", "-d", "mnist", "--ipc", 10, "-o", out, "--max-per-class", 50, "--seed", 0, "-q")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_oq_run_then_eval(oq_archive: Path, mnist_store):
+    archive = read_archive(oq_archive)
+    d, manifest = archive.distilled, archive.manifest
+    assert d.images.shape == (100, 1, 28, 28) and float(d.images.min()) >= 0 and float(d.images.max()) <= 1
+    assert torch.equal(d.labels, torch.arange(10).repeat_interleave(10))
+    metrics = manifest["metrics"]
+    assert metrics["latent_cache"] == mnist_store.folder.name  # the session's cache was reused, not re-encoded
+    assert metrics["resolution"] == 64 and metrics["latent_shape"] == [32, 8, 8]
+    # weights are the cluster masses: they sum to 1 per class and equal counts / class size
+    counts = torch.tensor(metrics["counts"], dtype=torch.float32)
+    assert (counts.sum(1) == 50).all()
+    torch.testing.assert_close(d.weights.view(10, 10), counts / 50)
+    # with the same centroids, uniform weights can only be worse (the Voronoi masses are optimal)
+    for weighted, uniform in zip(metrics["w2_weighted"], metrics["w2_uniform"], strict=True):
+        assert weighted <= uniform + 1e-6
+    assert metrics["w2_reduction_pct"] > 0
+    assert d.extras["latents"].shape == (100, 32, 8, 8)
+
+    result = invoke("eval", oq_archive, "--runs", 1, "--epochs", 10, "--test-limit", 500, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.strip().splitlines()[-1])
+    # 100 decoded centroids of 500 real digits, 10 epochs: far above chance (10 %)
+    assert payload["accuracy_mean"] > 60, payload
+
+
+def test_d4m_reuses_the_cache_and_is_unweighted(tmp_path: Path, oq_archive: Path):
+    out = tmp_path / "d4m.tar"
+    result = invoke("run", "d4m", "-d", "mnist", "--ipc", 5, "-o", out, "--max-per-class", 50, "-q")
+    assert result.exit_code == 0, result.output
+    archive = read_archive(out)
+    assert archive.distilled.weights is None and archive.distilled.images.shape == (50, 1, 28, 28)
+    metrics = archive.manifest["metrics"]
+    assert metrics["kmeans_backend"] == "sklearn-partial-fit"
+    assert metrics["latent_cache"] == read_archive(oq_archive).manifest["metrics"]["latent_cache"]
+    assert archive.manifest["timings"]["encode"] < 10  # nothing encoded: the cache was complete
+
+
+def test_stages_resume_from_checkpoints(tmp_path: Path, mnist_store):
+    request = RunRequest("mnist", "oq", 3, {"weighted": False, "w2_uniform": False}, seed=0, max_per_class=50)
+    first = run_to_archive(request, tmp_path / "a.tar", checkpoint_dir=tmp_path / "ckpt")
+    assert {"encode", "quantize", "decode"} <= set(first.manifest["timings"])
+    assert first.distilled.weights is None
+    again = run_to_archive(request, tmp_path / "b.tar", checkpoint_dir=tmp_path / "ckpt")
+    assert "quantize" not in again.manifest["timings"]  # loaded from the stage checkpoint
+    assert torch.equal(first.distilled.images, again.distilled.images)
+
+
+def _tiny_prior(root: Path) -> Path:
+    """A small random class-conditional DiT over TAEF2 latents (32 x 8 x 8), in the prior directory layout."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=32, out_channels=32,
+                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10
+                          ).save_pretrained(root / "transformer")
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(root / "scheduler")
+    meta = {"dataset": "mnist", "encoder": "taef2", "resolution": 64, "num_classes": 10,
+            "latent_mean": [0.0] * 32, "latent_std": [1.0] * 32}
+    (root / "prior.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_diffusion_decode_strength_zero_equals_vae_decode(tmp_path: Path, mnist_store):
+    prior = _tiny_prior(tmp_path / "prior")
+    base = {"w2_uniform": False}
+    vae = run_to_archive(RunRequest("mnist", "oq", 2, base, max_per_class=50), tmp_path / "v.tar").distilled
+    zero = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "diffusion", "prior": str(prior),
+                                                        "strength": 0.0}, max_per_class=50), tmp_path / "z.tar")
+    assert torch.equal(zero.distilled.images, vae.images)
+    noisy = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "diffusion", "prior": str(prior),
+                                                         "strength": 0.5, "steps": 4}, max_per_class=50),
+                           tmp_path / "n.tar").distilled
+    assert noisy.images.shape == vae.images.shape and float(noisy.images.min()) >= 0 and noisy.images.max() <= 1
+    assert not torch.equal(noisy.images, vae.images)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["oq", "--ipc", 10, "--max-per-class", 5], "larger than the smallest class"),
+        (["oq", "--ipc", 1, "--max-per-class", 5, "--set", "encoder=no-such-encoder"], "unknown encoder"),
+        (["oq", "--ipc", 1, "--max-per-class", 5, "--set", "decode=diffusion"], "needs prior=PATH"),
+        (["oq", "--ipc", 1, "--max-per-class", 5, "--set", "kmeans_backend=magic"], "kmeans_backend"),
+        (["d4m", "--ipc", 1, "--max-per-class", 5, "--set", "decode=sd-img2img"], "needs sd=PATH"),
+    ],
+)
+def test_run_errors_are_one_clear_line(tmp_path: Path, args: list, message: str):
+    out = tmp_path / "x.tar"
+    result = invoke("run", args[0], "-d", "mnist", "-o", out, "-q", *args[1:])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert not out.exists()
+
+
+def test_ipc_above_the_d4m_stream_chunk(tmp_path: Path, mnist_store):
+    result = invoke("run", "d4m", "-d", "mnist", "--ipc", 10, "-o", tmp_path / "x.tar", "--max-per-class", 50,
+                    "--set", "km_expand=6", "-q")
+    assert result.exit_code != 0 and "fewer than the 60" in result.output, result.output
+
+
+def test_teacher_soft_labels(tmp_path: Path, mnist_store):
+    params = {"labels": "teacher", "teacher_epochs": 1, "teacher_max_per_class": 20, "w2_uniform": False}
+    d = run_to_archive(RunRequest("mnist", "oq", 2, params, max_per_class=50), tmp_path / "t.tar").distilled
+    assert d.soft_labels is not None and d.soft_labels.shape == (20, 10)
+    assert torch.isfinite(d.soft_labels).all() and d.weights is not None
+    assert torch.equal(d.labels, torch.arange(10).repeat_interleave(2))  # hard labels stay the class ids
