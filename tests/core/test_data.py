@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -44,20 +45,26 @@ def test_cifar10_from_shared_jpeg_tarball(cifar10):
     assert tuple(cifar10.train.load([0]).shape) == (1, 3, 32, 32)
 
 
-def _use_data_dir(monkeypatch, folder: Path):
-    monkeypatch.setenv("DISTILL_DATA_DIR", str(folder))
-    reload_settings()
-    registry.get_dataset.cache_clear()
-
-
 @pytest.fixture
-def restore_settings():
-    yield
+def use_data_dir():
+    """Point DISTILL_DATA_DIR elsewhere for one test; restore it (and the cached settings) afterwards."""
+    old = os.environ.get("DISTILL_DATA_DIR")
+
+    def point_to(folder: Path) -> None:
+        os.environ["DISTILL_DATA_DIR"] = str(folder)
+        reload_settings()
+        registry.get_dataset.cache_clear()
+
+    yield point_to
+    if old is None:
+        os.environ.pop("DISTILL_DATA_DIR", None)
+    else:
+        os.environ["DISTILL_DATA_DIR"] = old
     reload_settings()
     registry.get_dataset.cache_clear()
 
 
-def test_cifar10_pickled_batches_reader(tmp_path: Path, cifar10, monkeypatch, restore_settings):
+def test_cifar10_pickled_batches_reader(tmp_path: Path, cifar10, use_data_dir):
     """Write the canonical cifar-10-batches-py layout from real images, read it back through the registry."""
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -68,7 +75,7 @@ def test_cifar10_pickled_batches_reader(tmp_path: Path, cifar10, monkeypatch, re
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     (folder / "test_batch").write_bytes(pickle.dumps({"data": rows[50:], "labels": labels[50:]}))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": registry.CIFAR10_CLASSES}))
-    _use_data_dir(monkeypatch, tmp_path)
+    use_data_dir(tmp_path)
     ds = registry.get_dataset("cifar10")
     assert len(ds.train) == 50 and len(ds.test) == 10
     assert np.array_equal(ds.train.load([3]).numpy(), cifar10.train.load([3]).numpy())
@@ -81,7 +88,7 @@ def _write_tree(root: Path, images: np.ndarray, labels: np.ndarray, classes: lis
         Image.fromarray(image[0]).save(folder / f"{i:04d}.png")
 
 
-def test_imagefolder_tarball_any_path(tmp_path: Path, mnist, restore_settings):
+def test_imagefolder_tarball_any_path(tmp_path: Path, mnist):
     tree = tmp_path / "tree" / "digits"
     idx = np.arange(40)
     _write_tree(tree, mnist.train.load(idx).numpy(), mnist.train.labels[idx], [f"d{c}" for c in range(10)], "train")
@@ -97,7 +104,7 @@ def test_imagefolder_tarball_any_path(tmp_path: Path, mnist, restore_settings):
     assert first.shape == (28, 28)
 
 
-def test_imagenet_layout_streams_in_wnid_order(tmp_path: Path, cifar10, monkeypatch, restore_settings):
+def test_imagenet_layout_streams_in_wnid_order(tmp_path: Path, cifar10, use_data_dir):
     wnids, names = registry.imagenet_wnids_and_names()
     assert len(wnids) == 1000 and wnids == sorted(wnids) and names[0] == "tench"
     root = tmp_path / "imagenet"
@@ -108,7 +115,7 @@ def test_imagenet_layout_streams_in_wnid_order(tmp_path: Path, cifar10, monkeypa
             for j in range(2):
                 Image.fromarray(cifar10.train.load([k * 2 + j]).numpy()[0].transpose(1, 2, 0)).resize((40, 30)).save(
                     folder / f"img{j}.JPEG")
-    _use_data_dir(monkeypatch, tmp_path)
+    use_data_dir(tmp_path)
     ds = registry.get_dataset("imagenet")
     assert ds.num_classes == 1000 and ds.classes[0] == "tench"
     assert isinstance(ds.train, registry.FileSplit)
@@ -116,10 +123,10 @@ def test_imagenet_layout_streams_in_wnid_order(tmp_path: Path, cifar10, monkeypa
     assert tuple(ds.train.load([0, 3]).shape) == (2, 3, 224, 224)
 
 
-def test_unknown_and_missing_datasets(tmp_path: Path, monkeypatch, restore_settings):
+def test_unknown_and_missing_datasets(tmp_path: Path, use_data_dir):
     with pytest.raises(DistillError, match="unknown dataset"):
         registry.get_dataset("mnits")
-    _use_data_dir(monkeypatch, tmp_path)
+    use_data_dir(tmp_path)
     with pytest.raises(DistillError, match="missing data"):
         registry.get_dataset("mnist")
 

@@ -19,7 +19,7 @@ from distill.methods.registry import METHODS
 
 class SlowParams(MethodParams):
     iterations: int = Field(20, ge=1, le=10_000, description="steps of the slow stage")
-    step_seconds: float = Field(0.1, ge=0, le=5, description="sleep per step")
+    step_seconds: float = Field(0.1, ge=0, le=60, description="sleep per step")
 
 
 class SlowSelection(Method):

@@ -43,7 +43,7 @@ def test_ray_worker_runs_jobs_as_ray_tasks_with_an_executor(tmp_path: Path, monk
 
         # A job stuck between its cancellation checks: the dispatcher force-cancels its Ray task.
         stuck, _ = store.create_job("owner", {**REQUEST, "method": "slow-test",
-                                              "params": {"iterations": 6, "step_seconds": 5}})
+                                              "params": {"iterations": 6, "step_seconds": 30}})
         stop = threading.Event()
         dispatcher = threading.Thread(target=run_ray_worker, kwargs={
             "settings": settings, "address": "local", "worker_id": "ray-test-2", "stop": stop})
@@ -51,7 +51,7 @@ def test_ray_worker_runs_jobs_as_ray_tasks_with_an_executor(tmp_path: Path, monk
         try:
             wait_until(lambda: store.get_job(stuck.id).stage == "wait", timeout=60, what="the stuck job to run")
             store.cancel_job(stuck.id, "owner")
-            wait_until(lambda: store.get_job(stuck.id).status == "cancelled", timeout=30, what="the cancel")
+            wait_until(lambda: store.get_job(stuck.id).status == "cancelled", timeout=60, what="the cancel")
         finally:
             stop.set()
             dispatcher.join(timeout=30)
