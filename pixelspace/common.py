@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from distill.augment import strategy_for
 from distill.errors import DistillError
-from distill.methods.base import RunContext
+from distill.methods.base import DistilledSet, RunContext
 from distill.nets import build_network
 
 # DC's get_loops (utils.py L275-293): ipc -> (outer_loop, inner_loop).
@@ -139,6 +139,26 @@ def init_synthetic(
 def to_pixel(ctx: RunContext, images: torch.Tensor) -> torch.Tensor:
     """Normalised images -> pixel scale (not clamped: evaluation must see exactly what was learned)."""
     return ctx.dataset.denormalize(images.detach()).cpu()
+
+
+def matching_result(
+    ctx: RunContext, image_syn: torch.Tensor, label_syn: torch.Tensor, losses: list[float],
+    real_dtype: torch.dtype | None, strategy: str, **metrics,
+) -> DistilledSet:
+    """The DistilledSet every image-optimising method returns: pixel-scale images, loss curve, common metrics."""
+    return DistilledSet(
+        images=to_pixel(ctx, image_syn),
+        labels=label_syn.cpu(),
+        extras={"loss_curve": torch.tensor(losses)},
+        metrics={
+            "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None,
+            **metrics,
+            "dsa_strategy": strategy,
+            "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
+            "space": "normalised during optimisation, pixel scale in the archive",
+        },
+    )
 
 
 def image_optimizer(images: torch.Tensor, lr: float, momentum: float = 0.5) -> torch.optim.SGD:

@@ -32,9 +32,9 @@ from pixelspace.common import (
     has_batchnorm,
     image_optimizer,
     init_synthetic,
+    matching_result,
     real_autocast_dtype,
     resolve_strategy,
-    to_pixel,
 )
 
 
@@ -126,16 +126,4 @@ class DistributionMatching(Method):
             losses.append(float(loss.detach()) / ds.num_classes)
             if it % 100 == 0:
                 ctx.log(f"dm iteration {it}: loss {losses[-1]:.4f}")
-        return DistilledSet(
-            images=to_pixel(ctx, image_syn),
-            labels=label_syn.cpu(),
-            extras={"loss_curve": torch.tensor(losses)},
-            metrics={
-                "final_loss": losses[-1] if losses else None,
-                "first_loss": losses[0] if losses else None,
-                "lr_img": lr_img,
-                "dsa_strategy": strategy,
-                "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
-                "space": "normalised during optimisation, pixel scale in the archive",
-            },
-        )
+        return matching_result(ctx, image_syn, label_syn, losses, real_dtype, strategy, lr_img=lr_img)

@@ -38,10 +38,10 @@ from pixelspace.common import (
     image_optimizer,
     init_synthetic,
     match_distance,
+    matching_result,
     per_class_gradients,
     real_autocast_dtype,
     resolve_strategy,
-    to_pixel,
 )
 
 BN_SIZE_PER_CLASS = 16  # the reference's BNSizePC
@@ -206,20 +206,8 @@ class DatasetCondensation(Method):
             losses.append(loss_avg / (ds.num_classes * outer))
             if it % 50 == 0:
                 ctx.log(f"{self.name} iteration {it}: loss {losses[-1]:.4f}")
-        return DistilledSet(
-            images=to_pixel(ctx, image_syn),
-            labels=label_syn.cpu(),
-            extras={"loss_curve": torch.tensor(losses)},
-            metrics={
-                "final_loss": losses[-1] if losses else None,
-                "first_loss": losses[0] if losses else None,
-                "outer_loop": outer,
-                "inner_loop": inner,
-                "dsa_strategy": strategy,
-                "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
-                "space": "normalised during optimisation, pixel scale in the archive",
-            },
-        )
+        return matching_result(ctx, image_syn, label_syn, losses, real_dtype, strategy,
+                               outer_loop=outer, inner_loop=inner)
 
 
 class SiameseAugmentedCondensation(DatasetCondensation):
