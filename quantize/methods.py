@@ -152,23 +152,18 @@ def quantize_classes(ctx: RunContext, store, params, *, seed_per_class: bool) ->
 def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
     """Centroid latents -> [0, 1] images at the dataset's channels and size."""
     start = time.perf_counter()
+    sampling = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance, "seed": ctx.seed,
+                "device": ctx.device, "progress": lambda f: ctx.progress("decode", 0.9 * f)}
     if params.decode == "diffusion":
         from quantize.diffusion import decode_with_prior
 
-        latents = decode_with_prior(
-            latents, labels, Path(params.prior).expanduser(), strength=params.strength, steps=params.steps,
-            guidance=params.guidance, scheduler=params.scheduler, seed=ctx.seed, device=ctx.device,
-            progress=lambda f: ctx.progress("decode", 0.9 * f),
-        )
+        latents = decode_with_prior(latents, labels, Path(params.prior).expanduser(), scheduler=params.scheduler,
+                                    **sampling)
     elif params.decode == "sd-img2img":
         from quantize.diffusion import decode_with_stable_diffusion
 
         names = [ctx.dataset.classes[int(c)] for c in labels]
-        latents = decode_with_stable_diffusion(
-            latents, names, Path(params.sd).expanduser(), strength=params.strength, steps=params.steps,
-            guidance=params.guidance, seed=ctx.seed, device=ctx.device,
-            progress=lambda f: ctx.progress("decode", 0.9 * f),
-        )
+        latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
     images = encoder.decode(latents.float(), channels=ctx.dataset.channels, size=ctx.dataset.image_size)
     ctx.progress("decode", 1.0)
     ctx.timings["decode"] = ctx.timings.get("decode", 0.0) + time.perf_counter() - start

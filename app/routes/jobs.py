@@ -143,13 +143,20 @@ ARTIFACT_RESPONSES = {
 }
 
 
-def _artifact_path(job: Job, settings: ServiceSettings) -> Path:
+def finished_archive(
+    job_id: JobId,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    settings: ServiceSettings = Depends(get_settings),
+) -> tuple[Job, Path]:
+    """Dependency of the download routes: the caller's succeeded job and its archive on disk (409/410 otherwise)."""
+    job = _find(store, job_id, owner)
     if job.status != "succeeded" or not job.artifact_path:
         raise HTTPException(409, f"job is {job.status}: no archive")
     path = settings.artifacts_dir / Path(job.artifact_path).name
     if not path.is_file():
         raise HTTPException(410, "the archive is no longer in storage")
-    return path
+    return job, path
 
 
 @router.get(
@@ -161,14 +168,8 @@ def _artifact_path(job: Job, settings: ServiceSettings) -> Path:
     },
     summary="Download the distilled-set archive",
 )
-def download_artifact(
-    job_id: JobId,
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
-    settings: ServiceSettings = Depends(get_settings),
-) -> FileResponse:
-    job = _find(store, job_id, owner)
-    path = _artifact_path(job, settings)
+def download_artifact(found: tuple[Job, Path] = Depends(finished_archive)) -> FileResponse:
+    job, path = found
     sha = job.artifact_sha256 or ""
     digest = base64.b64encode(bytes.fromhex(sha)).decode()
     filename = f"{job.dataset}-{job.method}-ipc{job.ipc}-{job.id}.tar"
@@ -185,14 +186,8 @@ def download_artifact(
     responses={200: {"content": {"image/png": {}}, "description": "one row per class"}, **ARTIFACT_RESPONSES},
     summary="A PNG grid of the distilled images, one row per class",
 )
-def preview(
-    job_id: JobId,
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
-    settings: ServiceSettings = Depends(get_settings),
-) -> Response:
-    job = _find(store, job_id, owner)
-    path = _artifact_path(job, settings)
+def preview(found: tuple[Job, Path] = Depends(finished_archive)) -> Response:
+    job, path = found
     cached = path.with_name(f"{job.id}.preview.png")
     if not cached.exists():
         _write_atomic(cached, render_preview(path))

@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from distill.errors import DistillError
-from quantize.kmeans import BACKENDS, assign, kmeans, squared_distances, w2_uniform, w2_weighted
+from quantize.kmeans import BACKENDS, assign, kmeans, kmeanspp, squared_distances, w2_uniform, w2_weighted
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,17 @@ def test_faiss_matches_lloyd_and_beats_the_d4m_stream(latents):
     # different seeds give (slightly) different local optima; restarts keep the best of them
     best = kmeans(x, 10, seed=0, restarts=3)
     assert best.error <= min(kmeans(x, 10, seed=s).error for s in range(3)) + 1e-3
+
+
+def test_projected_seeding_keeps_kmeans_plus_plus_quality(latents):
+    """Seeding in a 256-d random projection picks real points and seeds as well as the full-space seeding."""
+    x = np.concatenate([latents[c] for c in range(10)])  # 2048 dims > 256: the projection is used
+    seeds = kmeanspp(x, 20, seed=3)
+    assert any(np.array_equal(seeds[0], row) for row in x)
+    np.testing.assert_array_equal(seeds, kmeanspp(x, 20, seed=3))
+    projected = np.mean([assign(x, kmeanspp(x, 20, seed=s))[1].mean() for s in range(3)])
+    full = np.mean([assign(x, kmeanspp(x, 20, seed=s, project_dim=None))[1].mean() for s in range(3)])
+    assert projected <= full * 1.05
 
 
 def test_uniform_w2_exact_ot(latents):
