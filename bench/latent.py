@@ -102,18 +102,18 @@ def accuracy(args: argparse.Namespace) -> None:
 
     ds = get_dataset(args.dataset)
     config = EvalConfig(protocol="dc", runs=args.runs, epochs=args.epochs, test_limit=args.test_limit, device="cpu")
-    settings = [
-        ("random (full train split)", "random", {}, None),
-        ("oq (faiss, weighted, VAE decode)", "oq", {"w2_uniform": False}, args.max_per_class),
-        ("oq, weighted=false", "oq", {"weighted": False, "w2_uniform": False}, args.max_per_class),
-        ("d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False}, args.max_per_class),
+    settings = [  # (key for --only, label, method, parameters, images seen per class)
+        ("random", "random (full train split)", "random", {}, None),
+        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"w2_uniform": False}, args.max_per_class),
+        ("oq-unweighted", "oq, weighted=false", "oq", {"weighted": False, "w2_uniform": False}, args.max_per_class),
+        ("d4m", "d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False}, args.max_per_class),
     ]
     print(f"| dataset | IPC | method | train images seen | distill s | accuracy % (mean ± std, {args.runs} runs) |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for ipc in args.ipcs:
-            for label, method, params, max_per_class in settings:
-                if args.only and method not in args.only:
+            for key, label, method, params, max_per_class in settings:
+                if args.only and key not in args.only:
                     continue
                 start = time.perf_counter()
                 result = run_to_archive(RunRequest(args.dataset, method, ipc, params, seed=args.seed,
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=None, help="methods to run (random, oq, d4m)")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (random, oq, oq-unweighted, d4m)")
     args = parser.parse_args()
     torch.manual_seed(args.__dict__.get("seed", 0))
     {"throughput": throughput, "scaling": scaling, "accuracy": accuracy}[args.command](args)

@@ -91,11 +91,12 @@ def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None,
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     rng = np.random.default_rng(seed)
+    trials = local_trials or 2 + int(math.log(k))
     z = x
-    if project_dim is not None and x.shape[1] > project_dim:
+    # the projection (one n x d x p GEMM) pays off once the k * trials sequential passes over x cost more
+    if project_dim is not None and x.shape[1] > project_dim and 4 * k * trials > project_dim:
         projection = rng.standard_normal((x.shape[1], project_dim), dtype=np.float32) / np.float32(math.sqrt(project_dim))
         z = x @ projection
-    trials = local_trials or 2 + int(math.log(k))
     sq_norms = np.einsum("ij,ij->i", z, z)
     chosen = [int(rng.integers(n))]
     closest = np.maximum(sq_norms - 2.0 * (z @ z[chosen[0]]) + sq_norms[chosen[0]], 0.0)
@@ -127,16 +128,17 @@ def _faiss(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int, gpu
     use_gpu = faiss_has_gpu() if gpu is None else gpu
     best, best_obj = None, math.inf
     for r in range(restarts):
-        init = kmeanspp(x, k, seed + r)
-        km = faiss.Kmeans(
-            x.shape[1], k, niter=iterations, nredo=1, seed=seed + r, gpu=use_gpu, verbose=False,
-            max_points_per_centroid=max(len(x), 1), min_points_per_centroid=1,
-        )
-        obj = km.train(x, init_centroids=init) if iterations > 0 else math.inf
-        centroids = km.centroids if iterations > 0 else init
-        if iterations == 0 or restarts == 1:
+        centroids, obj = kmeanspp(x, k, seed + r), math.inf
+        if iterations > 0:  # faiss stops by itself once the assignment no longer changes
+            km = faiss.Kmeans(
+                x.shape[1], k, niter=iterations, nredo=1, seed=seed + r, gpu=use_gpu, verbose=False,
+                max_points_per_centroid=max(len(x), 1), min_points_per_centroid=1,
+            )
+            obj = float(km.train(x, init_centroids=centroids))
+            centroids = km.centroids
+        if restarts == 1:
             return np.ascontiguousarray(centroids, dtype=np.float32)
-        if obj < best_obj:
+        if obj < best_obj or best is None:
             best, best_obj = np.array(centroids, dtype=np.float32), obj
     assert best is not None
     return best
