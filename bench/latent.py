@@ -23,6 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _timed_round_trip(enc, x: torch.Tensor, channels: int, size: int) -> tuple[float, float, float, float]:
+    """Encode then decode ``x``: (encode s, encode CPU-s, decode s, decode CPU-s)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    z = enc.encode(x)
+    t_enc, c_enc = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
+    enc.decode(z, channels=channels, size=size)
+    return t_enc, c_enc, time.perf_counter() - start, time.process_time() - cpu
+
+
 def throughput(args: argparse.Namespace) -> None:
     from distill.data import get_dataset
     from quantize.encoders import load_encoder, wrap_autoencoder_kl
@@ -38,12 +48,7 @@ def throughput(args: argparse.Namespace) -> None:
         for resolution in args.resolutions:
             enc = load_encoder("taef2", image_size=ds.image_size, resolution=resolution, batch_size=args.batch)
             enc.encode(x[: args.batch])  # warm-up
-            start, cpu = time.perf_counter(), time.process_time()
-            z = enc.encode(x)
-            t_enc, c_enc = time.perf_counter() - start, time.process_time() - cpu
-            start, cpu = time.perf_counter(), time.process_time()
-            enc.decode(z, channels=ds.channels, size=ds.image_size)
-            t_dec, c_dec = time.perf_counter() - start, time.process_time() - cpu
+            t_enc, c_enc, t_dec, c_dec = _timed_round_trip(enc, x, ds.channels, ds.image_size)
             print(f"| taef2 | {name} | {resolution} | {'x'.join(map(str, enc.latent_shape))} | {args.batch} | "
                   f"{len(x) / t_enc:.1f} | {len(x) / t_dec:.1f} | {len(x) / c_enc:.1f} | {len(x) / c_dec:.1f} |",
                   flush=True)
@@ -57,12 +62,7 @@ def throughput(args: argparse.Namespace) -> None:
         enc = wrap_autoencoder_kl(vae, "sd-vae-random", "sd-vae-random", 256, torch.device("cpu"), torch.float32, 4)
         ds = get_dataset(args.datasets[0])
         x = ds.train.load(np.arange(args.sd_vae_images)).float() / 255.0
-        start, cpu = time.perf_counter(), time.process_time()
-        z = enc.encode(x)
-        t_enc, c_enc = time.perf_counter() - start, time.process_time() - cpu
-        start, cpu = time.perf_counter(), time.process_time()
-        enc.decode(z, channels=ds.channels, size=ds.image_size)
-        t_dec, c_dec = time.perf_counter() - start, time.process_time() - cpu
+        t_enc, c_enc, t_dec, c_dec = _timed_round_trip(enc, x, ds.channels, ds.image_size)
         print(f"| SD-VAE-sized AutoencoderKL (random) | {args.datasets[0]} | 256 | 4x32x32 | 4 | "
               f"{len(x) / t_enc:.2f} | {len(x) / t_dec:.2f} | {len(x) / c_enc:.2f} | {len(x) / c_dec:.2f} |",
               flush=True)
