@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) scripts/setup-system.sh
 	$(BIN)/pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev]'
 	touch $@
 
-# The main job on the embedded default: distill MNIST to 10 images per class, then evaluate the archive.
+# The main job on the embedded default: `distill serve` (API + local worker, SQLite), POST /jobs for the headline
+# method oq on MNIST at 10 images per class (500 training images per class seen), download the archive, evaluate it.
 demo: setup
-	$(BIN)/distill run random --dataset mnist --ipc 10 --out $(OUT)/mnist-random-10.tar
-	$(BIN)/distill eval $(OUT)/mnist-random-10.tar --runs 2 --epochs 300 --test-limit 2000
+	$(BIN)/python scripts/demo.py --method oq --dataset mnist --ipc 10 --max-per-class 500 --out $(OUT)/mnist-oq-10.tar
+	$(BIN)/distill eval $(OUT)/mnist-oq-10.tar --runs 2 --epochs 300 --test-limit 2000
 
 test: setup
 	bash scripts/run-tests.sh $(BIN)/python
