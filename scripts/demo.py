@@ -59,7 +59,6 @@ def follow(client: httpx.Client, job_id: str, poll: float = 2.0) -> dict:
 
 
 def download(client: httpx.Client, job: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     digest = hashlib.sha256()
     try:
@@ -86,37 +85,40 @@ def main() -> None:
     parser.add_argument("--params", default="{}", help="method parameters as JSON")
     args = parser.parse_args()
 
+    try:  # checked before any server starts
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --params is not valid JSON: {exc}") from None
+
     port = free_port()
     distill = Path(sys.executable).with_name("distill")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.out.with_name(f"{args.out.name}.server.log")
-    log = open(log_path, "w")
     print(f"distill serve on 127.0.0.1:{port} (API + one local worker; log: {log_path})", flush=True)
-    server = subprocess.Popen([str(distill), "serve", "--port", str(port), "--no-access-log"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
-            wait_healthy(client, server)
-            request = {"dataset": args.dataset, "method": args.method, "ipc": args.ipc,
-                       "params": json.loads(args.params), "max_per_class": args.max_per_class}
-            response = client.post("/jobs", json=request)
-            if response.status_code >= 400:
-                raise SystemExit(f"error: POST /jobs -> {response.status_code}: {response.text}")
-            job = response.json()
-            print(f"POST /jobs {json.dumps(request)} -> job {job['id']}", flush=True)
-            job = follow(client, job["id"])
-            if job["status"] != "succeeded":
-                raise SystemExit(f"error: job {job['id']} {job['status']}: {job.get('error')}")
-            download(client, job, args.out)
-            print(f"wrote {args.out} ({job['artifact']['bytes']} bytes, sha256 {job['artifact']['sha256'][:16]}...)")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([str(distill), "serve", "--port", str(port), "--no-access-log"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
+                wait_healthy(client, server)
+                request = {"dataset": args.dataset, "method": args.method, "ipc": args.ipc, "params": params,
+                           "max_per_class": args.max_per_class}
+                response = client.post("/jobs", json=request)
+                if response.status_code >= 400:
+                    raise SystemExit(f"error: POST /jobs -> {response.status_code}: {response.text}")
+                job = response.json()
+                print(f"POST /jobs {json.dumps(request)} -> job {job['id']}", flush=True)
+                job = follow(client, job["id"])
+                if job["status"] != "succeeded":
+                    raise SystemExit(f"error: job {job['id']} {job['status']}: {job.get('error')}")
+                download(client, job, args.out)
+                print(f"wrote {args.out} ({job['artifact']['bytes']} bytes, sha256 {job['artifact']['sha256'][:16]}...)")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
 
 if __name__ == "__main__":
     main()

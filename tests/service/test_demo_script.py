@@ -12,16 +12,18 @@ from distill.archive import read_archive
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_submits_a_job_and_downloads_a_verified_archive(tmp_path: Path):
+def run_demo(tmp_path: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/demo.py in its own DISTILL_HOME, loopback without API keys, on the default SQLite store."""
     env = {**os.environ, "DISTILL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     for key in ("DISTILL_API_KEYS", "DISTILL_DATABASE_URL", "DATABASE_URL", "DISTILL_CONFIG"):
         env.pop(key, None)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_submits_a_job_and_downloads_a_verified_archive(tmp_path: Path):
     out = tmp_path / "out" / "mnist-random-2.tar"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--method", "random", "--ipc", "2",
-         "--max-per-class", "20"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = run_demo(tmp_path, out, "--method", "random", "--ipc", "2", "--max-per-class", "20")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "succeeded" in done.stdout and f"wrote {out}" in done.stdout
     archive = read_archive(out)  # sha256 of every member verified
@@ -31,13 +33,14 @@ def test_demo_submits_a_job_and_downloads_a_verified_archive(tmp_path: Path):
 
 
 def test_demo_reports_a_rejected_request(tmp_path: Path):
-    env = {**os.environ, "DISTILL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    for key in ("DISTILL_API_KEYS", "DISTILL_DATABASE_URL", "DATABASE_URL", "DISTILL_CONFIG"):
-        env.pop(key, None)
     out = tmp_path / "out" / "x.tar"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--method", "no-such-method"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = run_demo(tmp_path, out, "--method", "no-such-method")
     assert done.returncode != 0 and "POST /jobs -> 4" in done.stderr
     assert not out.exists()
+
+
+def test_demo_rejects_bad_params_before_starting_a_server(tmp_path: Path):
+    out = tmp_path / "out" / "x.tar"
+    done = run_demo(tmp_path, out, "--params", "{not json")
+    assert done.returncode != 0 and "--params is not valid JSON" in done.stderr
+    assert not out.exists() and not out.with_name("x.tar.server.log").exists()
