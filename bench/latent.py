@@ -101,13 +101,20 @@ def accuracy(args: argparse.Namespace) -> None:
     from distill.runner import RunRequest, run_to_archive
 
     ds = get_dataset(args.dataset)
-    config = EvalConfig(protocol="dc", runs=args.runs, epochs=args.epochs, test_limit=args.test_limit, device="cpu")
+    config = EvalConfig(protocol=args.protocol, runs=args.runs, epochs=args.epochs, test_limit=args.test_limit,
+                        teacher_epochs=args.teacher_epochs, teacher_max_per_class=args.teacher_max_per_class, device="cpu")
+    # Under the softlabel protocol the latent methods also store the same teacher's logits (labels=teacher).
+    teacher = ({"labels": "teacher", "teacher_epochs": args.teacher_epochs,
+                "teacher_max_per_class": args.teacher_max_per_class} if args.protocol == "softlabel" else {})
     settings = [  # (key for --only, label, method, parameters, images seen per class)
         ("random", "random (full train split)", "random", {}, None),
-        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"w2_uniform": False}, args.max_per_class),
-        ("oq-unweighted", "oq, weighted=false", "oq", {"weighted": False, "w2_uniform": False}, args.max_per_class),
-        ("d4m", "d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False}, args.max_per_class),
+        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"w2_uniform": False, **teacher}, args.max_per_class),
+        ("oq-unweighted", "oq, weighted=false", "oq", {"weighted": False, "w2_uniform": False, **teacher},
+         args.max_per_class),
+        ("d4m", "d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False, **teacher}, args.max_per_class),
     ]
+    print(f"protocol {args.protocol}" + (f", teacher {args.teacher_epochs} epochs on "
+          f"{args.teacher_max_per_class or 'all'} images/class" if args.protocol == "softlabel" else ""))
     print(f"| dataset | IPC | method | train images seen | distill s | accuracy % (mean ± std, {args.runs} runs) |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +156,10 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="variants to run (random, oq, oq-unweighted, d4m)")
+    p.add_argument("--protocol", choices=["dc", "softlabel"], default="dc",
+                   help="softlabel: every variant's students learn from one cached teacher (RDED style)")
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-max-per-class", type=int, default=None, help="cap the teacher's training images")
     args = parser.parse_args()
     torch.manual_seed(args.__dict__.get("seed", 0))
     {"throughput": throughput, "scaling": scaling, "accuracy": accuracy}[args.command](args)

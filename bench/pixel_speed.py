@@ -11,7 +11,10 @@ Parts (a registry other methods extend: add a function to PARTS):
 - ``dm``: DM, MNIST, IPC 10, batch_real 256 per class, DSA color_crop_cutout_flip_scale_rotate (the
   reference default, used on both sides here), init real, lr_img 1.
 
-Usage: python bench/pixel_speed.py [--parts dc,dm] [--iterations 3] [--threads 2]
+"ours" runs with ``compile_real`` off and on (torch.compile of the real pass; its one-time compilation lands
+in the first iteration, reported apart from the median of the others).
+
+Usage: python bench/pixel_speed.py [--parts dc,dm] [--iterations 4] [--threads 2]
 Prints a markdown table.
 """
 
@@ -146,12 +149,14 @@ def _ours(method: str, ipc: int, params: dict, iterations: int, threads: int) ->
     return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)][-iterations:]
 
 
-def ours_dc(iterations: int, threads: int, precision: str) -> list[float]:
-    return _ours("dc", 1, {"batch_real": 256, "init": "noise", "real_precision": precision}, iterations, threads)
+def ours_dc(iterations: int, threads: int, precision: str, compile_real: str = "off") -> list[float]:
+    params = {"batch_real": 256, "init": "noise", "real_precision": precision, "compile_real": compile_real}
+    return _ours("dc", 1, params, iterations, threads)
 
 
-def ours_dm(iterations: int, threads: int, precision: str) -> list[float]:
-    params = {"batch_real": 256, "init": "real", "lr_img": 1.0, "dsa_strategy": DM_STRATEGY, "real_precision": precision}
+def ours_dm(iterations: int, threads: int, precision: str, compile_real: str = "off") -> list[float]:
+    params = {"batch_real": 256, "init": "real", "lr_img": 1.0, "dsa_strategy": DM_STRATEGY, "real_precision": precision,
+              "compile_real": compile_real}
     return _ours("dm", 10, params, iterations, threads)
 
 
@@ -181,17 +186,18 @@ def measure(fn: Callable, *args) -> tuple[list[float], float]:
 def part_dc(iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
     setting = "DC, MNIST, IPC 1, batch_real 256/class, ConvNet-3 IN"
     rows = [(setting, "reference-equivalent loop (fp32, per class)", *measure(reference_dc, iterations, threads))]
-    impl = "ours, real_precision fp32 (real side per class, synthetic side vmap)"
-    rows.append((setting, impl, *measure(ours_dc, iterations, threads, "fp32")))
-    rows.append((setting, "ours, real_precision auto = bf16 (default here)", *measure(ours_dc, iterations, threads, "auto")))
+    for precision, compile_real in (("fp32", "off"), ("fp32", "on"), ("auto", "off"), ("auto", "on")):
+        impl = f"ours, real_precision {precision}, compile_real {compile_real}"
+        rows.append((setting, impl, *measure(ours_dc, iterations, threads, precision, compile_real)))
     return rows
 
 
 def part_dm(iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
     setting = "DM, MNIST, IPC 10, batch_real 256/class, ConvNet-3 IN, DSA"
     rows = [(setting, "reference-equivalent loop (fp32, per class)", *measure(reference_dm, iterations, threads))]
-    rows.append((setting, "ours, real_precision fp32 (one forward)", *measure(ours_dm, iterations, threads, "fp32")))
-    rows.append((setting, "ours, real_precision auto = bf16 (default here)", *measure(ours_dm, iterations, threads, "auto")))
+    for precision, compile_real in (("fp32", "off"), ("fp32", "on"), ("auto", "off"), ("auto", "on")):
+        impl = f"ours, real_precision {precision}, compile_real {compile_real}"
+        rows.append((setting, impl, *measure(ours_dm, iterations, threads, precision, compile_real)))
     return rows
 
 
@@ -201,20 +207,28 @@ PARTS: dict[str, Callable[[int, int], list[tuple[str, str, list[float], float]]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
-    parser.add_argument("--iterations", type=int, default=3, help="iterations per implementation (median reported)")
+    parser.add_argument("--iterations", type=int, default=4,
+                        help="iterations per implementation; the first is reported apart (warm-up, compilation), "
+                             "the median of the others is the figure")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the reference timings used 2)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    print(f"device: CPU {os.cpu_count()} cores, {args.threads} torch threads; {args.iterations} iterations each\n")
-    print("| setting | implementation | s/iteration median | mean | peak RSS GiB | speed-up vs reference loop |")
+    if args.iterations < 2:
+        parser.error("--iterations must be >= 2 (the first one is warm-up)")
+    import torch
+
+    bf16 = "native bf16 kernels" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16 kernels"
+    print(f"device: CPU {os.cpu_count()} cores ({bf16}), {args.threads} torch threads; {args.iterations} iterations "
+          "each, first one (warm-up incl. compilation) reported apart\n")
+    print("| setting | implementation | first iteration s | s/iteration median (2nd..) | peak RSS GiB "
+          "| speed-up vs reference loop |")
     print("|---|---|---|---|---|---|")
     for name in args.parts.split(","):
         rows = PARTS[name.strip()](args.iterations, args.threads)
-        base = statistics.median(rows[0][2])
+        base = statistics.median(rows[0][2][1:])
         for setting, impl, times, rss in rows:
-            med = statistics.median(times)
-            print(f"| {setting} | {impl} | {med:.2f} | {statistics.fmean(times):.2f} | {rss:.2f} | {base / med:.2f}x |",
-                  flush=True)
+            med = statistics.median(times[1:])
+            print(f"| {setting} | {impl} | {times[0]:.2f} | {med:.2f} | {rss:.2f} | {base / med:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ and synthetic batch of each class.
 
 Speed: the synthetic gradients of all classes come from one torch.func ``vmap(grad(...))`` (second order
 through it); the real gradients (the expensive part: C x 256 images) run per class without a graph to the
-images and, by default on CPUs with native bfloat16, with bf16 convolutions (``real_precision``). The loss
+images and, by default on CPUs with native bfloat16, with bf16 convolutions (``real_precision``), through
+torch.compile for long runs (``compile_real``). The loss
 equals the reference's per-class loop (tests check it against :func:`matching_loss_naive`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -27,9 +29,12 @@ from distill.augment import diff_augment
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.common import (
+    COMPILE_REAL_HELP,
     REAL_PRECISION_HELP,
+    RealPass,
     RealPool,
     class_chunk_for,
+    compile_wanted,
     detached_params,
     draw_seed,
     fresh_network,
@@ -41,6 +46,7 @@ from pixelspace.common import (
     matching_result,
     per_class_gradients,
     real_autocast_dtype,
+    real_ce_pass,
     resolve_strategy,
 )
 
@@ -70,6 +76,8 @@ class GradientMatchingParams(MethodParams):
     real_strategy: Literal["loop", "vmap"] = Field(
         "loop", description="Real per-class gradients: a per-class loop (faster on CPU) or torch.func vmap.")
     real_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=REAL_PRECISION_HELP)
+    compile_real: Literal["auto", "on", "off"] = Field(
+        "auto", description=COMPILE_REAL_HELP + " Used with real_strategy loop.")
 
 
 class DSAParams(GradientMatchingParams):
@@ -98,11 +106,13 @@ def matching_loss_batched(
     real_chunk: int = 1024,
     real_dtype: torch.dtype | None = None,
     real_strategy: str = "loop",
+    real_loss: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum over classes of match_distance(grad syn_c, grad real_c); real: C x n x ..., syn: C x ipc x ...
 
     Differentiable w.r.t. ``syn``; the real gradients are computed without a graph (in ``real_dtype``
-    arithmetic when given, e.g. torch.bfloat16).
+    arithmetic when given, e.g. torch.bfloat16), through ``real_loss`` when given (a compiled
+    :class:`RealPass` over :func:`real_ce_pass`, loop strategy).
     """
     classes = real.shape[0]
     labels_real = torch.arange(classes, device=real.device).view(-1, 1).expand(-1, real.shape[1])
@@ -114,7 +124,8 @@ def matching_loss_batched(
         params = {k: v for k, v in params.items() if v.ndim > 1}
     with torch.no_grad():
         gw_real = per_class_gradients(net, params, real, labels_real, autocast_dtype=real_dtype, strategy=real_strategy,
-                                      class_chunk=class_chunk_for(real.shape[1], real_chunk), fixed=fixed)
+                                      class_chunk=class_chunk_for(real.shape[1], real_chunk), fixed=fixed,
+                                      real_loss=real_loss)
     gw_syn = per_class_gradients(net, params, syn, labels_syn, fixed=fixed)
     return match_distance(gw_syn, gw_real, metric, batch_dims=1).sum()
 
@@ -178,6 +189,11 @@ class DatasetCondensation(Method):
         image_syn, label_syn = init_synthetic(ctx, pool, params.init, generator)
         image_syn.requires_grad_(True)
         optimizer_img = image_optimizer(image_syn, params.lr_img)
+        real_loss = None
+        if params.real_strategy == "loop" and compile_wanted(params.compile_real, ctx.device, params.iterations):
+            template = fresh_network(params.model, ctx, seed=0)
+            template.train(not has_batchnorm(template))  # BN networks match in eval mode
+            real_loss = RealPass(real_ce_pass(template, real_dtype), compile=True, log=ctx.log)
         losses: list[float] = []
         for it in ctx.steps(params.iterations, "distill"):
             net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
@@ -194,7 +210,7 @@ class DatasetCondensation(Method):
                 syn = image_syn.view(ds.num_classes, ctx.ipc, *image_syn.shape[1:])
                 real, syn = _augment_classes(real, syn, strategy, generator)
                 loss = matching_loss_batched(net, real, syn, params.dis_metric, params.real_chunk, real_dtype,
-                                             params.real_strategy)
+                                             params.real_strategy, real_loss)
                 optimizer_img.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer_img.step()

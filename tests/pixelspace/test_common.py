@@ -11,13 +11,18 @@ from distill.errors import DistillError
 from distill.methods.base import RunContext
 from distill.nets import build_network
 from pixelspace.common import (
+    RealPass,
     RealPool,
+    compile_wanted,
     detached_params,
     get_loops,
     init_synthetic,
     match_distance,
+    network_state,
     per_class_gradients,
     real_autocast_dtype,
+    real_ce_pass,
+    real_embed_pass,
     to_pixel,
 )
 
@@ -113,3 +118,46 @@ def test_real_precision_choice():
     assert real_autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(DistillError):
         real_autocast_dtype("fp8", torch.device("cpu"))
+
+
+def test_compiled_real_passes_equal_eager_for_a_new_network_without_recompiling():
+    """One compile per run: a template's pass, fed another network's values, gives that network's outputs."""
+    torch._dynamo.reset()
+    template = build_network("convnet-w16", 1, 3, 28, seed=0)
+    net = build_network("convnet-w16", 1, 3, 28, seed=7)
+    x = torch.randn(2, 6, 1, 28, 28)
+    y = torch.arange(2).view(2, 1).expand(2, 6)
+    embed = RealPass(real_embed_pass(template, None), compile=True)
+    loss = RealPass(real_ce_pass(template, None), compile=True)
+    with torch.no_grad():
+        torch.testing.assert_close(embed(network_state(net), x[0]), net.embed(x[0]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(embed(network_state(template), x[0]), template.embed(x[0]), rtol=1e-4, atol=1e-5)
+        params = detached_params(net)
+        compiled = per_class_gradients(net, params, x, y, strategy="loop", real_loss=loss)
+        eager = per_class_gradients(net, params, x, y, strategy="loop")
+    assert embed.compiled is not None and loss.compiled is not None  # compiled, no eager fallback
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_real_pass_falls_back_to_eager_once_when_compilation_fails():
+    messages: list[str] = []
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x * 2
+
+    real_pass = RealPass(fn, compile=False, log=messages.append)
+    real_pass.compiled = lambda x: (_ for _ in ()).throw(RuntimeError("no C++ compiler"))
+    assert float(real_pass(torch.ones(()))) == 2.0 and real_pass.compiled is None
+    assert float(real_pass(torch.ones(()))) == 2.0 and len(messages) == 1 and "no C++ compiler" in messages[0]
+
+
+def test_compile_wanted_auto_only_for_long_cpu_runs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_wanted("auto", cpu, 1000) and not compile_wanted("auto", cpu, 10)
+    assert not compile_wanted("auto", cuda, 1000)
+    assert compile_wanted("on", cpu, 1) and not compile_wanted("off", cpu, 1000)
+    with pytest.raises(DistillError):
+        compile_wanted("sometimes", cpu, 10)
