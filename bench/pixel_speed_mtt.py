@@ -11,6 +11,8 @@ the per-iteration wall time, CPU time and the process's peak RSS, plus the RSS g
   real training split held as float tensors as ``distill.py`` does for ``pix_init real``.
 - ``ours-plain``: ``pixelspace.mtt.match_trajectory(memory_efficient=False)`` (one graph over the unroll).
 - ``ours-lean``: ``memory_efficient=True`` (adjoint sweep: one step's graph at a time).
+- ``ours-plain-auto`` / ``ours-lean-auto``: the same with ``student_precision=auto`` (the method's default:
+  bf16 student network on CPUs with native bf16 kernels, fp32 elsewhere); the two above are fp32.
 
     python bench/pixel_speed_mtt.py --iterations 3 --warmup 1 --repeats 1
 """
@@ -25,7 +27,7 @@ import statistics
 import time
 from datetime import date
 
-CONFIGS = ["reference", "ours-plain", "ours-lean"]
+CONFIGS = ["reference", "ours-plain", "ours-lean", "ours-plain-auto", "ours-lean-auto"]
 
 
 def _rss_gib() -> float:
@@ -46,7 +48,7 @@ def worker(config: str, args: dict, queue) -> None:  # runs in a fresh process
     from distill.methods.base import RunContext
     from distill.nets import build_network
     from pixelspace.experts import ExpertSettings, FlatModel, ensure_buffer
-    from pixelspace.mtt import make_plan, make_step_loss, match_trajectory
+    from pixelspace.mtt import make_plan, make_step_loss, match_trajectory, student_dtype
 
     torch.set_num_threads(args["threads"])
     ds = get_dataset("mnist")
@@ -109,8 +111,10 @@ def worker(config: str, args: dict, queue) -> None:  # runs in a fresh process
             start = buffer.snapshot(expert, start_epoch)
             target = buffer.snapshot(expert, start_epoch + expert_epochs)
             plan = make_plan(n, syn_steps, n, generator)
-            step_loss = make_step_loss(model, image_syn, label_syn, plan, strategy)
-            result = match_trajectory(step_loss, start, target, syn_lr, [image_syn], syn_steps, config == "ours-lean")
+            dtype = student_dtype("auto" if config.endswith("-auto") else "fp32", torch.device("cpu"))
+            step_loss = make_step_loss(model, image_syn, label_syn, plan, strategy, dtype=dtype)
+            result = match_trajectory(step_loss, start, target, syn_lr, [image_syn], syn_steps,
+                                      config.startswith("ours-lean"))
             for opt, tensor, grad in ((opt_img, image_syn, result.grads[0]), (opt_lr, syn_lr, result.grad_lr)):
                 tensor.grad = grad
                 opt.step()

@@ -39,6 +39,7 @@ from pixelspace.mtt import (
     make_step_loss,
     match_trajectory,
     resolve,
+    student_dtype,
 )
 
 # utils/cfg.py defaults and configs/*/ConvIN/IPC*.yaml (METHODS-PIXEL.md 4.2, 4.4).
@@ -211,6 +212,7 @@ class DifficultyAlignedTrajectoryMatching(Method):
 
         model = FlatModel(buffer.build_net(ctx.dataset).to(device))
         strategy = dsa_strategy(params, ctx.dataset.digits)
+        dtype = student_dtype(params.student_precision, device)
         batch_syn = resolved["batch_syn"] or len(images)
         syn_steps = resolved["syn_steps"]
         history: list[float] = []
@@ -225,7 +227,7 @@ class DifficultyAlignedTrajectoryMatching(Method):
             target = buffer.snapshot(expert, start_epoch + resolved["expert_epochs"]).to(device)
             plan = make_plan(len(images), syn_steps, batch_syn, generator)
             targets = label_syn if label_syn is not None else labels
-            step_loss = make_step_loss(model, images, targets, plan, strategy, soft=label_syn is not None)
+            step_loss = make_step_loss(model, images, targets, plan, strategy, soft=label_syn is not None, dtype=dtype)
             leaves = [images] + ([label_syn] if label_syn is not None else [])
             result = match_trajectory(step_loss, start, target, syn_lr, leaves, syn_steps, params.memory_efficient)
             if not math.isfinite(result.loss):

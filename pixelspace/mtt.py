@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from distill.augment import diff_augment, strategy_for
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from pixelspace.common import bf16_fast_on
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
 
 # DC-BENCH's "provided by the author" commands (METHODS-PIXEL.md 3.2): (dataset, ipc) ->
@@ -73,6 +74,11 @@ class TrajectoryParams(MethodParams):
                       "evaluation trains on mean/std-normalised pixels, so ZCA-space images would not transfer")
     memory_efficient: bool = Field(False, description="Constant-memory exact gradient (adjoint sweep, TESLA-style "
                                    "recomputation) instead of one graph over all syn_steps")
+    student_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Arithmetic of the student's forward/backward passes in the unroll: 'fp32' as the "
+        "reference; 'bf16' runs the network in bfloat16 while the parameter trajectory, the update and the "
+        "matching loss stay fp32 (2.6x faster on CPUs with AVX512-BF16; measured image-gradient change 2.6 %, "
+        "far below the change between two augmentation draws); 'auto' = bf16 on such CPUs, fp32 elsewhere")
     experts: int = Field(100, ge=1, description="Expert trajectories in the buffer (buffer.py --num_experts 100); "
                          "trained once under DISTILL_HOME/experts when missing")
     expert_train_epochs: int = Field(50, ge=1, description="Epochs per expert (buffer.py --train_epochs 50); "
@@ -120,11 +126,13 @@ StepLoss = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def make_step_loss(model: FlatModel, images: torch.Tensor, targets: torch.Tensor, plan: StepPlan, strategy: str,
-                   soft: bool = False) -> StepLoss:
+                   soft: bool = False, dtype: torch.dtype | None = None) -> StepLoss:
     """Student loss at step i with parameters theta: CE on the step's augmented synthetic batch.
 
     ``targets`` are hard labels, or (``soft``) learnable logits whose softmax is the target (DATM's
     SoftCrossEntropy). Augmentation is per sample (non-Siamese), reproducible from the step's seed.
+    ``dtype`` (e.g. torch.bfloat16): the network runs on ``theta`` and the batch cast to it; the cast is
+    differentiable, so gradients reach the fp32 theta and images, and the loss is computed in fp32.
     """
 
     def step_loss(theta: torch.Tensor, i: int) -> torch.Tensor:
@@ -132,7 +140,7 @@ def make_step_loss(model: FlatModel, images: torch.Tensor, targets: torch.Tensor
         x = images[idx]
         if strategy != "none":
             x = diff_augment(x, strategy, generator=torch.Generator().manual_seed(plan.aug_seeds[i]))
-        out = model(theta, x)
+        out = model(theta, x) if dtype is None else model(theta.to(dtype), x.to(dtype)).float()
         if soft:
             return -(F.softmax(targets[idx], dim=1) * F.log_softmax(out, dim=1)).sum(1).mean()
         return F.cross_entropy(out, targets[idx])
@@ -205,6 +213,17 @@ def match_trajectory(
 
 
 # ------------------------------------------------------------------------------------------------ shared run
+def student_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The student's network dtype: None (fp32) or torch.bfloat16 (see ``student_precision``)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if bf16_fast_on(device) else None
+    raise DistillError(f"unknown student_precision '{precision}' (use auto, fp32 or bf16)")
+
+
 def dsa_strategy(params: TrajectoryParams, digits: bool) -> str:
     return strategy_for(digits) if params.dsa_strategy == "auto" else params.dsa_strategy
 
@@ -299,6 +318,7 @@ class TrajectoryMatching(Method):
         net = buffer.build_net(ctx.dataset).to(device)
         model = FlatModel(net)
         strategy = dsa_strategy(params, ctx.dataset.digits)
+        dtype = student_dtype(params.student_precision, device)
         generator = ctx.generator(17)
         rng = np.random.default_rng(ctx.seed + 23)
 
@@ -326,7 +346,7 @@ class TrajectoryMatching(Method):
             start = buffer.snapshot(expert, start_epoch).to(device)
             target = buffer.snapshot(expert, start_epoch + resolved["expert_epochs"]).to(device)
             plan = make_plan(len(images), syn_steps, batch_syn, generator)
-            step_loss = make_step_loss(model, images, labels, plan, strategy)
+            step_loss = make_step_loss(model, images, labels, plan, strategy, dtype=dtype)
             result = match_trajectory(step_loss, start, target, syn_lr, [images], syn_steps, params.memory_efficient)
             if not math.isfinite(result.loss):
                 raise DistillError(f"MTT loss became {result.loss} at iteration {it}: lower lr_img or lr_lr")

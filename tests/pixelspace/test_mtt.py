@@ -14,7 +14,7 @@ from distill.methods.registry import get_method, parse_params
 from distill.nets import build_network
 from distill.runner import RunRequest, run_to_archive
 from pixelspace.experts import FlatModel
-from pixelspace.mtt import TrajectoryMatching, make_plan, make_step_loss, match_trajectory
+from pixelspace.mtt import TrajectoryMatching, make_plan, make_step_loss, match_trajectory, student_dtype
 
 TINY_RUN = dict(experts=2, expert_train_epochs=2, expert_model="convnet-w16", expert_epochs=1, max_start_epoch=1)
 
@@ -81,3 +81,41 @@ def test_defaults_follow_the_reference():
     assert (c10["syn_steps"], c10["max_start_epoch"], c10["lr_img"], c10["lr_lr"]) == (50, 2, 100.0, 1e-7)
     with pytest.raises(DistillError, match="zca"):
         TrajectoryMatching().run(RunContext(dataset=None, ipc=1), parse_params(cls, {"zca": True}))  # type: ignore[arg-type]
+
+
+def test_bf16_student_gradient_is_closer_to_fp32_than_another_augmentation_draw(mnist):
+    """student_precision=bf16 changes the matching gradient far less than the method's own sampling does."""
+    net = build_network("convnet-w16", 1, 10, 28, seed=0)
+    model = FlatModel(net)
+    real = mnist.normalize(mnist.train.load(np.arange(100, 164)).float() / 255)
+    real_labels = torch.from_numpy(mnist.train.labels[100:164])
+    start = model.flatten()
+    theta = start.clone()
+    for _ in range(5):  # a short real expert segment, so the target is a direction training actually takes
+        theta = theta.requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(theta, real), real_labels), theta)
+        theta = (theta - 0.05 * g).detach()
+    images = mnist.normalize(mnist.train.load(np.arange(20)).float() / 255).requires_grad_(True)
+    labels = torch.from_numpy(mnist.train.labels[:20])
+
+    def gradient(dtype, plan_seed):
+        plan = make_plan(20, 4, 10, torch.Generator().manual_seed(plan_seed))
+        step_loss = make_step_loss(model, images, labels, plan, "color_crop_cutout_scale_rotate", dtype=dtype)
+        return match_trajectory(step_loss, start, theta, torch.tensor(0.01, requires_grad=True), [images], 4, False)
+
+    fp32, bf16, other_draw = gradient(None, 0), gradient(torch.bfloat16, 0), gradient(None, 1)
+    assert bf16.grads[0].dtype == torch.float32
+    assert bf16.loss == pytest.approx(fp32.loss, rel=1e-2)
+    assert float(bf16.grad_lr) == pytest.approx(float(fp32.grad_lr), rel=3e-2)
+    cosine = torch.nn.functional.cosine_similarity
+    same_draw = float(cosine(bf16.grads[0].flatten(), fp32.grads[0].flatten(), dim=0))
+    new_draw = float(cosine(other_draw.grads[0].flatten(), fp32.grads[0].flatten(), dim=0))
+    assert same_draw > 0.98 and same_draw > new_draw
+
+
+def test_student_precision_choice():
+    cpu = torch.device("cpu")
+    assert student_dtype("fp32", cpu) is None and student_dtype("bf16", cpu) is torch.bfloat16
+    assert student_dtype("auto", torch.device("cuda")) is None
+    with pytest.raises(DistillError):
+        student_dtype("fp8", cpu)
