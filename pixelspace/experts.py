@@ -50,8 +50,9 @@ class FlatModel:
 
     def __init__(self, net: nn.Module, channels_last: bool = True):
         self.net = net
-        # NHWC inputs let oneDNN pick faster convolution kernels on CPU for the forward, backward and the
-        # double backward of the unroll (about 30-45 % less CPU time per MTT step measured here).
+        # NHWC inputs: oneDNN's channels-last kernels for the forward, backward and double backward of the
+        # unroll. Measured 30-45 % less CPU time per MTT step on one (loaded) host, neutral on a quiet
+        # AVX512 host in fp32 and about 5 % faster there with the bf16 student (docs/BENCHMARKS.md).
         self.channels_last = channels_last
         named = list(net.named_parameters())
         self.names = [n for n, _ in named]
