@@ -58,8 +58,9 @@ def expert_teacher(dataset: str, max_per_class: int) -> str:
     return str(path)
 
 
-def run_one(dataset: str, method: str, ipc: int, max_per_class: int, seed: int, config: EvalConfig) -> dict:
-    params = dict(BUDGETS[dataset][method])
+def run_one(dataset: str, method: str, ipc: int, max_per_class: int, seed: int, config: EvalConfig,
+            overrides: dict[str, str] | None = None) -> dict:
+    params = dict(BUDGETS[dataset][method]) | (overrides if method != "random" and overrides else {})
     if params.pop("teacher_from_buffer", False):
         params["teacher_weights"] = expert_teacher(dataset, max_per_class)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +76,7 @@ def run_one(dataset: str, method: str, ipc: int, max_per_class: int, seed: int, 
         "params": params, "distill_seconds": round(distill_s, 1), "accuracy_mean": round(res.accuracy_mean, 2),
         "accuracy_std": round(res.accuracy_std, 2), "accuracies": [round(a, 2) for a in res.accuracies],
         "eval_lr": res.lr, "eval_epochs": res.epochs, "eval_runs": res.runs, "test_images": res.test_images,
-        "soft_labels": distilled.soft_labels is not None,
+        "soft_labels": distilled.soft_labels is not None, "overrides": overrides or {},
         "loss_first": metrics.get("loss_first"), "loss_last": metrics.get("loss_last"),
         "date": str(date.today()), "device": f"CPU {torch.get_num_threads()} threads",
     }
@@ -85,11 +86,12 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest: dict[tuple, dict] = {}
     for row in rows:
-        latest[(row["dataset"], row["ipc"], row["method"])] = row
+        variant = ",".join(f"{k}={v}" for k, v in sorted(row.get("overrides", {}).items()))
+        latest[(row["dataset"], row["ipc"], row["method"], variant)] = row
     lines = ["| dataset | IPC | method | accuracy % (mean ± std) | runs | eval lr | distill time "
              "| matching loss first → last | budget |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (dataset, ipc, method), row in sorted(latest.items()):
+    for (dataset, ipc, method, _), row in sorted(latest.items()):
         loss = f"{row['loss_first']:.3f} → {row['loss_last']:.3f}" if row.get("loss_first") is not None else "–"
         budget = ", ".join(f"{k}={Path(v).name if k.endswith('weights') else v}" for k, v in row["params"].items()) or "–"
         lines.append(f"| {dataset} | {ipc} | {method} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | "
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter of every non-random method (e.g. student_precision=fp32)")
     args = parser.parse_args()
     if args.report:
         print(report(args.results))
@@ -118,8 +122,9 @@ def main() -> None:
         parser.error("--dataset is required unless --report")
     config = EvalConfig(protocol="dc", runs=args.runs, epochs=args.epochs, test_limit=args.test_limit, device="cpu")
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    overrides = dict(item.split("=", 1) for item in args.overrides)
     for method in args.methods:
-        row = run_one(args.dataset, method, args.ipc, args.max_per_class, args.seed, config)
+        row = run_one(args.dataset, method, args.ipc, args.max_per_class, args.seed, config, overrides)
         with args.results.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(f"{args.dataset} ipc {args.ipc} {method}: {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} "
