@@ -245,15 +245,20 @@ def bf16_fast_on(device: torch.device) -> bool:
         return False
 
 
-def real_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the real side: None (fp32) or torch.bfloat16."""
+def precision_dtype(precision: str, device: torch.device, parameter: str = "real_precision") -> torch.dtype | None:
+    """A precision setting ('fp32', 'bf16', or 'auto' = bf16 where native) as None (fp32) or torch.bfloat16."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto":
         return torch.bfloat16 if bf16_fast_on(device) else None
-    raise DistillError(f"unknown real_precision '{precision}' (use auto, fp32 or bf16)")
+    raise DistillError(f"unknown {parameter} '{precision}' (use auto, fp32 or bf16)")
+
+
+def real_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the real side (``real_precision``): None (fp32) or torch.bfloat16."""
+    return precision_dtype(precision, device, "real_precision")
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from distill.augment import diff_augment, strategy_for
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from pixelspace.common import bf16_fast_on
+from pixelspace.common import precision_dtype
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
 
 # DC-BENCH's "provided by the author" commands (METHODS-PIXEL.md 3.2): (dataset, ipc) ->
@@ -215,13 +215,7 @@ def match_trajectory(
 # ------------------------------------------------------------------------------------------------ shared run
 def student_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The student's network dtype: None (fp32) or torch.bfloat16 (see ``student_precision``)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto":
-        return torch.bfloat16 if bf16_fast_on(device) else None
-    raise DistillError(f"unknown student_precision '{precision}' (use auto, fp32 or bf16)")
+    return precision_dtype(precision, device, "student_precision")
 
 
 def dsa_strategy(params: TrajectoryParams, digits: bool) -> str:
