@@ -1,0 +1,77 @@
+"""Every pixel-space method end to end through the CLI: ``distill run`` then ``distill eval``, one dataset.
+
+The point is the path a user takes (CLI, archive on disk, evaluation of that archive), at small documented
+budgets that fit a CPU; accuracy against ``random`` at the same budget is printed beside it. Budgets are
+those of bench/pixel_accuracy.py and bench/pixel_accuracy_mtt.py (the papers' budgets need a GPU).
+
+    python bench/pixel_e2e.py --dataset fashion-mnist [--methods dd dc ...] [--ipc 1]
+
+Prints a markdown table: method, budget, distill seconds, accuracy (mean ± std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRAJECTORY = {"experts": 1, "expert_train_epochs": 4, "iterations": 20, "syn_steps": 6, "expert_epochs": 1,
+              "max_start_epoch": 4, "lr_img": 1000.0, "lr_lr": 1e-6}
+BUDGETS: dict[str, dict] = {
+    "random": {},
+    "dd": {"iterations": 30, "batch_real": 64, "lr": 0.05, "init": "real"},
+    "dc": {"iterations": 20, "batch_real": 32, "init": "real"},
+    "dsa": {"iterations": 20, "batch_real": 32},
+    "dm": {"iterations": 40, "batch_real": 32},
+    "mtt": TRAJECTORY,
+    "datm": TRAJECTORY | {"min_start_epoch": 0, "sequential_generation": False, "threshold": 1.0},
+    "dq": {"teacher_epochs": 2, "teacher_max_per_class": 300},
+}
+
+
+def distill_cli() -> list[str]:
+    return [sys.executable, "-m", "distill.cli"]
+
+
+def run_method(method: str, args: argparse.Namespace, folder: Path) -> tuple[float, dict]:
+    archive = folder / f"{method}.tar"
+    sets = [item for key, value in BUDGETS[method].items() for item in ("--set", f"{key}={value}")]
+    start = time.perf_counter()
+    subprocess.run([*distill_cli(), "run", method, "--dataset", args.dataset, "--ipc", str(args.ipc), "--out",
+                    str(archive), "--max-per-class", str(args.max_per_class), "--seed", str(args.seed), "--quiet",
+                    *sets], check=True)
+    seconds = time.perf_counter() - start
+    out = subprocess.run([*distill_cli(), "eval", str(archive), "--runs", str(args.runs), "--epochs", str(args.epochs),
+                          "--test-limit", str(args.test_limit), "--json"], check=True, capture_output=True, text=True)
+    return seconds, json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--methods", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    parser.add_argument("--ipc", type=int, default=1)
+    parser.add_argument("--max-per-class", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--test-limit", type=int, default=1000)
+    args = parser.parse_args()
+    print(f"{args.dataset}, IPC {args.ipc}, {args.max_per_class} training images per class seen; eval protocol dc, "
+          f"{args.epochs} epochs, {args.runs} runs, {args.test_limit} test images\n")
+    print("| method | budget (`--set`) | distill s | accuracy % (mean ± std) | eval lr |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            seconds, result = run_method(method, args, Path(tmp))
+            budget = ", ".join(f"{k}={v}" for k, v in BUDGETS[method].items()) or "-"
+            print(f"| {method} | {budget} | {seconds:.0f} | {result['accuracy_mean']:.2f} ± {result['accuracy_std']:.2f} "
+                  f"| {result['lr']:.4g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
