@@ -74,6 +74,7 @@ def worker(config: str, args: dict, queue) -> None:  # runs in a fresh process
     max_start = buffer.epochs - expert_epochs + 1
     generator = torch.Generator().manual_seed(0)
     model = FlatModel(build_network("convnet", 1, 10, 28, seed=0))
+    dtype = student_dtype("auto" if config.endswith("-auto") else "fp32", torch.device("cpu"))
     rss_setup = _rss_gib()
     walls, cpus, losses = [], [], []
     for _ in range(args["iterations"]):
@@ -111,7 +112,6 @@ def worker(config: str, args: dict, queue) -> None:  # runs in a fresh process
             start = buffer.snapshot(expert, start_epoch)
             target = buffer.snapshot(expert, start_epoch + expert_epochs)
             plan = make_plan(n, syn_steps, n, generator)
-            dtype = student_dtype("auto" if config.endswith("-auto") else "fp32", torch.device("cpu"))
             step_loss = make_step_loss(model, image_syn, label_syn, plan, strategy, dtype=dtype)
             result = match_trajectory(step_loss, start, target, syn_lr, [image_syn], syn_steps,
                                       config.startswith("ours-lean"))
