@@ -100,16 +100,21 @@ def report(path: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(BUDGETS))
-    parser.add_argument("--methods", nargs="+", default=["random", "mtt", "datm", "dq"])
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The small-budget run and evaluation settings these CPU benches share (bench/pixel_e2e.py too)."""
     parser.add_argument("--ipc", type=int, default=1)
     parser.add_argument("--max-per-class", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--test-limit", type=int, default=1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(BUDGETS))
+    parser.add_argument("--methods", nargs="+", default=["random", "mtt", "datm", "dq"])
+    add_budget_arguments(parser)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pixel_accuracy import budget as pixel_budget  # sibling bench scripts (bench/ is on sys.path)
 from pixel_accuracy_mtt import BUDGETS as TRAJECTORY_BUDGETS
+from pixel_accuracy_mtt import add_budget_arguments
 
 METHODS = ["random", "dd", "dc", "dsa", "dm", "mtt", "datm", "dq"]
 # DQ through the CLI trains (and caches) a small teacher for its features; pixel_accuracy_mtt.py instead
@@ -59,12 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--ipc", type=int, default=1)
-    parser.add_argument("--max-per-class", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--test-limit", type=int, default=1000)
+    add_budget_arguments(parser)
     args = parser.parse_args()
     print(f"{args.dataset}, IPC {args.ipc}, {args.max_per_class} training images per class seen; eval protocol dc, "
           f"{args.epochs} epochs, {args.runs} runs, {args.test_limit} test images\n")
