@@ -127,6 +127,8 @@ def main() -> None:
         parser.error("--dataset is required unless --report")
     config = EvalConfig(protocol="dc", runs=args.runs, epochs=args.epochs, test_limit=args.test_limit, device="cpu")
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if any("=" not in item for item in args.overrides):
+        parser.error("--set takes KEY=VALUE")
     overrides = dict(item.split("=", 1) for item in args.overrides)
     for method in args.methods:
         row = run_one(args.dataset, method, args.ipc, args.max_per_class, args.seed, config, overrides)
