@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,7 +19,9 @@ def owner_of(key: str) -> str:
     return "key_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def current_owner(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+def current_owner(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_OWNER

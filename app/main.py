@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app(settings)`` wires the job store, metrics, limits and routes.
 
-Run it with ``distill serve`` (API + local workers) or ``distill api`` (API only).
+Run it with ``distill serve`` (API + local workers) or ``distill api`` (API only), see :mod:`app.cli`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import ApiMetrics
 from app.routes import jobs, meta
-from app.settings import ServiceSettings, get_service_settings
+from app.settings import ApiSettings, get_api_settings
 from distill import __version__
 from distill.errors import DistillError
+from distill.methods.registry import available_methods
 from workers.jobs import JobStore
 from workers.logs import job_id_var
+from workers.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger("distill.api")
 
@@ -104,9 +106,20 @@ class Observe:
             job_id_var.reset(token)
 
 
-def create_app(settings: ServiceSettings | None = None, store: JobStore | None = None) -> FastAPI:
-    settings = settings or get_service_settings()
-    store = store or JobStore.from_settings(settings)  # migrates the schema
+def create_app(
+    settings: ApiSettings | None = None,
+    worker_settings: WorkerSettings | None = None,
+    store: JobStore | None = None,
+) -> FastAPI:
+    """The API over the job store of ``worker_settings`` (created and migrated unless ``store`` is given).
+
+    Every registered method is imported first: a method whose code cannot be imported stops the start with
+    an error naming what is missing (:class:`distill.errors.MethodUnavailable`), instead of a shorter list.
+    """
+    settings = settings or get_api_settings()
+    worker_settings = worker_settings or get_worker_settings()
+    available_methods()
+    store = store or JobStore.from_settings(worker_settings)  # migrates the schema
     metrics = ApiMetrics(store)
 
     @asynccontextmanager
@@ -123,11 +136,12 @@ def create_app(settings: ServiceSettings | None = None, store: JobStore | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.worker_settings = worker_settings
     app.state.store = store
     app.state.metrics = metrics
     app.include_router(jobs.router)
     app.include_router(meta.router)
-    route_table = [(route.path_regex, set(route.methods)) for router in (jobs.router, meta.router)
+    route_table = [(route.path_regex, set(route.methods or ())) for router in (jobs.router, meta.router)
                    for route in router.routes if isinstance(route, APIRoute)]
 
     app.add_middleware(Observe, metrics=metrics)

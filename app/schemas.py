@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
+from pydantic.json_schema import JsonDict
 
 from distill.data.registry import DATASETS
+from distill.methods.registry import METHODS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # registered names only, never paths
+
+
+def _enum_of(registry: dict[str, Any]) -> Callable[[JsonDict], None]:
+    """The names registered when the schema is generated (plugins may add methods after this module loads)."""
+
+    def extra(schema: JsonDict) -> None:
+        schema["enum"] = list(registry)
+
+    return extra
 
 
 class JobCreate(BaseModel):
@@ -20,8 +31,9 @@ class JobCreate(BaseModel):
         "examples": [{"dataset": "mnist", "method": "random", "ipc": 10, "params": {}, "seed": 0}]
     })
 
-    dataset: DatasetName = Field(description="a dataset registered on the server (GET /datasets)")
-    method: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$",
+    dataset: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(DATASETS),
+                         description="a dataset registered on the server (GET /datasets); names only, never paths")
+    method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(METHODS),
                         description="a registered method (GET /methods)")
     ipc: StrictInt = Field(ge=1, le=10_000, description="images per class; at most the smallest class size")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (GET /methods schema)")

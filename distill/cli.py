@@ -1,16 +1,17 @@
 """The ``distill`` command line: run methods, evaluate archives, list datasets and methods.
 
-Sub-commands of other packages (``distill prior``, ``distill experts``, ``distill serve``/``worker``) are
-added by each package's ``cli.register(app)``.
+Sub-commands of other packages (``distill prior``, ``distill experts``, ``distill serve``/``api``/``worker``)
+are ``distill.commands`` entry points (pyproject.toml): functions ``register(app)`` found at start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill imag
 
 
 @contextlib.contextmanager
-def user_errors():
+def user_errors() -> Iterator[None]:
     """Turn user-facing errors into one line on stderr and exit status 2."""
     try:
         yield
@@ -172,7 +173,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the methods with their parameters and defaults."""
     from distill.methods.registry import available_methods
 
-    found = available_methods()
+    with user_errors():
+        found = available_methods()
     if as_json:
         typer.echo(json.dumps({name: {"summary": m.summary, "family": m.family,
                                       "params": m.Params.model_json_schema()} for name, m in found.items()}))
@@ -196,19 +198,32 @@ def verify(archive: Annotated[Path, typer.Argument(help="archive to check")]) ->
                    f"seed {m['seed']}, code {m['code_version']}")
 
 
-for _module in ("quantize.cli", "pixelspace.cli", "workers.cli"):
-    try:
-        importlib.import_module(_module).register(app)
-    except ModuleNotFoundError as _exc:  # a package still under construction contributes no commands
-        if _exc.name is None or not _module.startswith(_exc.name):
-            raise
-    except AttributeError:
-        pass
+COMMANDS_GROUP = "distill.commands"
+
+
+def register_commands(cli: typer.Typer) -> list[str]:
+    """Add the sub-commands other packages declare as ``distill.commands`` entry points (pyproject.toml), so
+    this core module never names them. One that fails to load is reported on stderr (one line naming the
+    module and the exception) and the others still work. Returns the failures' messages."""
+    failures = []
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            entry.load()(cli)
+        except Exception as exc:
+            detail = " ".join(str(exc).split())
+            message = f"error: cannot load the '{entry.name}' commands from {entry.value} ({type(exc).__name__}: {detail})"
+            typer.echo(message, err=True)
+            failures.append(message)
+    return failures
 
 
 def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m distill.cli`: run the importable module, so commands register once
+    from distill.cli import main as _main
+
+    _main()
+else:
+    register_commands(app)

@@ -30,12 +30,11 @@ def _config_file() -> Path | None:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
 
-    data_dir: Path | None = Field(None, description="Folder holding one sub-folder per dataset (mnist/, cifar10/ ...)")
-    weights_dir: Path | None = Field(None, description="Folder holding pretrained weights (taef2/, sd-vae/ ...)")
-    home: Path = Field(Path("~/.distillery"), description="State: database, artifacts, caches")
-    fashion_mnist_dir: Path = Field(Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home")
-    num_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+    data_dir: Path | None = Field(default=None, description="Folder holding one sub-folder per dataset (mnist/, cifar10/ ...)")
+    weights_dir: Path | None = Field(default=None, description="Folder holding pretrained weights (taef2/, sd-vae/ ...)")
+    home: Path = Field(default=Path("~/.distillery"), description="State: database, artifacts, caches")
+    fashion_mnist_dir: Path = Field(default=Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
+    num_threads: int | None = Field(default=None, description="torch CPU threads; default: all cores")
 
     @classmethod
     def settings_customise_sources(

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from distill.archive import build_manifest, write_archive
-from distill.data.registry import check_ipc, get_dataset
-from distill.errors import DistillError
-from distill.methods.base import CheckpointStore, DistilledSet, ProgressSink, RunContext
-from distill.methods.registry import get_method, parse_params
+from distill.data.registry import DATASETS, Dataset, check_ipc, get_dataset, ipc_problems, smallest_class, unknown_dataset
+from distill.errors import DistillError, InvalidRequest, Problem, problem
+from distill.methods.base import CheckpointStore, DistilledSet, Method, MethodParams, ProgressSink, RunContext
+from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
 
 
 @dataclass
@@ -60,12 +60,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate_request(request: RunRequest):
-    """Check everything that can be checked before any work: method, params, dataset, ipc."""
-    method_cls = get_method(request.method)
-    params = parse_params(method_cls, request.params)
+def check_request(
+    request: RunRequest, *, max_ipc: int | None = None, paths: bool = True
+) -> tuple[type[Method], MethodParams]:
+    """Everything that can be checked before any work, without decoding a registered dataset: method,
+    parameters, dataset name, ``max_per_class`` and ipc (against ``max_ipc`` and the smallest class).
+    ``paths=False`` (the HTTP API) accepts registered dataset names only, never ``imagefolder:PATH``.
+
+    Raises :class:`InvalidRequest` listing every problem found; the CLI prints it as one line, the API as
+    422 field errors. A method whose code cannot be imported raises :class:`MethodUnavailable`.
+    """
+    problems: list[Problem] = []
+    method_cls: type[Method] | None = None
+    params: MethodParams | None = None
+    if request.method in METHODS:
+        method_cls = get_method(request.method)
+        params, found = param_problems(method_cls, request.params)
+        problems += found
+    else:
+        problems.append(unknown_method(request.method))
     if request.max_per_class is not None and request.max_per_class < 1:
-        raise DistillError("--max-per-class must be >= 1")
+        problems.append(problem(["max_per_class"], f"max_per_class must be >= 1 (got {request.max_per_class})",
+                                "greater_than_equal"))
+    known_dataset = request.dataset in DATASETS or (paths and request.dataset.startswith("imagefolder:"))
+    if not known_dataset:
+        problems.append(unknown_dataset(request.dataset, paths))
+    if max_ipc is not None and request.ipc > max_ipc:
+        problems.append(problem(["ipc"], f"ipc must be <= {max_ipc} on this server", "less_than_equal"))
+    elif request.ipc < 1:
+        problems.append(problem(["ipc"], f"ipc must be >= 1 (got {request.ipc})", "greater_than_equal"))
+    elif request.dataset in DATASETS or (known_dataset and not problems):  # imagefolder:PATH is read: only if needed
+        try:
+            smallest = smallest_class(request.dataset)
+        except DistillError as exc:
+            problems.append(problem(["dataset"], str(exc), "value_error.dataset_unavailable"))
+        else:
+            problems += ipc_problems(request.dataset, smallest, request.ipc, request.max_per_class)
+    if problems:
+        raise InvalidRequest(problems)
+    assert method_cls is not None and params is not None
+    return method_cls, params
+
+
+def validate_request(request: RunRequest) -> tuple[type[Method], MethodParams, Dataset]:
+    """:func:`check_request`, then load the dataset and check ipc against its real class sizes."""
+    method_cls, params = check_request(request)
     dataset = get_dataset(request.dataset)
     check_ipc(dataset, request.ipc, request.max_per_class)
     return method_cls, params, dataset

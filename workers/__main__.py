@@ -1,4 +1,4 @@
-"""``python -m workers serve|api|worker|migrate-db`` (the same commands as ``distill ...``)."""
+"""``python -m workers worker|migrate-db`` (the same commands as ``distill worker|migrate-db``)."""
 
 from workers.cli import main
 

@@ -11,10 +11,11 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,7 +32,7 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API objects
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # DB-API objects
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -40,7 +41,7 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(connection) -> None:  # noqa: ANN001
+        def _sqlite_begin(connection: Connection) -> None:
             # Writers take the write lock at BEGIN (``sqlite_immediate``), so a read-then-write transaction
             # waits on busy_timeout instead of failing midway; readers stay concurrent under WAL.
             immediate = connection.get_execution_options().get("sqlite_immediate", False)
@@ -60,7 +61,7 @@ def _disable_pysqlite_autobegin(engine: Engine) -> None:
     """pysqlite opens transactions lazily on its own; turn that off so our BEGIN IMMEDIATE is the one."""
 
     @event.listens_for(engine, "connect")
-    def _no_autobegin(dbapi_connection, _record) -> None:  # noqa: ANN001
+    def _no_autobegin(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
 
 

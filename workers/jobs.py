@@ -1,4 +1,5 @@
-"""Business logic of the job store: plain functions over SQLAlchemy, shared by the API and the workers.
+"""The job store: :class:`JobStore` over SQLAlchemy sessions, used by the API (submit, list, cancel) and by the
+workers (claim, heartbeat, finish, sweep), in the API process as much as in each worker process.
 
 The database row is the single source of truth for a job. Workers hold a *lease* on a running job
 (``worker_id`` + ``attempts``) that they renew by heartbeating; a job whose lease has expired is taken back
@@ -14,14 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, case, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, Engine, Update, and_, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from workers.db import is_postgres, make_engine, make_sessionmaker, migrate
 from workers.models import TERMINAL, Job, JobEvent, utcnow
+from workers.settings import WorkerSettings
 
 
 class JobNotFound(LookupError):
@@ -51,6 +53,11 @@ class HeartbeatResult:
     cancel_requested: bool
 
 
+def _updated(session: Session, statement: Update) -> int:
+    """Run an UPDATE and return how many rows it changed."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
 
@@ -73,7 +80,7 @@ def job_request(job: Job) -> dict[str, Any]:
 
 
 class JobStore:
-    """The jobs and job_events tables behind a small API. Thread-safe; one per process."""
+    """The jobs and job_events tables behind a small API. Thread-safe: a process shares one between threads."""
 
     def __init__(self, engine: Engine, *, max_attempts: int = 3, lease_seconds: float = 60.0):
         self.engine = engine
@@ -85,7 +92,7 @@ class JobStore:
         self.postgres = is_postgres(engine)
 
     @classmethod
-    def from_settings(cls, settings: Any, *, migrate_schema: bool = True) -> JobStore:
+    def from_settings(cls, settings: WorkerSettings, *, migrate_schema: bool = True) -> JobStore:
         engine = make_engine(settings.resolved_database_url, settings.db_schema)
         if migrate_schema:
             migrate(engine, settings.db_schema)
@@ -190,19 +197,21 @@ class JobStore:
         job = self.get_job(job_id, owner)
         with self.write() as session:
             now = utcnow()
-            done = session.execute(
+            done = _updated(
+                session,
                 update(Job).where(Job.id == job.id, Job.status == "queued")
                 .values(status="cancelled", finished_at=now, cancel_requested_at=now,
                         error_code="cancelled", error_message="cancelled before it started")
-            ).rowcount
+            )
             if done:
                 session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage,
                                      message="cancelled while queued", progress=job.progress))
             else:
-                requested = session.execute(
+                requested = _updated(
+                    session,
                     update(Job).where(Job.id == job.id, Job.status == "running", Job.cancel_requested_at.is_(None))
                     .values(cancel_requested_at=now)
-                ).rowcount
+                )
                 if requested:
                     session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage,
                                          message="cancel requested", progress=job.progress))
@@ -265,7 +274,7 @@ class JobStore:
         job = self.get_job(job_id)
         return job, Lease(job_id, worker_id, attempt)
 
-    def _held(self, lease: Lease):
+    def _held(self, lease: Lease) -> ColumnElement[bool]:
         return and_(Job.id == lease.job_id, Job.worker_id == lease.worker_id, Job.attempts == lease.attempt,
                     Job.status == "running")
 
@@ -276,7 +285,7 @@ class JobStore:
         if progress is not None:
             values["progress"] = progress
         with self.write() as session:
-            held = session.execute(update(Job).where(self._held(lease)).values(**values)).rowcount
+            held = _updated(session, update(Job).where(self._held(lease)).values(**values))
             cancel = session.scalar(select(Job.cancel_requested_at).where(Job.id == lease.job_id))
         return HeartbeatResult(held=bool(held), cancel_requested=cancel is not None)
 
@@ -301,7 +310,7 @@ class JobStore:
             values["timings"] = timings
         with self.write() as session:
             now = values["finished_at"] = values["heartbeat_at"] = utcnow()
-            done = session.execute(update(Job).where(self._held(lease)).values(**values)).rowcount
+            done = _updated(session, update(Job).where(self._held(lease)).values(**values))
             if done:
                 message = status if error is None else f"{status}: {error[1]}"
                 session.add(JobEvent(job_id=lease.job_id, created_at=now, level="error" if status == "failed" else "info",
@@ -340,10 +349,11 @@ class JobStore:
         """Hand a running job back to the queue (graceful worker shutdown); the attempt is not counted."""
         with self.write() as session:
             now = utcnow()
-            done = session.execute(
+            done = _updated(
+                session,
                 update(Job).where(self._held(lease))
                 .values(status="queued", worker_id=None, heartbeat_at=None, attempts=Job.attempts - 1)
-            ).rowcount
+            )
             if done:
                 session.add(JobEvent(job_id=lease.job_id, created_at=now, level="warn", message=reason))
         return bool(done)
@@ -359,12 +369,6 @@ class JobStore:
         with self.read() as session:
             return list(session.scalars(select(Job).where(Job.status == "running",
                                                           Job.worker_id.startswith(worker_prefix))))
-
-
-def store_from_env(migrate_schema: bool = True) -> JobStore:
-    from app.settings import get_service_settings
-
-    return JobStore.from_settings(get_service_settings(), migrate_schema=migrate_schema)
 
 
 def make_store(url: str, schema: str | None = None, **kwargs: Any) -> JobStore:

@@ -21,6 +21,7 @@ from typing import Any
 
 from workers.jobs import JobStore, Lease
 from workers.logs import worker_id_var
+from workers.settings import WorkerSettings
 
 log = logging.getLogger("distill.worker")
 
@@ -30,7 +31,7 @@ def new_worker_id(tag: str = "cpu") -> str:
 
 
 def run_worker(
-    settings: Any,
+    settings: WorkerSettings,
     *,
     worker_id: str | None = None,
     stop: threading.Event | None = None,
@@ -43,8 +44,8 @@ def run_worker(
     worker_id = worker_id or new_worker_id()
     worker_id_var.set(worker_id)
     store = JobStore.from_settings(settings)
-    import distill.runner  # noqa: F401 - import torch and the methods before claiming, not while holding a lease
-    from workers.runner import execute_job
+    # Import torch and the job code before claiming, not while holding a lease.
+    from workers.execution import execute_job
 
     log.info("worker started", extra={"database": store.engine.url.render_as_string(hide_password=True)})
     ran = 0
@@ -119,7 +120,8 @@ class Supervisor:
     and restarted, and the job is recorded as cancelled.
     """
 
-    def __init__(self, settings: Any, count: int, gpus: list[int] | None = None, extra_args: list[str] | None = None):
+    def __init__(self, settings: WorkerSettings, count: int, gpus: list[int] | None = None,
+                 extra_args: list[str] | None = None):
         self.settings = settings
         self.children = [_Child(i, gpus[i] if gpus else None) for i in range(count)]
         self.extra_args = extra_args or []

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from workers.jobs import JobStore, Lease
+from workers.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger("distill.worker.ray")
 
@@ -34,7 +35,7 @@ class RayExecutor:
         self.default_num_gpus = default_num_gpus
         self.max_retries = max_retries
 
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], num_gpus: float | None = None,
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], *, num_gpus: float | None = None,
             num_cpus: float = 1.0) -> list[Any]:
         import ray
 
@@ -50,12 +51,11 @@ class RayExecutor:
 
 def _job_task(job_id: str, lease: tuple[str, str, int], gpus_per_task: float) -> str:
     """Body of the Ray task that runs one job (inside a Ray worker process)."""
-    from app.settings import get_service_settings
+    from workers.execution import execute_job
     from workers.logs import configure_logging, worker_id_var
-    from workers.runner import execute_job
 
     configure_logging()
-    settings = get_service_settings()
+    settings = get_worker_settings()
     settings.load_plugins()
     worker_id_var.set(lease[1])
     store = JobStore.from_settings(settings, migrate_schema=False)
@@ -90,7 +90,7 @@ def _enforce_cancel(store: JobStore, inflight: dict[Any, Lease], grace_seconds: 
 
 
 def run_ray_worker(
-    settings: Any,
+    settings: WorkerSettings,
     *,
     address: str | None,
     worker_id: str,

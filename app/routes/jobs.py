@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi import Path as PathParam
@@ -14,19 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
 from app import schemas
-from app.auth import current_owner
-from app.deps import get_metrics, get_settings, get_store
-from app.metrics import ApiMetrics
-from app.settings import ServiceSettings
+from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
+from app.validation import checked_job_request
+from distill.files import atomic_write_bytes
 from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
 from workers.models import Job
-from workers.validation import RequestProblems, validate_job_request
 
 router = APIRouter(tags=["jobs"])
 
 JobId = Annotated[str, PathParam(min_length=1, max_length=40, description="job id (job_...)")]
-NOT_FOUND = {404: {"model": schemas.Problem, "description": "no such job for this API key"}}
-UNAUTHORIZED = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
+Responses = dict[int | str, dict[str, Any]]
+NOT_FOUND: Responses = {404: {"model": schemas.Problem, "description": "no such job for this API key"}}
+UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
 
 
 def to_schema(job: Job) -> schemas.Job:
@@ -36,7 +34,7 @@ def to_schema(job: Job) -> schemas.Job:
                                     sha256=job.artifact_sha256, preview_url=f"/jobs/{job.id}/preview.png")
     error = schemas.JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return schemas.Job(
-        id=job.id, status=job.status, stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
+        id=job.id, status=cast(schemas.JobStatus, job.status), stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         cancel_requested=job.cancel_requested_at is not None, request=schemas.JobRequest(**job_request(job)),
         error=error, artifact=artifact,
@@ -59,18 +57,17 @@ def _find(store: JobStore, job_id: str, owner: str) -> Job:
 def create_job(
     body: schemas.JobCreate,
     response: Response,
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
-    settings: ServiceSettings = Depends(get_settings),
-    metrics: ApiMetrics = Depends(get_metrics),
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255,
-                                         description="retry-safe submission: same key and body -> same job"),
+    owner: OwnerDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=255,
+        description="retry-safe submission: same key and body -> same job")] = None,
 ) -> schemas.Job:
+    request = checked_job_request(body, settings.max_ipc)
     try:
-        request = validate_job_request(body.model_dump(), settings.max_ipc)
         job, replayed = store.create_job(owner, request, idempotency_key)
-    except RequestProblems as exc:
-        raise RequestValidationError(exc.errors) from None
     except IdempotencyConflict as exc:
         raise RequestValidationError([{"loc": ["header", "Idempotency-Key"], "msg": str(exc),
                                        "type": "value_error.idempotency_conflict"}]) from None
@@ -84,11 +81,12 @@ def create_job(
 
 @router.get("/jobs", response_model=schemas.JobList, responses=UNAUTHORIZED, summary="List jobs, newest first")
 def list_jobs(
-    status: schemas.JobStatus | None = Query(None, description="only jobs in this status"),
-    limit: int = Query(20, ge=1, le=100),
-    after: str | None = Query(None, min_length=1, max_length=40, description="id of the last job of the previous page"),
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
+    owner: OwnerDep,
+    store: StoreDep,
+    status: Annotated[schemas.JobStatus | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(min_length=1, max_length=40,
+                                       description="id of the last job of the previous page")] = None,
 ) -> schemas.JobList:
     try:
         jobs, has_more = store.list_jobs(owner, status=status, limit=limit, after=after)
@@ -99,7 +97,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, responses={**UNAUTHORIZED, **NOT_FOUND})
-def get_job(job_id: JobId, owner: str = Depends(current_owner), store: JobStore = Depends(get_store)) -> schemas.Job:
+def get_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
     return to_schema(_find(store, job_id, owner))
 
 
@@ -108,7 +106,7 @@ def get_job(job_id: JobId, owner: str = Depends(current_owner), store: JobStore 
     responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "job already finished"}},
     summary="Cancel a queued or running job (a running job stops at its next check)",
 )
-def cancel_job(job_id: JobId, owner: str = Depends(current_owner), store: JobStore = Depends(get_store)) -> schemas.Job:
+def cancel_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
     try:
         return to_schema(store.cancel_job(job_id, owner))
     except JobNotFound:
@@ -120,43 +118,40 @@ def cancel_job(job_id: JobId, owner: str = Depends(current_owner), store: JobSto
 @router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND})
 def list_events(
     job_id: JobId,
-    after: int | None = Query(None, ge=0, le=2**62, description="id of the last event already seen"),
-    limit: int = Query(100, ge=1, le=1000),
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
+    owner: OwnerDep,
+    store: StoreDep,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="id of the last event already seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.JobEventList:
     try:
         events, has_more = store.list_events(job_id, owner, after=after, limit=limit)
     except JobNotFound:
         raise HTTPException(404, f"no job {job_id}") from None
     return schemas.JobEventList(
-        data=[schemas.JobEvent(id=e.id, created_at=e.created_at, level=e.level, stage=e.stage, message=e.message,
-                               progress=e.progress) for e in events],
+        data=[schemas.JobEvent.model_validate(e, from_attributes=True) for e in events],
         has_more=has_more,
     )
 
 
-ARTIFACT_RESPONSES = {
+ARTIFACT_RESPONSES: Responses = {
     **UNAUTHORIZED, **NOT_FOUND,
     409: {"model": schemas.Problem, "description": "the job has not succeeded (yet)"},
     410: {"model": schemas.Problem, "description": "the archive was removed from storage"},
 }
 
 
-def finished_archive(
-    job_id: JobId,
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
-    settings: ServiceSettings = Depends(get_settings),
-) -> tuple[Job, Path]:
+def finished_archive(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> tuple[Job, Path]:
     """Dependency of the download routes: the caller's succeeded job and its archive on disk (409/410 otherwise)."""
     job = _find(store, job_id, owner)
     if job.status != "succeeded" or not job.artifact_path:
         raise HTTPException(409, f"job is {job.status}: no archive")
-    path = settings.artifacts_dir / Path(job.artifact_path).name
+    path = settings.artifact_path(job.artifact_path)
     if not path.is_file():
         raise HTTPException(410, "the archive is no longer in storage")
     return job, path
+
+
+ArchiveDep = Annotated[tuple[Job, Path], Depends(finished_archive)]
 
 
 @router.get(
@@ -168,7 +163,7 @@ def finished_archive(
     },
     summary="Download the distilled-set archive",
 )
-def download_artifact(found: tuple[Job, Path] = Depends(finished_archive)) -> FileResponse:
+def download_artifact(found: ArchiveDep) -> FileResponse:
     job, path = found
     sha = job.artifact_sha256 or ""
     digest = base64.b64encode(bytes.fromhex(sha)).decode()
@@ -186,11 +181,11 @@ def download_artifact(found: tuple[Job, Path] = Depends(finished_archive)) -> Fi
     responses={200: {"content": {"image/png": {}}, "description": "one row per class"}, **ARTIFACT_RESPONSES},
     summary="A PNG grid of the distilled images, one row per class",
 )
-def preview(found: tuple[Job, Path] = Depends(finished_archive)) -> Response:
+def preview(found: ArchiveDep) -> Response:
     job, path = found
     cached = path.with_name(f"{job.id}.preview.png")
     if not cached.exists():
-        _write_atomic(cached, render_preview(path))
+        atomic_write_bytes(cached, render_preview(path))
     return Response(cached.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -206,8 +201,3 @@ def render_preview(archive: Path) -> bytes:
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
-from app.deps import get_metrics, get_store
-from app.metrics import ApiMetrics
+from app.deps import MetricsDep, StoreDep
 from distill import __version__
-from workers.jobs import JobStore
 
 router = APIRouter()
 
@@ -45,7 +43,7 @@ def list_methods() -> list[schemas.MethodInfo]:
 
 @router.get("/healthz", response_model=schemas.Health, tags=["operations"],
             responses={503: {"model": schemas.Health, "description": "the job store is unreachable"}})
-def healthz(store: JobStore = Depends(get_store)) -> schemas.Health | JSONResponse:
+def healthz(store: StoreDep) -> schemas.Health | JSONResponse:
     try:
         counts = store.counts_by_status()
     except Exception:
@@ -57,5 +55,5 @@ def healthz(store: JobStore = Depends(get_store)) -> schemas.Health | JSONRespon
 
 @router.get("/metrics", response_class=Response, tags=["operations"],
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
-def metrics(metrics: ApiMetrics = Depends(get_metrics)) -> Response:
+def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

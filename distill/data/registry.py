@@ -17,7 +17,7 @@ import torch
 
 from distill.config import get_settings
 from distill.data import readers
-from distill.errors import DistillError
+from distill.errors import DistillError, InvalidRequest, Problem, problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -359,19 +359,41 @@ def get_dataset(name: str) -> Dataset:
         path = Path(name.split(":", 1)[1]).expanduser()
         return _imagefolder_dataset(name, path)
     if name not in DATASETS:
-        raise DistillError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)} or imagefolder:PATH")
+        raise InvalidRequest([unknown_dataset(name)])
     return DATASETS[name].loader()
 
 
-def check_ipc(dataset: Dataset, ipc: int, max_per_class: int | None = None) -> None:
-    """IPC must be >= 1 and no larger than the smallest class (after --max-per-class)."""
+def unknown_dataset(name: str, paths: bool = True) -> Problem:
+    known = ", ".join(DATASETS) + (" or imagefolder:PATH" if paths else "")
+    return problem(["dataset"], f"unknown dataset '{name}'; known: {known}", "value_error.unknown_dataset")
+
+
+def smallest_class(name: str) -> int:
+    """Training images in the smallest class of a dataset, without decoding it when the registry knows the
+    standard release (a check before queueing a job); other datasets (``imagefolder:PATH``) are loaded and
+    counted. The run itself checks the loaded data again (:func:`check_ipc`)."""
+    spec = DATASETS.get(name)
+    if spec is not None and spec.smallest_class is not None:
+        return spec.smallest_class
+    dataset = get_dataset(name)
+    return int(dataset.train.counts(dataset.num_classes).min())
+
+
+def ipc_problems(dataset: str, smallest: int, ipc: int, max_per_class: int | None = None) -> list[Problem]:
+    """IPC must be >= 1 and no larger than the smallest class (after ``max_per_class``)."""
     if ipc < 1:
-        raise DistillError(f"ipc must be >= 1 (got {ipc})")
+        return [problem(["ipc"], f"ipc must be >= 1 (got {ipc})", "greater_than_equal")]
+    capped = smallest if max_per_class is None else min(smallest, max_per_class)
+    if ipc > capped:
+        with_cap = " with max_per_class" if max_per_class is not None and max_per_class < smallest else ""
+        return [problem(["ipc"], f"ipc {ipc} is larger than the smallest class of {dataset} "
+                                 f"({capped} training images{with_cap})", "value_error.ipc_too_large")]
+    return []
+
+
+def check_ipc(dataset: Dataset, ipc: int, max_per_class: int | None = None) -> None:
+    """:func:`ipc_problems` on loaded data; raises :class:`InvalidRequest`."""
     counts = dataset.train.counts(dataset.num_classes)
-    smallest = int(counts.min())
-    if max_per_class is not None:
-        smallest = min(smallest, max_per_class)
-    if ipc > smallest:
-        raise DistillError(
-            f"ipc {ipc} is larger than the smallest class of {dataset.name} ({smallest} training images)"
-        )
+    problems = ipc_problems(dataset.name, int(counts.min()), ipc, max_per_class)
+    if problems:
+        raise InvalidRequest(problems)

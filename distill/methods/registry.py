@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from distill.errors import DistillError
+from distill.errors import InvalidRequest, MethodUnavailable, Problem, problem
 from distill.methods.base import Method, MethodParams
 
 # name -> "module:Class". Each class declares its Params (defaults from its paper) and run(ctx, params).
@@ -28,38 +28,55 @@ METHODS: dict[str, str] = {
 
 
 def available_methods() -> dict[str, type[Method]]:
-    """Every method whose module imports (a method under construction is simply not listed)."""
-    found = {}
-    for name in METHODS:
-        try:
-            found[name] = get_method(name)
-        except (ImportError, AttributeError):
-            continue
-    return found
+    """Every registered method. One that cannot be imported is an error naming what is missing, never a
+    silently shorter list."""
+    return {name: get_method(name) for name in METHODS}
+
+
+def unknown_method(name: str) -> Problem:
+    return problem(["method"], f"unknown method '{name}'; known: {', '.join(METHODS)}", "value_error.unknown_method")
 
 
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
-        raise DistillError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+        raise InvalidRequest([unknown_method(name)])
     module_name, class_name = METHODS[name].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, class_name)
-
-
-def parse_params(method: type[Method], values: dict[str, Any]) -> MethodParams:
-    """Validate parameters against the method's model; one clear line per problem."""
     try:
-        return method.Params.model_validate(values)
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or module_name
+        raise MethodUnavailable(f"method '{name}' needs {missing}: {type(exc).__name__}: {exc}") from exc
+    try:
+        method: type[Method] = getattr(module, class_name)
+    except AttributeError as exc:
+        raise MethodUnavailable(f"method '{name}': {module_name} has no class {class_name}") from exc
+    return method
+
+
+def param_problems(method: type[Method], values: dict[str, Any]) -> tuple[MethodParams | None, list[Problem]]:
+    """The method's parameters validated against its model, or the problems (``loc`` under ``params``)."""
+    try:
+        return method.Params.model_validate(values), []
     except ValidationError as exc:
-        problems = []
+        problems: list[Problem] = []
         for error in exc.errors():
+            loc: list[str | int] = ["params", *error["loc"]]
             key = ".".join(str(p) for p in error["loc"]) or "params"
             if error["type"] == "extra_forbidden":
                 known = ", ".join(method.Params.model_fields)
-                problems.append(f"unknown parameter '{key}' for {method.name} (known: {known})")
+                msg = f"unknown parameter '{key}' for {method.name} (known: {known})"
             else:
-                problems.append(f"bad value for '{key}': {error['msg']} (got {error.get('input')!r})")
-        raise DistillError("; ".join(problems)) from None
+                msg = f"bad value for '{key}': {error['msg']} (got {error.get('input')!r})"
+            problems.append(problem(loc, msg, error["type"]))
+        return None, problems
+
+
+def parse_params(method: type[Method], values: dict[str, Any]) -> MethodParams:
+    """Validate parameters against the method's model; :class:`InvalidRequest` lists every problem."""
+    params, problems = param_problems(method, values)
+    if problems or params is None:
+        raise InvalidRequest(problems)
+    return params
 
 
 def parse_set_options(pairs: list[str]) -> dict[str, str]:
@@ -67,11 +84,11 @@ def parse_set_options(pairs: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise DistillError(f"--set expects KEY=VALUE, got '{pair}'")
+            raise InvalidRequest([problem(["params"], f"--set expects KEY=VALUE, got '{pair}'", "value_error.set_syntax")])
         key, value = pair.split("=", 1)
         key = key.strip().replace("-", "_")
         if not key:
-            raise DistillError(f"--set expects KEY=VALUE, got '{pair}'")
+            raise InvalidRequest([problem(["params"], f"--set expects KEY=VALUE, got '{pair}'", "value_error.set_syntax")])
         out[key] = value
     return out
 

@@ -99,3 +99,43 @@ def test_missing_data_dir_is_one_clear_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: missing data folder for mnist: {tmp_path / 'nowhere' / 'mnist'}"]
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_several_problems_are_one_error_line(tmp_path: Path):
+    """The core lists every problem of a request (InvalidRequest); the CLI prints them as one `error:` line."""
+    out = tmp_path / "x.tar"
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", "herding", "-d", "mnist", "--ipc", "6000",
+                           "--set", "bogus=1", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: unknown parameter 'bogus' for herding")
+    assert "; ipc 6000 is larger than the smallest class of mnist (5421 training images)" in line
+    assert not out.exists()
+
+
+def test_a_method_that_cannot_be_imported_is_an_error_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch):
+    from distill.methods.registry import METHODS
+
+    monkeypatch.setitem(METHODS, "broken-test", "no_such_package_xyz.methods:Broken")
+    result = invoke("methods")
+    assert result.exit_code == 2
+    assert "error: method 'broken-test' needs no_such_package_xyz: ModuleNotFoundError" in result.output
+    result = invoke("run", "broken-test", "-d", "mnist", "--ipc", "1", "-o", "never.tar")
+    assert result.exit_code == 2 and "needs no_such_package_xyz" in result.output
+
+
+def test_a_command_module_that_fails_to_load_is_reported(tmp_path: Path):
+    """Sub-commands come from `distill.commands` entry points; a broken one is one error line, not silence."""
+    dist = tmp_path / "broken_commands-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-commands\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[distill.commands]\nbroken = no_such_module_xyz.cli:register\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0  # the other commands still work
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot load the 'broken' commands from no_such_module_xyz.cli:register "
+        "(ModuleNotFoundError: No module named 'no_such_module_xyz')"]
+    for command in ("run", "serve", "api", "worker", "prior", "experts"):
+        assert command in proc.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from service_helpers import REPO
+from service_support.helpers import REPO
 
 COMPOSE = REPO / "docker" / "compose.yaml"
 ENV_EXAMPLE = REPO / "docker" / ".env.example"

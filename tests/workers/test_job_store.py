@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_helpers import BACKENDS, POSTGRES_URL, drop_schema
+from service_support.helpers import BACKENDS, POSTGRES_URL, drop_schema
 
 from workers.db import make_engine, migrate
 from workers.jobs import JobStore

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from service_helpers import KEY_A, Proc, free_port, service_env, wait_for_job, wait_until
+from service_support.helpers import KEY_A, Proc, free_port, service_env, wait_for_job, wait_until
 
 QUICK = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "max_per_class": 20}
 

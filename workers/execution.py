@@ -1,4 +1,4 @@
-"""Turn one claimed job into an archive: the glue between the job store and :func:`distill.runner.run_to_archive`.
+"""Execute one claimed job to an archive: the glue between the job store and :func:`distill.runner.run_to_archive`.
 
 Used unchanged by the local worker process and inside a Ray task. While the method runs, a heartbeat thread
 renews the lease and reads the cancel flag; the progress sink writes stage changes as events and throttled
@@ -19,6 +19,7 @@ from distill.errors import Cancelled, DistillError
 from workers.jobs import JobStore, Lease
 from workers.logs import job_context
 from workers.models import Job
+from workers.settings import WorkerSettings
 
 log = logging.getLogger("distill.worker")
 
@@ -105,9 +106,9 @@ def execute_job(
     store: JobStore,
     job: Job,
     lease: Lease,
-    settings: Any,
+    settings: WorkerSettings,
     *,
-    executor: Any = None,
+    executor: Any = None,  # anything with map(fn, items, *, num_gpus, num_cpus), e.g. RayExecutor
     stop_flag: threading.Event | None = None,
 ) -> str:
     """Run a claimed job to its end and record the outcome. Returns the final status (or 'lost'/'released')."""
@@ -120,7 +121,7 @@ def execute_job(
         log.info("job started", extra={"attempt": lease.attempt, "method": job.method, "dataset": job.dataset})
         if resumed:
             control.log(f"resuming attempt {lease.attempt} from checkpoints: {', '.join(resumed)}")
-        out = settings.artifacts_dir / artifact_name(job.id)
+        out = settings.artifact_path(artifact_name(job.id))
         request = RunRequest(dataset=job.dataset, method=job.method, ipc=job.ipc, params=dict(job.params or {}),
                              seed=job.seed, max_per_class=job.max_per_class, device=settings.device)
         control.start()
@@ -141,7 +142,6 @@ def execute_job(
             store.finish(lease, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
             return "failed"
         control.stop()
-        _remember_counts(job.dataset)
         size = Path(result.path).stat().st_size
         timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
         if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
@@ -151,18 +151,6 @@ def execute_job(
             return "succeeded"
         log.warning("job finished but its lease was lost; result not recorded")
         return "lost"
-
-
-def _remember_counts(dataset: str) -> None:
-    """Tell the API this server's real class sizes (used for its ipc check), from the dataset loaded anyway."""
-    try:
-        from distill.data.registry import get_dataset
-        from workers.validation import remember_class_counts
-
-        loaded = get_dataset(dataset)
-        remember_class_counts(dataset, [int(c) for c in loaded.train.counts(loaded.num_classes)])
-    except Exception:
-        log.debug("could not record class counts", exc_info=True)
 
 
 def _stopped(store: JobStore, lease: Lease, control: _JobControl, stop_flag: threading.Event | None) -> str:

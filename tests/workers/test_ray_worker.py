@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from service_helpers import HERE, REPO, wait_until
+from service_support.helpers import PLUGIN, PYTHONPATH, wait_until
 
 REQUEST = {"dataset": "mnist", "method": "fanout-test", "ipc": 2, "params": {}, "seed": 1, "max_per_class": 40}
 
@@ -18,24 +18,24 @@ REQUEST = {"dataset": "mnist", "method": "fanout-test", "ipc": 2, "params": {}, 
 def test_ray_worker_runs_jobs_as_ray_tasks_with_an_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from app.settings import reload_service_settings
     from workers.jobs import JobStore
     from workers.ray_executor import RayExecutor, run_ray_worker
+    from workers.settings import reload_worker_settings
 
     monkeypatch.setenv("DISTILL_DATABASE_URL", f"sqlite:///{tmp_path / 'ray.sqlite3'}")
     monkeypatch.setenv("DISTILL_HEARTBEAT_SECONDS", "0.5")
     monkeypatch.setenv("DISTILL_POLL_SECONDS", "0.2")
     monkeypatch.setenv("DISTILL_DEVICE", "cpu")
-    monkeypatch.setenv("DISTILL_PLUGINS", "service_test_plugin")
-    monkeypatch.setenv("PYTHONPATH", f"{HERE}:{REPO}")
+    monkeypatch.setenv("DISTILL_PLUGINS", PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", PYTHONPATH)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    settings = reload_service_settings()
+    settings = reload_worker_settings()
     settings.load_plugins()
     store = JobStore.from_settings(settings)
     job, _ = store.create_job("owner", REQUEST)
 
     monkeypatch.setenv("DISTILL_CANCEL_GRACE_SECONDS", "1")
-    settings = reload_service_settings()
+    settings = reload_worker_settings()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         assert RayExecutor().map(lambda x: x * x, range(5), num_gpus=1) == [0, 1, 4, 9, 16]  # CPU-only cluster
@@ -57,7 +57,7 @@ def test_ray_worker_runs_jobs_as_ray_tasks_with_an_executor(tmp_path: Path, monk
             dispatcher.join(timeout=30)
     finally:
         ray.shutdown()
-        reload_service_settings()
+        reload_worker_settings()
     assert "ray task killed" in (store.get_job(stuck.id).error_message or "")
     assert ran >= 1  # a lease that expires under heavy load may make the dispatcher claim the job again
     final = store.get_job(job.id)

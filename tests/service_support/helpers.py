@@ -1,6 +1,6 @@
-"""Helpers and fixtures for the service tests (imported by name, so they never clash with another folder's
-conftest): a real API (uvicorn, ``python -m workers api``) and real worker processes on
-loopback, over a real SQLite file or a real PostgreSQL schema created for this run and dropped afterwards."""
+"""Helpers and fixtures for the service tests of tests/app and tests/workers: a real API (``distill api``,
+uvicorn) and real worker processes (``distill worker``) on loopback, over a real SQLite file or a real
+PostgreSQL schema created for this run and dropped afterwards."""
 
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+PLUGIN = "service_support.plugin"  # test-only methods, loaded into every service process (DISTILL_PLUGINS)
+# The repository before tests/: tests/app and tests/workers must not shadow the packages app and workers.
+PYTHONPATH = os.pathsep.join([str(REPO), str(TESTS)])
 POSTGRES_URL = os.environ.get("DISTILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 KEY_A, KEY_B = "test-key-alpha", "test-key-bravo"
 BACKENDS = ["sqlite", "postgres"]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -52,9 +57,9 @@ def service_env(home: Path, backend: str, **extra: str) -> dict[str, str]:
         DISTILL_POLL_SECONDS="0.2",
         DISTILL_MAX_ATTEMPTS="3",
         DISTILL_CANCEL_GRACE_SECONDS="5",
-        DISTILL_PLUGINS="service_test_plugin",
+        DISTILL_PLUGINS=PLUGIN,
         DISTILL_DEVICE="cpu",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONPATH=os.pathsep.join([PYTHONPATH, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
@@ -68,7 +73,7 @@ def service_env(home: Path, backend: str, **extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """A child process with its output in a log file (shown when a test fails)."""
+    """``distill ARGS...`` as a child process with its output in a log file (shown when a test fails)."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.args, self.env, self.log_path = args, env, log_path
@@ -76,7 +81,7 @@ class Proc:
 
     def start(self) -> Proc:
         handle = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "workers", *self.args], env=self.env, cwd=REPO,
+        self.process = subprocess.Popen([sys.executable, "-m", "distill.cli", *self.args], env=self.env, cwd=REPO,
                                         stdout=handle, stderr=subprocess.STDOUT)
         handle.close()
         return self
@@ -154,7 +159,7 @@ class Stack:
             self.api.stop()
 
 
-def wait_until(predicate, timeout: float = 60, interval: float = 0.1, what: str = "condition"):  # noqa: ANN001
+def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.1, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

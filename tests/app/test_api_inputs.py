@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import KEY_A, KEY_B, Proc, Stack, service_env, wait_until
+from service_support.helpers import KEY_A, KEY_B, Proc, Stack, service_env, wait_until
 
 GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "max_per_class": 10}
 
@@ -133,3 +133,22 @@ def test_refuses_to_bind_beyond_loopback_without_keys(api: Stack, tmp_path: Path
     assert "refusing to bind 0.0.0.0 without API keys" in " ".join(proc.tail().split())
     with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {KEY_A}"}) as client:
         wait_until(lambda: client.get("/healthz").status_code == 200, timeout=5)
+
+
+def test_the_cores_problems_are_the_apis_field_errors(api: Stack) -> None:
+    """One validation path: what distill.runner.check_request finds is what POST /jobs answers, as 422 field
+    errors under `body` (and what `distill run` prints as one line)."""
+    from distill.errors import InvalidRequest
+    from distill.runner import RunRequest, check_request
+
+    params = {"bogus": 1, "batch_size": "x"}
+    body = {"dataset": "mnist", "method": "herding", "ipc": 6, "max_per_class": 5, "params": params}
+    with pytest.raises(InvalidRequest) as core:
+        check_request(RunRequest("mnist", "herding", 6, params, max_per_class=5), max_ipc=1000, paths=False)
+    assert len(core.value.problems) == 3
+    with api.client() as client:
+        response = client.post("/jobs", json=body)
+    assert response.status_code == 422, response.text
+    detail = [(e["loc"], e["msg"], e["type"]) for e in response.json()["detail"]]
+    assert detail == [(["body", *p["loc"]], p["msg"], p["type"]) for p in core.value.problems]
+    assert ["body", "params", "bogus"] in [d[0] for d in detail] and ["body", "ipc"] in [d[0] for d in detail]

@@ -7,9 +7,11 @@ import hashlib
 import io
 import time
 from datetime import datetime
+from pathlib import Path
 
+import httpx
 from PIL import Image
-from service_helpers import KEY_B, Stack, wait_for_job, wait_until
+from service_support.helpers import KEY_B, Stack, wait_for_job, wait_until
 
 QUICK = {"dataset": "mnist", "method": "random", "ipc": 2, "params": {}, "max_per_class": 60, "seed": 3}
 
@@ -19,11 +21,11 @@ def slow_job(iterations: int = 40, step_seconds: float = 0.1, **extra) -> dict:
             "params": {"iterations": iterations, "step_seconds": step_seconds}, **extra}
 
 
-def events(client, job_id: str) -> list[dict]:  # noqa: ANN001
+def events(client: httpx.Client, job_id: str) -> list[dict]:
     return client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).raise_for_status().json()["data"]
 
 
-def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path) -> None:  # noqa: ANN001
+def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path: Path) -> None:
     from distill.archive import read_archive
     from distill.data.registry import get_dataset
     from distill.evaluate import EvalConfig, evaluate_distilled

@@ -1,0 +1,103 @@
+"""``distill serve`` (API + local workers, nothing else to start) and ``distill api`` (the API alone).
+
+They compose the HTTP API with the job layer, so they live on the app side; ``distill`` finds them through
+the ``distill.commands`` entry point (pyproject.toml). ``python -m app serve|api`` runs the same commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Annotated
+
+import typer
+
+from app.settings import LOOPBACK_HOSTS, ApiSettings, get_api_settings
+from workers.settings import get_worker_settings
+
+log = logging.getLogger("distill.serve")
+
+HostOption = Annotated[str | None, typer.Option(help="bind address (default DISTILL_HOST, 127.0.0.1)")]
+PortOption = Annotated[int | None, typer.Option(help="port (default DISTILL_PORT, 8000)")]
+AccessLogOption = Annotated[bool, typer.Option(help="log every HTTP request")]
+
+
+def serve(
+    host: HostOption = None,
+    port: PortOption = None,
+    workers: Annotated[int, typer.Option(
+        help="local worker processes; -1: one per GPU, or one on the CPU; 0: API only")] = -1,
+    access_log: AccessLogOption = True,
+) -> None:
+    """Run the HTTP API and a local worker per GPU (one on the CPU) on this machine."""
+    settings = get_api_settings()
+    host, port = _bind(settings, host, port)
+
+    import uvicorn
+
+    from app.main import create_app
+    from workers.local import Supervisor, local_gpu_count
+    from workers.logs import UVICORN_LOG_CONFIG, configure_logging
+
+    configure_logging()
+    worker_settings = get_worker_settings()
+    from distill.cli import user_errors  # not at import time: distill.cli imports this module
+
+    with user_errors():
+        worker_settings.load_plugins()
+        app = create_app(settings, worker_settings)  # migrates the store before any worker starts
+    gpus = local_gpu_count()
+    count = workers if workers >= 0 else max(1, gpus)
+    supervisor = Supervisor(worker_settings, count, gpus=list(range(gpus)) if gpus and count <= gpus else None)
+    supervisor.start()
+    log.info("serving", extra={"host": host, "port": port, "workers": count, "gpus": gpus})
+    # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that would end this
+    # process before the supervisor stops its workers, so catch it here and stop them below.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: log.info("stopping", extra={"signal": received}))
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
+    finally:
+        supervisor.stop()
+
+
+def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogOption = True) -> None:
+    """Run only the HTTP API (workers run elsewhere: `distill worker`)."""
+    settings = get_api_settings()
+    host, port = _bind(settings, host, port)  # before the heavy imports: a refusal is immediate
+
+    import uvicorn
+
+    from app.main import create_app
+    from workers.logs import UVICORN_LOG_CONFIG, configure_logging
+
+    configure_logging()
+    worker_settings = get_worker_settings()
+    from distill.cli import user_errors  # not at import time: distill.cli imports this module
+
+    with user_errors():
+        worker_settings.load_plugins()
+        app = create_app(settings, worker_settings)
+    uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
+
+
+def _bind(settings: ApiSettings, host: str | None, port: int | None) -> tuple[str, int]:
+    """The address to bind; without API keys anyone who can reach the port could run jobs: loopback only."""
+    host = host or settings.host
+    if not settings.api_keys and host not in LOOPBACK_HOSTS:
+        typer.echo(f"error: refusing to bind {host} without API keys: set DISTILL_API_KEYS or bind 127.0.0.1",
+                   err=True)
+        raise typer.Exit(2)
+    return host, port or settings.port
+
+
+def register(cli: typer.Typer) -> None:
+    """Entry point of the ``distill.commands`` group: add ``serve`` and ``api`` to the ``distill`` command."""
+    cli.command("serve")(serve)
+    cli.command("api")(api)
+
+
+def main() -> None:
+    cli = typer.Typer(add_completion=False, no_args_is_help=True, help="distillery HTTP API")
+    register(cli)
+    cli()
