@@ -30,6 +30,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench-baselines: setup
 	$(BIN)/python bench/baselines.py --epochs 300 --epochs-ipc50 100 --runs 2 --test-limit 2000

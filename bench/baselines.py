@@ -24,7 +24,7 @@ from distill.data import get_dataset
 from distill.evaluate import EvalConfig, evaluate_distilled, evaluate_full
 from distill.runner import RunRequest, run_to_archive
 
-# Published protocol-dc references (METHODS-PIXEL.md section 8; CIFAR-10 from InfoUtil's table).
+# Published protocol-dc references (docs/METHODS.md §8; CIFAR-10 from InfoUtil's table).
 PUBLISHED = {
     ("cifar10", "random"): {1: "14.4±2.0", 10: "26.0±1.2", 50: "43.4±1.0"},
     ("cifar10", "herding"): {1: "21.5±1.2", 10: "31.6±0.7", 50: "40.4±0.6"},

@@ -37,6 +37,7 @@ def cifar_latents(per_class: int, classes: int, cache: Path) -> dict[str, np.nda
         data = np.load(cache)
         return {k: data[k] for k in data.files}
     from distill.data import get_dataset
+    from distill.files import atomic_output
     from quantize.encoders import load_encoder
 
     ds = get_dataset("cifar10")
@@ -48,9 +49,8 @@ def cifar_latents(per_class: int, classes: int, cache: Path) -> dict[str, np.nda
         z = encoder.encode(ds.train.load(idx).float() / 255.0)
         print(f"encoded class {c}: {len(idx)} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         out[f"cifar10-{ds.classes[c]}"] = z.reshape(len(z), -1).numpy()
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(cache)
+    with atomic_output(cache, suffix=".npz") as tmp:
+        np.savez(tmp, **out)
     return out
 
 

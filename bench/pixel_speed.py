@@ -64,7 +64,7 @@ def reference_dc(iterations: int, threads: int, ipc: int = 1, batch_real: int = 
     from torch.nn import functional as F
 
     from distill.nets import build_network
-    from pixelspace.common import match_distance
+    from pixelspace.gradients import match_distance
 
     images_all, indices_class = _reference_data(torch, ds)
     image_syn = torch.randn(ds.num_classes * ipc, 1, 28, 28, requires_grad=True)
@@ -183,22 +183,22 @@ def measure(fn: Callable, *args) -> tuple[list[float], float]:
     return result
 
 
-def part_dc(iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
-    setting = "DC, MNIST, IPC 1, batch_real 256/class, ConvNet-3 IN"
-    rows = [(setting, "reference-equivalent loop (fp32, per class)", *measure(reference_dc, iterations, threads))]
+def _part(setting: str, reference, ours, iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
+    """The reference-equivalent loop, then ours in each precision / compile combination, one setting."""
+    rows = [(setting, "reference-equivalent loop (fp32, per class)", *measure(reference, iterations, threads))]
     for precision, compile_real in (("fp32", "off"), ("fp32", "on"), ("auto", "off"), ("auto", "on")):
         impl = f"ours, real_precision {precision}, compile_real {compile_real}"
-        rows.append((setting, impl, *measure(ours_dc, iterations, threads, precision, compile_real)))
+        rows.append((setting, impl, *measure(ours, iterations, threads, precision, compile_real)))
     return rows
+
+
+def part_dc(iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
+    return _part("DC, MNIST, IPC 1, batch_real 256/class, ConvNet-3 IN", reference_dc, ours_dc, iterations, threads)
 
 
 def part_dm(iterations: int, threads: int) -> list[tuple[str, str, list[float], float]]:
-    setting = "DM, MNIST, IPC 10, batch_real 256/class, ConvNet-3 IN, DSA"
-    rows = [(setting, "reference-equivalent loop (fp32, per class)", *measure(reference_dm, iterations, threads))]
-    for precision, compile_real in (("fp32", "off"), ("fp32", "on"), ("auto", "off"), ("auto", "on")):
-        impl = f"ours, real_precision {precision}, compile_real {compile_real}"
-        rows.append((setting, impl, *measure(ours_dm, iterations, threads, precision, compile_real)))
-    return rows
+    return _part("DM, MNIST, IPC 10, batch_real 256/class, ConvNet-3 IN, DSA", reference_dm, ours_dm, iterations,
+                 threads)
 
 
 PARTS: dict[str, Callable[[int, int], list[tuple[str, str, list[float], float]]]] = {"dc": part_dc, "dm": part_dm}

@@ -1,6 +1,6 @@
 """MTT seconds per distillation iteration and peak memory: a reference-equivalent loop vs pixelspace.mtt.
 
-Setting of REFERENCE-TIMINGS.md: MNIST, IPC 10 (100 synthetic images, batch_syn = all), ConvNet-3 IN,
+Setting of docs/REFERENCE-TIMINGS.md: MNIST, IPC 10 (100 synthetic images, batch_syn = all), ConvNet-3 IN,
 syn_steps 10, expert_epochs 2, DSA, 2 threads. Every configuration runs in its own fresh process (peak RSS
 is per process), the configurations are interleaved ``--repeats`` times, and the table reports medians of
 the per-iteration wall time, CPU time and the process's peak RSS, plus the RSS growth during iterations.

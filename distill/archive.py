@@ -17,10 +17,8 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from distill import __version__
 from distill.errors import ArchiveError
+from distill.files import atomic_output
 from distill.methods.base import DistilledSet
 
 FORMAT_VERSION = 1
@@ -152,21 +151,15 @@ def write_archive(path: Path, distilled: DistilledSet, manifest: dict[str, Any])
     manifest["files"] = {name: sha256_bytes(data) for name, data in members}
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_output(path) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, data in [(MANIFEST, manifest_bytes), *members]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 info.mtime = int(time.time())
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
-        digest = sha256_file(Path(tmp_name))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        digest = sha256_file(tmp)
     return digest
 
 

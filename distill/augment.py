@@ -144,7 +144,7 @@ def diff_augment(
     if unknown:
         raise ValueError(f"unknown DSA ops {unknown}; known: {list(OPS)}")
     siamese = seed is not None
-    if siamese:
+    if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     family = families[int(torch.randint(0, len(families), (1,), generator=generator))]
     for op in OPS[family]:

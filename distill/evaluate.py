@@ -26,9 +26,11 @@ from torch.nn import functional as F
 from distill.augment import diff_augment, strategy_for
 from distill.config import get_settings
 from distill.data.registry import Dataset, to_float
+from distill.data.sampling import sample_per_class
 from distill.errors import DistillError
+from distill.files import atomic_output
 from distill.methods.base import DistilledSet
-from distill.nets import build_network
+from distill.nets import Classifier, build_network
 
 PROTOCOLS = ("dc", "softlabel")
 Progress = Callable[[str, float], None]
@@ -128,7 +130,7 @@ def train_student_dc(
     weights: torch.Tensor | None = None,
     lr: float = 0.01,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> Classifier:
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation."""
     device = torch.device(config.device)
     epochs = config.resolved_epochs()
@@ -172,7 +174,7 @@ def train_student_softlabel(
     weights: torch.Tensor | None = None,
     lr: float = 1e-3,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> Classifier:
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine."""
     device = torch.device(config.device)
     epochs = config.resolved_epochs()
@@ -287,15 +289,13 @@ def train_on_split(
     lr: float = 0.01,
     augment: bool = True,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> Classifier:
     """Train on the (optionally capped) full training split with the DC optimiser, streaming batches."""
     rng = np.random.default_rng(seed)
     indices = np.arange(len(dataset.train))
     if max_per_class is not None:
-        indices = np.sort(np.concatenate([
-            rng.choice(idx, size=min(max_per_class, len(idx)), replace=False)
-            for idx in (dataset.train.class_indices(c) for c in range(dataset.num_classes))
-        ]))
+        indices = np.sort(sample_per_class(dataset.train.labels, dataset.num_classes, max_per_class, rng,
+                                           draw_small_classes=True))
     model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
@@ -343,7 +343,7 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
     )
 
 
-def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None) -> nn.Module:
+def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None) -> Classifier:
     """A network trained on the full train split, trained once and cached under DISTILL_HOME/teachers."""
     from safetensors.torch import load_file, save_file
 
@@ -360,8 +360,7 @@ def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None 
     trained = train_on_split(dataset, config.teacher_model, config.teacher_epochs, config.seed, torch.device(config.device),
                              max_per_class=config.teacher_max_per_class, progress=progress)
     state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_output(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
     model.load_state_dict(state)
     return model.eval()

@@ -34,7 +34,20 @@ def make_norm(kind: str, channels: int, spatial: int) -> nn.Module:
     raise DistillError(f"unknown norm '{kind}'")
 
 
-class ConvNet(nn.Module):
+class Classifier(nn.Module):
+    """Every network here: ``embed`` (penultimate features, ``embed_dim`` wide), then a linear ``classifier``."""
+
+    embed_dim: int
+    classifier: nn.Linear
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(Classifier):
     """Conv3x3 -> norm -> ReLU -> 2x2 pool, ``depth`` times, then a linear head (DC's ConvNet)."""
 
     def __init__(
@@ -72,9 +85,6 @@ class ConvNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).reshape(x.shape[0], -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -110,7 +120,7 @@ def _resnet_norm(norm: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
-class ResNet18(nn.Module):
+class ResNet18(Classifier):
     """ResNet-18; ``cifar_stem`` uses a 3x3 stride-1 stem without max-pool (for 32-64 px inputs)."""
 
     def __init__(self, channels: int, num_classes: int, cifar_stem: bool, norm: str = "batchnorm", avg_down: bool = False):
@@ -136,15 +146,12 @@ class ResNet18(nn.Module):
         out = self.layers(self.stem(x))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
 
 NORM_TOKENS = {"bn": "batchnorm", "in": "instancenorm", "ln": "layernorm", "gn": "groupnorm", "nn": "none"}
 NETWORK_NAMES = ["convnet", "convnet-d4", "convnet-bn", "convnet-w64", "resnet18", "resnet18-ap", "resnet18-in"]
 
 
-def build_network(name: str, channels: int, num_classes: int, image_size: int, seed: int | None = None) -> nn.Module:
+def build_network(name: str, channels: int, num_classes: int, image_size: int, seed: int | None = None) -> Classifier:
     """Build a network by name; with ``seed`` the initialisation is deterministic."""
     if seed is not None:
         torch.manual_seed(seed)

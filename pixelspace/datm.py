@@ -1,7 +1,7 @@
 """DATM: Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory Matching (ICLR 2024).
 
 MTT's matching (same normalised loss and unrolled student, :func:`pixelspace.mtt.match_trajectory`) plus,
-as in ``distill/DATM.py`` (METHODS-PIXEL.md 4.3):
+as in ``distill/DATM.py`` (docs/METHODS.md §5):
 - difficulty-aligned start epochs: start ~ U[min_start_epoch, upper) where, with sequential generation,
   upper = current_max_start_epoch + int((max_start_epoch - current_max_start_epoch) * it / expansion_end_epoch)
   grows to max_start_epoch during distillation;
@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, RunContext
 from pixelspace.experts import ExpertBuffer, FlatModel
 from pixelspace.mtt import (
     IMG_MOMENTUM,
@@ -42,7 +42,7 @@ from pixelspace.mtt import (
     student_dtype,
 )
 
-# utils/cfg.py defaults and configs/*/ConvIN/IPC*.yaml (METHODS-PIXEL.md 4.2, 4.4).
+# utils/cfg.py defaults and configs/*/ConvIN/IPC*.yaml (docs/METHODS.md §5).
 DATM_DEFAULTS: dict[str, Any] = dict(
     syn_steps=80, expert_epochs=2, max_start_epoch=25, min_start_epoch=0, current_max_start_epoch=20,
     sequential_generation=True, expansion_end_epoch=3000, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, lr_y=2.0,
@@ -164,13 +164,13 @@ def upper_bound(resolved: dict[str, Any], it: int, max_start: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ method
-class DifficultyAlignedTrajectoryMatching(Method):
+class DifficultyAlignedTrajectoryMatching(Method[DATMParams]):
     name: ClassVar[str] = "datm"
     summary: ClassVar[str] = "Trajectory matching with difficulty-aligned start epochs and learned soft labels (ICLR 2024)"
     family: ClassVar[str] = "pixel"
-    Params: ClassVar[type[MethodParams]] = DATMParams
+    Params = DATMParams
 
-    def run(self, ctx: RunContext, params: DATMParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: DATMParams) -> DistilledSet:
         resolved = resolve(params, DATM_TABLE, DATM_DEFAULTS, ctx.dataset.name, ctx.ipc)
         if params.zca:
             raise DistillError("zca=true is not supported: distill evaluation trains on mean/std-normalised pixels")

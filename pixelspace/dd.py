@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from pixelspace.common import RealPool, fresh_network, init_synthetic, to_pixel
+from pixelspace.realpool import RealPool
+from pixelspace.synthetic import fresh_network, init_synthetic, to_pixel
 
 
 class DDParams(MethodParams):
@@ -85,13 +86,13 @@ def unrolled_loss(
     return F.cross_entropy(functional_call(net, (weights, buffers), (real_x,)), real_y)
 
 
-class DatasetDistillation(Method):
+class DatasetDistillation(Method[DDParams]):
     name: ClassVar[str] = "dd"
     summary: ClassVar[str] = "Dataset Distillation: unrolled SGD on synthetic images with learned per-step lrs (2018)."
     family: ClassVar[str] = "pixel"
-    Params: ClassVar[type[MethodParams]] = DDParams
+    Params = DDParams
 
-    def run(self, ctx: RunContext, params: DDParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: DDParams) -> DistilledSet:
         ds = ctx.dataset
         ipc = ctx.ipc
         steps = params.distill_steps or default_steps(ipc)

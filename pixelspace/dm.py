@@ -24,22 +24,15 @@ from torch import nn
 
 from distill.augment import diff_augment
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from pixelspace.common import (
-    COMPILE_REAL_HELP,
-    REAL_PRECISION_HELP,
-    RealPass,
-    RealPool,
-    autocast_context,
-    compile_wanted,
+from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_autocast_dtype
+from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
+from pixelspace.realpool import RealPool
+from pixelspace.synthetic import (
     draw_seed,
     fresh_network,
     has_batchnorm,
-    image_optimizer,
-    init_synthetic,
+    learnable_images,
     matching_result,
-    network_state,
-    real_autocast_dtype,
-    real_embed_pass,
     resolve_strategy,
 )
 
@@ -102,22 +95,20 @@ def dm_loss_naive(net: nn.Module, real: torch.Tensor, syn: torch.Tensor) -> torc
     return loss
 
 
-class DistributionMatching(Method):
+class DistributionMatching(Method[DMParams]):
     name: ClassVar[str] = "dm"
     summary: ClassVar[str] = "Distribution Matching: match mean embeddings of random networks per class (WACV 2023)."
     family: ClassVar[str] = "pixel"
-    Params: ClassVar[type[MethodParams]] = DMParams
+    Params = DMParams
 
-    def run(self, ctx: RunContext, params: DMParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: DMParams) -> DistilledSet:
         ds = ctx.dataset
         strategy = resolve_strategy(params.dsa_strategy, ds.digits)
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         generator = ctx.generator(13)
         real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
         pool = RealPool(ctx)
-        image_syn, label_syn = init_synthetic(ctx, pool, params.init, generator)
-        image_syn.requires_grad_(True)
-        optimizer_img = image_optimizer(image_syn, lr_img)
+        image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, lr_img)
         real_embed = None
         if compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)

@@ -1,4 +1,4 @@
-"""DQ: Dataset Quantization (Zhou et al., ICCV 2023), selection stages (METHODS-PIXEL.md section 5).
+"""DQ: Dataset Quantization (Zhou et al., ICCV 2023), selection stages (docs/METHODS.md §6).
 
 1. Bins (``quantize_sample.py``): per class, ``num_bins`` non-overlapping bins chosen one after another by
    NaiveGreedy maximisation of GraphCut (lambda 1) on the samples still in the pool; each bin takes
@@ -22,21 +22,19 @@ network ``teacher_model`` loaded from ``teacher_weights``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
-from torch import nn
 from torch.nn import functional as F
 
 from distill.data.registry import to_float
 from distill.errors import DistillError
 from distill.evaluate import EvalConfig, get_teacher
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from distill.nets import build_network
+from distill.nets import Classifier, build_network
 
 
 class DQParams(MethodParams):
@@ -57,7 +55,7 @@ class DQParams(MethodParams):
 
 
 # ------------------------------------------------------------------------------------------------ features
-def load_teacher(ctx: RunContext, params: DQParams) -> nn.Module:
+def load_teacher(ctx: RunContext, params: DQParams) -> Classifier:
     ds = ctx.dataset
     if params.teacher_weights:
         path = Path(params.teacher_weights).expanduser()
@@ -89,14 +87,14 @@ def bias_gradients(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_features(ctx: RunContext, teacher: nn.Module, indices: np.ndarray, label: int,
+def class_features(ctx: RunContext, teacher: Classifier, indices: np.ndarray, label: int,
                    batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(bias gradients n x C, embeddings n x d) of the given training images of one class."""
     grads, embeds = [], []
     for _, images in ctx.train.batches(batch, indices):
         x = ctx.normalize(to_float(images).to(ctx.device))
         emb = teacher.embed(x)
-        logits = teacher.classifier(emb) if hasattr(teacher, "classifier") else teacher(x)
+        logits = teacher.classifier(emb)
         grads.append(bias_gradients(logits, torch.full((len(x),), label, device=x.device)).cpu())
         embeds.append(emb.cpu())
     return torch.cat(grads).double(), torch.cat(embeds).double()
@@ -157,7 +155,9 @@ def sample_bins(bins: list[np.ndarray], ipc: int, rng: np.random.Generator) -> t
     a bin too small passes its quota on. Returns (indices, bin of each pick)."""
     k = len(bins)
     quota = [ipc // k + (1 if b < ipc % k else 0) for b in range(k)]
-    picks, origin, carry = [], [], 0
+    picks: list[int] = []
+    origin: list[int] = []
+    carry = 0
     for b, members in enumerate(bins):
         want = quota[b] + carry
         take = min(want, len(members))
@@ -175,21 +175,20 @@ def sample_bins(bins: list[np.ndarray], ipc: int, rng: np.random.Generator) -> t
 
 
 # ------------------------------------------------------------------------------------------------ method
-class DatasetQuantization(Method):
+class DatasetQuantization(Method[DQParams]):
     name: ClassVar[str] = "dq"
     summary: ClassVar[str] = "GraphCut-selected non-overlapping bins, sampled uniformly (Dataset Quantization, ICCV 2023)"
     family: ClassVar[str] = "selection"
-    Params: ClassVar[type[MethodParams]] = DQParams
+    Params = DQParams
 
-    def run(self, ctx: RunContext, params: DQParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: DQParams) -> DistilledSet:
         if params.mae is not None:
             raise DistillError(
                 "mae: patch dropping + MAE reconstruction needs the MAE ViT-L/16 model and checkpoint "
                 "(mae_visualize_vit_large_ganloss.pth), which are not available offline; leave mae unset"
             )
-        start = time.perf_counter()
-        teacher = load_teacher(ctx, params)
-        ctx.timings["teacher"] = time.perf_counter() - start
+        with ctx.timed("teacher"):
+            teacher = load_teacher(ctx, params)
         rng = np.random.default_rng(ctx.seed + 41)
         picked, bin_of, labels = [], [], []
         bin_sizes: list[list[int]] = []

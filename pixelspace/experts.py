@@ -5,7 +5,7 @@ An expert is a ConvNet trained from scratch on the real training split with the 
 applied per sample). Its parameters are snapshotted before training and after every epoch. Each snapshot is
 a flat float32 vector (``torch.cat`` of the parameters, i.e. a *copy*): the reference's
 ``p.detach().cpu()`` aliases the live parameters on CPU, which makes every epoch of a CPU-trained trajectory
-identical (see REFERENCE-TIMINGS.md), so we never keep views.
+identical (see docs/REFERENCE-TIMINGS.md), so we never keep views.
 
 Layout under ``get_settings().home_dir / "experts" / <key>/``: ``expert_000.safetensors`` (one tensor
 ``trajectory`` of shape (epochs + 1) x num_params per expert), and ``manifest.json`` (settings, parameter
@@ -38,6 +38,7 @@ from distill.augment import diff_augment, strategy_for
 from distill.config import get_settings
 from distill.data.registry import Dataset, Split, to_float
 from distill.errors import DistillError
+from distill.files import atomic_output, atomic_write_json
 from distill.nets import build_network
 
 BUFFER_VERSION = 1
@@ -202,12 +203,6 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------- training
 def _test_subset(dataset: Dataset, limit: int, seed: int) -> np.ndarray:
     labels = dataset.test.labels
@@ -310,7 +305,7 @@ def ensure_buffer(
                 "strategy": strategy_for(dataset.digits) if settings.augment else "none",
                 "experts": [],
             }
-            _write_json(manifest_path, manifest)
+            atomic_write_json(manifest_path, manifest, indent=2)
         have = len(manifest["experts"])
         if have < experts:
             log(f"training {experts - have} expert(s) x {settings.epochs} epochs into {folder}")
@@ -318,11 +313,10 @@ def ensure_buffer(
             check_cancelled()
             trajectory, info = train_expert(dataset, train, settings, index, device, tick=tick)
             name = f"expert_{index:03d}.safetensors"
-            tmp = folder / (name + ".tmp")
-            save_file({"trajectory": trajectory.contiguous()}, str(tmp))
-            tmp.replace(folder / name)
+            with atomic_output(folder / name, suffix=".safetensors") as tmp:
+                save_file({"trajectory": trajectory.contiguous()}, str(tmp))
             manifest["experts"].append({"file": name, **info})
-            _write_json(manifest_path, manifest)
+            atomic_write_json(manifest_path, manifest, indent=2)
             log(f"expert {index}: test accuracy {info['test_accuracy']:.2f}% after {settings.epochs} epochs "
                 f"({info['seconds']:.0f} s)")
     return ExpertBuffer(folder)

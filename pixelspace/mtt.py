@@ -33,10 +33,10 @@ from torch.nn import functional as F
 from distill.augment import diff_augment, strategy_for
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from pixelspace.common import precision_dtype
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
+from pixelspace.precision import precision_dtype
 
-# DC-BENCH's "provided by the author" commands (METHODS-PIXEL.md 3.2): (dataset, ipc) ->
+# DC-BENCH's "provided by the author" commands (docs/METHODS.md §4): (dataset, ipc) ->
 # syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn. Others use distill.py's defaults.
 MTT_TABLE: dict[tuple[str, int], dict[str, Any]] = {
     ("cifar10", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=100.0, lr_lr=1e-7, lr_teacher=0.01),
@@ -181,8 +181,8 @@ def match_trajectory(
             (g,) = torch.autograd.grad(ce, current, create_graph=True)
             current = current - lr_leaf * g
         loss = ((current - target) ** 2).sum() / param_dist
-        grads = torch.autograd.grad(loss, [lr_leaf, *leaves], allow_unused=True)
-        return MatchResult(float(loss.detach()), list(grads[1:]), grads[0], float(param_dist))
+        all_grads = torch.autograd.grad(loss, [lr_leaf, *leaves], allow_unused=True)
+        return MatchResult(float(loss.detach()), list(all_grads[1:]), all_grads[0], float(param_dist))
 
     lr_value = syn_lr.detach()
     thetas = [start]
@@ -200,12 +200,11 @@ def match_trajectory(
         (g,) = torch.autograd.grad(step_loss(theta, i), theta, create_graph=True)
         grad_lr = grad_lr - (adjoint * g.detach()).sum()
         wrt = [theta, *leaves] if i > 0 else list(leaves)  # the adjoint of theta_0 is never used
-        back = list(torch.autograd.grad((g * adjoint).sum(), wrt, allow_unused=True))
-        if i == 0:
-            back.insert(0, None)
-        for k, gk in enumerate(back[1:]):
+        back = torch.autograd.grad((g * adjoint).sum(), wrt, allow_unused=True)
+        for k, gk in enumerate(back[1:] if i > 0 else back):
             if gk is not None:
-                grads[k] = -lr_value * gk if grads[k] is None else grads[k] - lr_value * gk
+                prev = grads[k]
+                grads[k] = -lr_value * gk if prev is None else prev - lr_value * gk
         if i > 0:
             adjoint = adjoint - lr_value * back[0]
         thetas[i + 1] = None  # type: ignore[call-overload]  # free as we go
@@ -241,7 +240,7 @@ def get_buffer(ctx: RunContext, params: TrajectoryParams) -> ExpertBuffer:
                            check_cancelled=ctx.check_cancelled)
     for _ in ticks:  # close the progress stage
         pass
-    if missing:
+    if missing:  # the whole training, not only from the first finished epoch as the progress stage measures
         ctx.timings["experts"] = time.perf_counter() - start
     return buffer
 
@@ -296,13 +295,13 @@ def loss_summary(history: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ method
-class TrajectoryMatching(Method):
+class TrajectoryMatching(Method[MTTParams]):
     name: ClassVar[str] = "mtt"
     summary: ClassVar[str] = "Match student trajectories on synthetic data to expert trajectories (Cazenavette 2022)"
     family: ClassVar[str] = "pixel"
-    Params: ClassVar[type[MethodParams]] = MTTParams
+    Params = MTTParams
 
-    def run(self, ctx: RunContext, params: MTTParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: MTTParams) -> DistilledSet:
         if params.zca:
             raise DistillError("zca=true is not supported: distill evaluation trains on mean/std-normalised pixels")
         resolved = resolve(params, MTT_TABLE, MTT_DEFAULTS, ctx.dataset.name, ctx.ipc)

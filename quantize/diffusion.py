@@ -276,7 +276,8 @@ class StableDiffusionParts:
         dtype = model_dtype(device, dtype)
         try:
             unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
+            # Any: transformers' typed .to() does not accept a torch.device
+            text_encoder: Any = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
             scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, ValueError, RuntimeError, KeyError) as exc:

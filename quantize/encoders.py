@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,9 +58,9 @@ class PooledTinyBlock(nn.Module):
 
     def __init__(self, block: nn.Module, channels: int):
         super().__init__()
-        self.conv = block.conv
-        self.skip = block.skip
-        self.fuse = block.fuse
+        self.conv: nn.Module = block.get_submodule("conv")
+        self.skip: nn.Module = block.get_submodule("skip")
+        self.fuse: nn.Module = block.get_submodule("fuse")
         self.pool = PoolBranch(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ def build_taef2(weights: Path | None = None):
     """diffusers ``AutoencoderTiny(latent_channels=32)`` patched with the pool branch; loads weights strictly."""
     from diffusers import AutoencoderTiny
 
-    model = AutoencoderTiny(latent_channels=32)
+    model: Any = AutoencoderTiny(latent_channels=32)  # diffusers' stubs hide encoder/decoder/load_state_dict
     for index in TAEF2_ENCODER_POOL_LAYERS:
         model.encoder.layers[index] = PooledTinyBlock(model.encoder.layers[index], 64)
     for index in TAEF2_DECODER_POOL_LAYERS:
@@ -318,7 +319,7 @@ def load_encoder(
 
     try:
         vae = AutoencoderKL.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+    except Exception as exc:  # hub/network errors come in many types
         raise DistillError(f"unknown encoder '{name}': not a directory and not loadable from the hub cache "
                            f"({type(exc).__name__})") from exc
     key = "hub-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]

@@ -135,6 +135,7 @@ def _faiss(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int, gpu
                 max_points_per_centroid=max(len(x), 1), min_points_per_centroid=1,
             )
             obj = float(km.train(x, init_centroids=centroids))
+            assert km.centroids is not None  # set by train
             centroids = km.centroids
         if restarts == 1:
             return np.ascontiguousarray(centroids, dtype=np.float32)

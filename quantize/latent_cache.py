@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +32,8 @@ import torch
 from distill.config import get_settings
 from distill.data.registry import Split
 from distill.errors import DistillError
+from distill.files import atomic_output, atomic_write_json
+from distill.methods.base import Executor
 
 CACHE_VERSION = 1
 META = "meta.json"
@@ -92,9 +93,9 @@ def _encoder(spec: EncoderSpec):
 @lru_cache(maxsize=2)
 def _split(spec: SplitSpec) -> Split:
     from distill.data.registry import get_dataset
-    from distill.methods.base import RunContext
+    from distill.data.sampling import run_train_split
 
-    return RunContext(dataset=get_dataset(spec.dataset), ipc=1, seed=spec.seed, max_per_class=spec.max_per_class).train
+    return run_train_split(get_dataset(spec.dataset), spec.max_per_class, spec.seed)
 
 
 @dataclass(frozen=True)
@@ -134,16 +135,9 @@ def encode_shard(folder: Path, shard: int, indices: np.ndarray, split: Split, en
         "indices": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
     }
     path = shard_path(folder, shard)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_output(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
     return path
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
 
 
 def build_latent_cache(
@@ -158,7 +152,7 @@ def build_latent_cache(
     encoder: Any = None,
     progress: Callable[[float], None] | None = None,
     check_cancelled: Callable[[], None] | None = None,
-    executor: Any = None,
+    executor: Executor | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> LatentStore:
     """Return the cached latents of ``split``, encoding whatever shards are missing.
@@ -190,7 +184,7 @@ def build_latent_cache(
             shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     meta["order"] = order.tolist()
-    _write_json(folder / META, meta)
+    atomic_write_json(folder / META, meta)
 
     num_shards = max(1, -(-len(order) // shard_size))
     missing = [s for s in range(num_shards) if not shard_path(folder, s).exists()]
@@ -219,7 +213,7 @@ def build_latent_cache(
             if check_cancelled is not None:
                 check_cancelled()
             encode_shard(folder, s, order[s * shard_size : (s + 1) * shard_size], split, encoder, advance)
-    _write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
+    atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
                                     "seconds": round(time.perf_counter() - start_time, 3),
                                     "encoded_shards": len(missing)})
     if progress is not None:
@@ -244,17 +238,15 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
     spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, str(ctx.device), batch_size)
     if encoder is None:
         encoder = _encoder(spec)
-    start = time.perf_counter()
-    store = build_latent_cache(
-        ctx.train,
-        split_spec=SplitSpec(ctx.dataset.name, ctx.max_per_class, ctx.seed),
-        encoder_spec=spec, encoder_key=encoder.key, num_classes=ctx.num_classes,
-        latent_shape=encoder.latent_shape, shard_size=shard_size, encoder=encoder,
-        progress=lambda fraction: ctx.progress("encode", fraction), check_cancelled=ctx.check_cancelled,
-        executor=ctx.executor, log=ctx.log,
-    )
-    ctx.timings["encode"] = ctx.timings.get("encode", 0.0) + time.perf_counter() - start
-    return store
+    with ctx.timed("encode"):
+        return build_latent_cache(
+            ctx.train,
+            split_spec=SplitSpec(ctx.dataset.name, ctx.max_per_class, ctx.seed),
+            encoder_spec=spec, encoder_key=encoder.key, num_classes=ctx.num_classes,
+            latent_shape=encoder.latent_shape, shard_size=shard_size, encoder=encoder,
+            progress=lambda fraction: ctx.progress("encode", fraction), check_cancelled=ctx.check_cancelled,
+            executor=ctx.executor, log=ctx.log,
+        )
 
 
 def latents_for_dataset(dataset: str, encoder_name: str = "taef2", *, resolution: int | None = None,

@@ -16,7 +16,6 @@ Both compose the same stages, each checkpointed for resume:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,7 +29,10 @@ from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn"]
 
 
-class _LatentParams(MethodParams):
+class LatentParams(MethodParams):
+    """What every latent method takes; the stages below read only these (each method narrows the last four)."""
+
+
     encoder: str = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae), an autoencoder "
                                               "directory or a hub id")
     resolution: int | None = Field(None, ge=8, description="encode resolution in px (multiple of 8); default: "
@@ -50,9 +52,19 @@ class _LatentParams(MethodParams):
     batch_size: int = Field(64, ge=1, description="encode/decode batch size")
     w2_uniform: bool = Field(True, description="also measure the squared W2 to the uniformly weighted centroids "
                                                "(an OT solve per class)")
+    # Declared here for the shared stages; each method redeclares them with its own choices, defaults and help.
+    decode: str = "vae"
+    guidance: float = 4.0
+    kmeans_backend: KMeansBackend = "faiss"
+    iterations: int = 25
+
+    @property
+    def kmeans_expand(self) -> int:
+        """partial_fit chunk = kmeans_expand x IPC latents (D4M's km_expand; 1 for a method without it)."""
+        return 1
 
 
-class LatentOQParams(_LatentParams):
+class LatentOQParams(LatentParams):
     decode: Literal["vae", "diffusion"] = Field("vae", description="decode centroids with the VAE decoder or "
                                                                    "through the latent diffusion prior")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
@@ -72,7 +84,7 @@ class LatentOQParams(_LatentParams):
         return self
 
 
-class D4MParams(_LatentParams):
+class D4MParams(LatentParams):
     decode: Literal["vae", "diffusion", "sd-img2img"] = Field(
         "vae", description="vae; diffusion (latent DiT prior); sd-img2img (D4M's SD-v1.5 img2img with class-name "
                            "prompts: set sd=PATH and encoder=sd-vae, GPU hosts)")
@@ -83,6 +95,10 @@ class D4MParams(_LatentParams):
     iterations: int = Field(1, ge=0, description="passes over the class stream (D4M: 1); k-means iterations for "
                                                  "the other backends")
     km_expand: int = Field(1, ge=1, description="D4M's partial_fit chunk = km_expand*IPC latents (its scripts: 1)")
+
+    @property
+    def kmeans_expand(self) -> int:
+        return self.km_expand
 
     @model_validator(mode="after")
     def _need_models(self) -> D4MParams:
@@ -115,27 +131,26 @@ def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def quantize_classes(ctx: RunContext, store, params, *, seed_per_class: bool) -> dict[str, Any]:
+def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_class: bool) -> dict[str, Any]:
     """Per-class k-means over the cache (``executor.map`` over classes when present)."""
     for c in range(ctx.num_classes):
         n = store.class_count(c)
-        need = ctx.ipc * getattr(params, "km_expand", 1) if params.kmeans_backend == "sklearn-partial-fit" else ctx.ipc
+        need = ctx.ipc * params.kmeans_expand if params.kmeans_backend == "sklearn-partial-fit" else ctx.ipc
         if n < need:
             raise DistillError(f"class {c} has {n} training images, fewer than the {need} that ipc {ctx.ipc} "
                                f"needs with kmeans_backend={params.kmeans_backend}")
     jobs = [{
         "folder": str(store.folder), "label": c, "k": ctx.ipc, "iterations": params.iterations,
         "restarts": params.restarts, "seed": ctx.seed * 1000 + c if seed_per_class else ctx.seed,
-        "backend": params.kmeans_backend, "km_expand": getattr(params, "km_expand", 1),
+        "backend": params.kmeans_backend, "km_expand": params.kmeans_expand,
         "w2_uniform": params.w2_uniform,
     } for c in range(ctx.num_classes)]
-    start = time.perf_counter()
     if ctx.executor is not None:
         ctx.check_cancelled()
-        results = list(ctx.executor.map(_quantize_job, jobs))
-    else:
+        with ctx.timed("quantize"):
+            results = list(ctx.executor.map(_quantize_job, jobs))
+    else:  # ctx.track times the stage
         results = [_quantize_job(job) for job in ctx.track(jobs, "quantize", total=len(jobs), every=1)]
-    ctx.timings["quantize"] = ctx.timings.get("quantize", 0.0) + time.perf_counter() - start
     results.sort(key=lambda r: r["label"])
     return {
         "centroids": torch.cat([r["centroids"] for r in results]).reshape(-1, *store.latent_shape),
@@ -149,28 +164,35 @@ def quantize_classes(ctx: RunContext, store, params, *, seed_per_class: bool) ->
     }
 
 
-def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
+def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor,
+                   params: LatentParams) -> torch.Tensor:
     """Centroid latents -> [0, 1] images at the dataset's channels and size."""
-    start = time.perf_counter()
-    sampling = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance, "seed": ctx.seed,
+    with ctx.timed("decode"):
+        return _decode(ctx, encoder, latents, labels, params)
+
+
+def _decode(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params: LatentParams) -> torch.Tensor:
+    sampling: dict[str, Any] = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance, "seed": ctx.seed,
                 "device": ctx.device, "progress": lambda f: ctx.progress("decode", 0.9 * f)}
     if params.decode == "diffusion":
         from quantize.diffusion import decode_with_prior
 
+        assert params.prior is not None  # the params' validator requires it
         latents = decode_with_prior(latents, labels, Path(params.prior).expanduser(), scheduler=params.scheduler,
                                     **sampling)
     elif params.decode == "sd-img2img":
         from quantize.diffusion import decode_with_stable_diffusion
 
+        assert isinstance(params, D4MParams) and params.sd is not None  # only D4M decodes so; its validator checks sd
+
         names = [ctx.dataset.classes[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
     images = encoder.decode(latents.float(), channels=ctx.dataset.channels, size=ctx.dataset.image_size)
     ctx.progress("decode", 1.0)
-    ctx.timings["decode"] = ctx.timings.get("decode", 0.0) + time.perf_counter() - start
     return images
 
 
-def teacher_logits(ctx: RunContext, images: torch.Tensor, params) -> torch.Tensor:
+def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) -> torch.Tensor:
     """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached)."""
     from distill.evaluate import EvalConfig, get_teacher
 
@@ -191,7 +213,7 @@ def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(out)).float()
 
 
-def run_latent_pipeline(ctx: RunContext, params, *, weighted: bool, weight_power: float = 1.0,
+def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool, weight_power: float = 1.0,
                         seed_per_class: bool = True) -> DistilledSet:
     from quantize.encoders import load_encoder
     from quantize.latent_cache import latents_for_context, open_store
@@ -240,24 +262,24 @@ def run_latent_pipeline(ctx: RunContext, params, *, weighted: bool, weight_power
     )
 
 
-class LatentOptimalQuantization(Method):
+class LatentOptimalQuantization(Method[LatentOQParams]):
     name: ClassVar[str] = "oq"
     summary: ClassVar[str] = ("Latent optimal quantization (DDOQ): encode, per-class k-means with cluster-mass "
                               "weights, decode with the VAE or a latent diffusion prior")
     family: ClassVar[str] = "latent"
-    Params: ClassVar[type[MethodParams]] = LatentOQParams
+    Params = LatentOQParams
 
-    def run(self, ctx: RunContext, params: LatentOQParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: LatentOQParams) -> DistilledSet:
         return run_latent_pipeline(ctx, params, weighted=params.weighted, weight_power=params.weight_power)
 
 
-class D4M(Method):
+class D4M(Method[D4MParams]):
     name: ClassVar[str] = "d4m"
     summary: ClassVar[str] = ("D4M: per-class MiniBatchKMeans prototypes of latents (streamed partial_fit), "
                               "unweighted, decoded by VAE, latent prior or SD img2img")
     family: ClassVar[str] = "latent"
-    Params: ClassVar[type[MethodParams]] = D4MParams
+    Params = D4MParams
 
-    def run(self, ctx: RunContext, params: D4MParams) -> DistilledSet:  # type: ignore[override]
+    def run(self, ctx: RunContext, params: D4MParams) -> DistilledSet:
         # D4M creates every class's MiniBatchKMeans with random_state=0: one seed for all classes.
         return run_latent_pipeline(ctx, params, weighted=False, seed_per_class=False)

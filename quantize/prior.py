@@ -156,8 +156,10 @@ def train_prior_on_latents(
     data = ((latents.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(device)
     y_all = labels.to(device)
 
-    model = DiTTransformer2DModel(**config.transformer_kwargs(channels, height, num_classes)).to(device)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    # Any: diffusers' ModelMixin / ConfigMixin stubs hide .to(), .config and alphas_cumprod.
+    model: Any = DiTTransformer2DModel(**config.transformer_kwargs(channels, height, num_classes))
+    model = model.to(device)
+    scheduler: Any = DDPMScheduler(**SCHEDULER_CONFIG)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, min(100, iterations // 10))
@@ -305,9 +307,13 @@ def train_prior(
     progress: Progress | None = None,
 ) -> PriorResult:
     """Encode (or reuse the cached latents of) a dataset, train the DiT prior on them and save it."""
+    def encoding(fraction: float, message: str | None = None) -> None:
+        if progress is not None:
+            progress(0.0, f"encoding {fraction:.0%}")
+
     latents, labels, num_classes, meta = load_dataset_latents(
         dataset_name, encoder, resolution, max_per_class=max_per_class, seed=seed, device=device,
-        progress=(lambda f, m=None: progress(0.0, f"encoding {f:.0%}")) if progress else None,
+        progress=encoding if progress else None,
     )
     if out_dir is None:
         out_dir = default_prior_dir(meta["dataset"], encoder, meta["resolution"])

@@ -16,11 +16,13 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from distill.errors import DistillError
+from distill.files import atomic_output, atomic_write_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif", ".jpe"}
 
@@ -34,7 +36,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DistillError(f"{path}: not an IDX file (bad magic)")
     dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise DistillError(f"{path}: unknown IDX data type {dtype_code:#x}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -162,8 +164,8 @@ def list_imagefolder(split_dir: Path, classes: list[str] | None = None) -> tuple
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode one image to uint8 C x size x size: resize the short side, centre crop (torchvision's eval policy)."""
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
+    with Image.open(path) as opened:
+        img = opened.convert("L" if channels == 1 else "RGB")
         width, height = img.size
         if (width, height) != (size, size):
             scale = size / min(width, height)
@@ -193,10 +195,7 @@ def cached_json(path: Path, build: Callable[[], dict]) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    atomic_write_json(path, value)
     return value
 
 
@@ -205,10 +204,8 @@ def cached_npz(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[s
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp.npz")
-    np.savez(tmp, **value)
-    os.replace(tmp, path)
+    with atomic_output(path, suffix=".npz") as tmp:
+        np.savez(tmp, **value)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool (allow_pickle)
     return value
 
 

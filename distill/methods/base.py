@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from distill.data.registry import ArraySplit, Dataset, Split
+from distill.data.registry import Dataset, Split
+from distill.data.sampling import run_train_split
 from distill.errors import Cancelled
+from distill.files import atomic_output
 
 
 class MethodParams(BaseModel):
@@ -71,6 +74,17 @@ class ProgressSink(Protocol):
     def __call__(self, stage: str, fraction: float, message: str | None = None) -> None: ...
 
 
+class Executor(Protocol):
+    """A fan-out engine for heavy stages (encode shards, per-class k-means): results come back in item order.
+
+    ``fn`` must be picklable (an engine may run it in other processes or hosts); ``num_gpus`` None means the
+    engine's default. The job layer's Ray executor implements it; without one a method runs in-process.
+    """
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], *, num_gpus: float | None = None,
+            num_cpus: float = 1.0) -> list: ...
+
+
 class CheckpointStore:
     """Per-stage checkpoints (tensors + JSON) under one folder; a stage with a checkpoint is not recomputed."""
 
@@ -89,10 +103,8 @@ class CheckpointStore:
     def save(self, stage: str, value: Any) -> None:
         if self.folder is None:
             return
-        path = self._path(stage)
-        tmp = path.with_suffix(".tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
+        with atomic_output(self._path(stage), suffix=".pt") as tmp:
+            torch.save(value, tmp)
 
     def load(self, stage: str) -> Any:
         return torch.load(self._path(stage), weights_only=False)
@@ -118,7 +130,7 @@ class RunContext:
     is_cancelled: Callable[[], bool] = lambda: False
     log: Callable[[str], None] = lambda message: None
     show_progress_bars: bool = False
-    executor: Any = None  # optional fan-out engine (Ray) for heavy stages; None = run in-process
+    executor: Executor | None = None  # fan-out engine (Ray) for heavy stages; None = run in-process
     _train: Split | None = field(default=None, init=False, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -131,18 +143,7 @@ class RunContext:
     def train(self) -> Split:
         """The training split the method may see (at most ``max_per_class`` per class, seeded sample)."""
         if self._train is None:
-            split = self.dataset.train
-            if self.max_per_class is not None:
-                rng = np.random.default_rng(self.seed + 7919)
-                keep = []
-                for c in range(self.num_classes):
-                    idx = split.class_indices(c)
-                    if len(idx) > self.max_per_class:
-                        idx = np.sort(rng.choice(idx, size=self.max_per_class, replace=False))
-                    keep.append(idx)
-                keep_idx = np.concatenate(keep)
-                split = ArraySplit(split.load(keep_idx).numpy(), split.labels[keep_idx])
-            self._train = split
+            self._train = run_train_split(self.dataset, self.max_per_class, self.seed)
         return self._train
 
     def class_images(self, label: int, limit: int | None = None, rng: np.random.Generator | None = None) -> torch.Tensor:
@@ -160,6 +161,15 @@ class RunContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
     # ------------------------------------------------------------------ progress and control
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]`` (recorded in the archive's manifest)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
     def progress(self, stage: str, fraction: float, message: str | None = None) -> None:
         if self.progress_sink is not None:
             self.progress_sink(stage, float(min(max(fraction, 0.0), 1.0)), message)
@@ -180,31 +190,33 @@ class RunContext:
             from tqdm import tqdm
 
             bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
         self.progress(stage, 0.0)
-        try:
-            for i, item in enumerate(items):
-                if i % every == 0:
-                    self.check_cancelled()
-                    if total:
-                        self.progress(stage, i / total)
-                yield item
+        with self.timed(stage):
+            try:
+                for i, item in enumerate(items):
+                    if i % every == 0:
+                        self.check_cancelled()
+                        if total:
+                            self.progress(stage, i / total)
+                    yield item
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+                    bar.close()
         self.progress(stage, 1.0)
 
 
-class Method:
-    """Base class of a registered method."""
+P = TypeVar("P", bound=MethodParams)
+
+
+class Method(Generic[P]):
+    """Base class of a registered method, generic in its parameter model: ``class Foo(Method[FooParams])``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     family: ClassVar[str] = "baseline"
-    Params: ClassVar[type[MethodParams]] = MethodParams
+    Params: type[P]
 
-    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:  # pragma: no cover - abstract
+    def run(self, ctx: RunContext, params: P) -> DistilledSet:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -12,20 +12,22 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from distill.files import atomic_output
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.nets import Classifier
 
 
 class RandomParams(MethodParams):
     pass
 
 
-class RandomSelection(Method):
+class RandomSelection(Method[RandomParams]):
     name = "random"
     summary = "IPC real images per class, drawn uniformly at random (seeded)"
     family = "baseline"
     Params = RandomParams
 
-    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+    def run(self, ctx: RunContext, params: RandomParams) -> DistilledSet:
         rng = np.random.default_rng(ctx.seed)
         chosen = []
         for label in ctx.steps(ctx.num_classes, "select"):
@@ -52,7 +54,7 @@ def _selection(ctx: RunContext, chosen: list[np.ndarray], metrics: dict | None =
 
 
 @torch.no_grad()
-def embed_class(ctx: RunContext, network: torch.nn.Module, label: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
+def embed_class(ctx: RunContext, network: Classifier, label: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
     """Indices and embeddings of every (visible) training image of one class."""
     idx = ctx.train.class_indices(label)
     features = []
@@ -62,7 +64,7 @@ def embed_class(ctx: RunContext, network: torch.nn.Module, label: int, batch_siz
     return idx, torch.cat(features)
 
 
-def feature_network(ctx: RunContext, params: CoresetParams) -> torch.nn.Module:
+def feature_network(ctx: RunContext, params: CoresetParams) -> Classifier:
     from distill.nets import build_network
 
     ds = ctx.dataset
@@ -104,7 +106,7 @@ def kcenter_order(features: torch.Tensor, k: int) -> list[int]:
     return selected
 
 
-class _Coreset(Method):
+class _Coreset(Method[CoresetParams]):
     family = "baseline"
     Params = CoresetParams
 
@@ -112,8 +114,7 @@ class _Coreset(Method):
     def order(features: torch.Tensor, k: int) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
-        assert isinstance(params, CoresetParams)
+    def run(self, ctx: RunContext, params: CoresetParams) -> DistilledSet:
         features = class_features(ctx, params)
         chosen = []
         for label in ctx.steps(ctx.num_classes, "select"):
@@ -138,14 +139,12 @@ def class_features(ctx: RunContext, params: CoresetParams) -> list[tuple[np.ndar
         return [(stored[f"idx{c}"].numpy(), stored[f"feat{c}"]) for c in range(ctx.num_classes)]
     network = feature_network(ctx, params)
     out = [embed_class(ctx, network, label, params.batch_size) for label in ctx.steps(ctx.num_classes, "embed")]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     tensors = {}
     for c, (idx, feats) in enumerate(out):
         tensors[f"idx{c}"] = torch.from_numpy(idx.copy())
         tensors[f"feat{c}"] = feats.contiguous()
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_output(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
     return out
 
 

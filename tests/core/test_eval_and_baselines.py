@@ -99,6 +99,6 @@ def test_networks_shapes(name, size, channels):
 
 
 def test_convnet_matches_reference_parameter_count():
-    # METHODS-PIXEL.md: CIFAR-10 ConvNet-3 = 320,010 parameters, MNIST = 317,706.
+    # docs/METHODS.md §2: CIFAR-10 ConvNet-3 = 320,010 parameters, MNIST = 317,706.
     assert sum(p.numel() for p in build_network("convnet", 3, 10, 32).parameters()) == 320010
     assert sum(p.numel() for p in build_network("convnet", 1, 10, 28).parameters()) == 317706

@@ -10,21 +10,12 @@ import torch
 from distill.errors import DistillError
 from distill.methods.base import RunContext
 from distill.nets import build_network
-from pixelspace.common import (
-    RealPass,
-    RealPool,
-    compile_wanted,
-    detached_params,
-    get_loops,
-    init_synthetic,
-    match_distance,
-    network_state,
-    per_class_gradients,
-    real_autocast_dtype,
-    real_ce_pass,
-    real_embed_pass,
-    to_pixel,
-)
+from pixelspace.gradient_matching import get_loops
+from pixelspace.gradients import detached_params, match_distance, per_class_gradients
+from pixelspace.precision import real_autocast_dtype
+from pixelspace.realpass import RealPass, compile_wanted, network_state, real_ce_pass, real_embed_pass
+from pixelspace.realpool import RealPool
+from pixelspace.synthetic import init_synthetic, to_pixel
 
 
 def test_match_distance_ours_is_per_output_channel_cosine_and_ignores_1d():

@@ -12,8 +12,8 @@ from distill.methods.base import RunContext
 from distill.methods.registry import get_method, parse_params
 from distill.nets import build_network
 from distill.runner import RunRequest, run_to_archive
-from pixelspace.common import RealPool
 from pixelspace.dd import default_steps, inverse_softplus, unrolled_loss
+from pixelspace.realpool import RealPool
 
 
 def test_ipc_maps_to_steps_of_images_per_class():

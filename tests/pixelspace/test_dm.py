@@ -7,8 +7,8 @@ import torch
 from distill.methods.base import RunContext
 from distill.methods.registry import get_method, parse_params
 from distill.nets import build_network
-from pixelspace.common import RealPool
 from pixelspace.dm import dm_loss_batched, dm_loss_naive
+from pixelspace.realpool import RealPool
 
 
 def test_batched_dm_loss_equals_naive_per_class_loop(mnist):

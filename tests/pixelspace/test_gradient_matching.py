@@ -14,7 +14,7 @@ from pixelspace.gradient_matching import _augment_classes, matching_loss_batched
 
 def _real_and_syn(mnist, per_class: int, ipc: int):
     ctx = RunContext(dataset=mnist, ipc=ipc, seed=0, max_per_class=20)
-    from pixelspace.common import RealPool
+    from pixelspace.realpool import RealPool
 
     pool = RealPool(ctx)
     gen = torch.Generator().manual_seed(0)

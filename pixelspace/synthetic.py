@@ -1,0 +1,109 @@
+"""The synthetic side of the pixel-space methods: initialisation, the image optimiser, fresh networks, output.
+
+Synthetic images live in *normalised* space during optimisation, as in the references; :func:`to_pixel`
+converts them back only when a method hands its :class:`DistilledSet` out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.augment import strategy_for
+from distill.errors import DistillError
+from distill.methods.base import DistilledSet, RunContext
+from distill.nets import build_network
+from pixelspace.realpool import RealPool
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A seed for one Siamese DSA call (the reference uses the wall clock; we stay reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def resolve_strategy(strategy: str, digits: bool) -> str:
+    """'auto' -> the dataset's recommended DSA strategy (no flip for digits); 'none' disables."""
+    if strategy == "auto":
+        return strategy_for(digits)
+    return strategy
+
+
+def init_synthetic(
+    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, ipc: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-ordered synthetic images (normalised space) and their hard labels.
+
+    'noise': standard normal in normalised space (DC/DD ``torch.randn``); 'real': random real images of
+    each class (DC/DSA/DM ``--init real``), drawn exactly as the ``random`` baseline draws them for ctx.seed.
+    """
+    ipc = ipc or ctx.ipc
+    ds = ctx.dataset
+    shape = (ds.num_classes * ipc, ds.channels, ds.image_size, ds.image_size)
+    labels = torch.arange(ds.num_classes, device=ctx.device).repeat_interleave(ipc)
+    if init == "noise":
+        images = torch.randn(shape, generator=generator).to(ctx.device)
+    elif init == "real":
+        if pool is None:
+            raise DistillError("init 'real' needs real images")
+        # The same draw as the `random` baseline for this seed (numpy default_rng(seed), classes in order),
+        # so a method's gain over `random` is what distillation added to those very images.
+        rng = np.random.default_rng(ctx.seed)
+        picks = []
+        for c in range(ds.num_classes):
+            if pool.count(c) < ipc:
+                raise DistillError(f"init 'real' needs {ipc} images of class {c}; it has {pool.count(c)}")
+            picks.append(pool._normalise(pool.by_class[c][np.sort(rng.choice(pool.count(c), size=ipc, replace=False))]))
+        images = torch.cat(picks)
+    else:
+        raise DistillError(f"unknown init '{init}' (use 'noise' or 'real')")
+    return images.contiguous(), labels
+
+
+def learnable_images(
+    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, lr: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.optim.SGD]:
+    """:func:`init_synthetic` images made learnable, their hard labels and the references' image optimiser."""
+    image_syn, label_syn = init_synthetic(ctx, pool, init, generator)
+    image_syn.requires_grad_(True)
+    return image_syn, label_syn, image_optimizer(image_syn, lr)
+
+
+def to_pixel(ctx: RunContext, images: torch.Tensor) -> torch.Tensor:
+    """Normalised images -> pixel scale (not clamped: evaluation must see exactly what was learned)."""
+    return ctx.dataset.denormalize(images.detach()).cpu()
+
+
+def matching_result(
+    ctx: RunContext, image_syn: torch.Tensor, label_syn: torch.Tensor, losses: list[float],
+    real_dtype: torch.dtype | None, strategy: str, **metrics,
+) -> DistilledSet:
+    """The DistilledSet every image-optimising method returns: pixel-scale images, loss curve, common metrics."""
+    return DistilledSet(
+        images=to_pixel(ctx, image_syn),
+        labels=label_syn.cpu(),
+        extras={"loss_curve": torch.tensor(losses)},
+        metrics={
+            "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None,
+            **metrics,
+            "dsa_strategy": strategy,
+            "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
+            "space": "normalised during optimisation, pixel scale in the archive",
+        },
+    )
+
+
+def image_optimizer(images: torch.Tensor, lr: float, momentum: float = 0.5) -> torch.optim.SGD:
+    """The references' image optimiser: SGD with momentum 0.5 on the synthetic images."""
+    return torch.optim.SGD([images], lr=lr, momentum=momentum)
+
+
+def fresh_network(model: str, ctx: RunContext, seed: int) -> nn.Module:
+    """A newly initialised network (the references sample one per iteration)."""
+    ds = ctx.dataset
+    return build_network(model, ds.channels, ds.num_classes, ds.image_size, seed=seed).to(ctx.device)
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
