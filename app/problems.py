@@ -9,7 +9,7 @@ route, a too-large body. :func:`document_problems` makes the OpenAPI schema say 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -105,10 +105,17 @@ def allowed_methods_for(app: FastAPI) -> Any:
     """Path -> every method some route of ``app`` accepts on it (for 405's Allow header)."""
     from fastapi.routing import APIRoute
 
+    def routes(items: list[Any]) -> Iterator[APIRoute]:
+        for route in items:
+            if isinstance(route, APIRoute):
+                yield route
+            elif hasattr(route, "original_router"):  # FastAPI >= 0.16x keeps included routers as one entry
+                yield from routes(route.original_router.routes)
+
     def allowed(path: str) -> set[str]:
         methods: set[str] = set()
-        for route in app.router.routes:
-            if isinstance(route, APIRoute) and route.path_regex.match(path):
+        for route in routes(app.router.routes):
+            if route.path_regex.match(path):
                 methods |= set(route.methods)
         return methods
 

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import httpx
+import typer
 
 from distill.errors import DistillError
 
@@ -226,11 +228,7 @@ class _Printer:
             self.bar = None
 
 
-def register(app) -> None:  # noqa: ANN001 - a typer.Typer; typer is imported lazily by the CLI
-    from typing import Annotated
-
-    import typer
-
+def register(app: typer.Typer) -> None:
     def fetch_command(
         names: Annotated[list[str], typer.Argument(help=f"{', '.join(SOURCES)} (imagenet: prints how to lay it out)")],
         mirror: Annotated[str | None, typer.Option(help="base URL holding NAME/FILE copies (DISTILL_FETCH_MIRROR)")] = None,

@@ -119,14 +119,35 @@ function every(ms, fn) {
 
 function jobRow(job) {
   const r = job.request;
-  return h("tr", {"data-job": job.id, "data-status": job.status},
+  const row = h("tr", {"data-job": job.id},
     h("td", {"data-label": "Job"}, h("a", {href: "#/jobs/" + job.id}, job.id)),
-    h("td", {"data-label": "Status"}, badge(job.status)),
+    h("td", {"data-label": "Status"}),
     h("td", {"data-label": "Method"}, r.method),
     h("td", {"data-label": "Dataset"}, r.dataset),
     h("td", {"data-label": "IPC", class: "num"}, String(r.ipc)),
-    h("td", {"data-label": "Progress"}, progressBar(job)),
-    h("td", {"data-label": "Age", title: job.created_at}, age(job.created_at)));
+    h("td", {"data-label": "Progress"}),
+    h("td", {"data-label": "Age", title: job.created_at}));
+  return updateRow(row, job);
+}
+
+function updateRow(row, job) {
+  /* in place, so a focused link keeps its focus while the list refreshes */
+  const cells = row.children;
+  row.dataset.status = job.status;
+  cells[1].replaceChildren(badge(job.status));
+  cells[5].replaceChildren(progressBar(job));
+  cells[6].textContent = age(job.created_at);
+  return row;
+}
+
+function syncRows(body, jobs) {
+  const existing = new Map(Array.from(body.children, (tr) => [tr.dataset.job, tr]));
+  jobs.forEach((job, i) => {
+    const row = existing.has(job.id) ? updateRow(existing.get(job.id), job) : jobRow(job);
+    existing.delete(job.id);
+    if (body.children[i] !== row) body.insertBefore(row, body.children[i] || null);
+  });
+  for (const stale of existing.values()) stale.remove();
 }
 
 function listView() {
@@ -144,7 +165,7 @@ function listView() {
     body);
   async function refresh() {
     const list = await apiJson(`/jobs?limit=${limit}`);
-    body.replaceChildren(...list.data.map(jobRow));
+    syncRows(body, list.data);
     empty.hidden = list.data.length > 0;
     more.hidden = !list.has_more;
   }
@@ -156,7 +177,7 @@ function listView() {
 /* ---------- job page ---------- */
 
 function definitionList(pairs) {
-  return h("dl", {class: "facts"}, pairs.filter(([, v]) => v !== null && v !== undefined && v !== "").map(
+  return h("dl", {class: "facts"}, pairs.filter(([, v]) => v !== null && v !== undefined && v !== "").flatMap(
     ([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
 
@@ -276,7 +297,7 @@ function jobView(id) {
     state.job = job;
     const r = job.request;
     status.replaceChildren(badge(job.status), " ", progressBar(job),
-      job.cancel_requested && !TERMINAL.has(job.status) ? h("span", {class: "muted"}, " cancel requested") : null);
+      ...(job.cancel_requested && !TERMINAL.has(job.status) ? [h("span", {class: "muted"}, "cancel requested")] : []));
     facts.replaceChildren(definitionList([
       ["method", r.method], ["dataset", r.dataset], ["images per class", String(r.ipc)],
       ["stage", job.stage], ["max per class", r.max_per_class === null ? null : String(r.max_per_class)],
