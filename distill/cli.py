@@ -22,6 +22,22 @@ from distill.errors import DistillError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill image-classification datasets.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from distill import __version__
+
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Distill image-classification datasets: locally (run, eval) or on a job server (submit, jobs, logs)."""
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn user-facing errors into one line on stderr and exit status 2."""
