@@ -49,18 +49,9 @@ def field_errors(raw: Iterable[dict[str, Any]]) -> list[FieldError]:
     out = []
     for error in raw:
         loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
-        out.append(FieldError(loc=loc, msg=_message(error), type=str(error.get("type", "value_error")),
+        out.append(FieldError(loc=loc, msg=str(error.get("msg", "invalid value")), type=str(error.get("type", "value_error")),
                               pointer=field_pointer(loc)))
     return out
-
-
-def _message(error: dict[str, Any]) -> str:
-    msg = str(error.get("msg", "invalid value"))
-    if error.get("type") == "extra_forbidden":
-        return "unknown field"
-    if error.get("type") == "missing":
-        return "required"
-    return msg
 
 
 def _summary(errors: list[FieldError]) -> str:
@@ -116,7 +107,7 @@ def allowed_methods_for(app: FastAPI) -> Any:
         methods: set[str] = set()
         for route in routes(app.router.routes):
             if route.path_regex.match(path):
-                methods |= set(route.methods)
+                methods |= set(route.methods or ())
         return methods
 
     return allowed

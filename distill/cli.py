@@ -31,7 +31,7 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _main(
+def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="print the version and exit")] = False,
 ) -> None:

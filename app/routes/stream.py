@@ -19,14 +19,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import schemas
-from app.auth import current_owner
-from app.deps import get_store
-from app.routes.jobs import JobId, to_schema
+from app.deps import OwnerDep, StoreDep
+from app.routes.jobs import JobId, Responses, to_schema
 from workers.jobs import JobNotFound, JobStore
 
 router = APIRouter(tags=["jobs"])
@@ -61,8 +60,7 @@ async def job_stream(store: JobStore, job_id: str, owner: str, after: int | None
     while True:
         events, has_more = await run_in_threadpool(store.list_events, job_id, owner, after=after, limit=500)
         for e in events:
-            event = schemas.JobEvent(id=e.id, created_at=e.created_at, level=e.level, stage=e.stage, message=e.message,
-                                     progress=e.progress)
+            event = schemas.JobEvent.model_validate(e, from_attributes=True)
             yield sse("log", event.model_dump_json(), e.id)
             after = e.id
             last_write = time.monotonic()
@@ -73,8 +71,7 @@ async def job_stream(store: JobStore, job_id: str, owner: str, after: int | None
         if job.terminal:
             events, _ = await run_in_threadpool(store.list_events, job_id, owner, after=after, limit=1000)
             for e in events:  # written between the two reads
-                event = schemas.JobEvent(id=e.id, created_at=e.created_at, level=e.level, stage=e.stage,
-                                         message=e.message, progress=e.progress)
+                event = schemas.JobEvent.model_validate(e, from_attributes=True)
                 yield sse("log", event.model_dump_json(), e.id)
             yield sse("end", job.model_dump_json())
             return
@@ -102,7 +99,7 @@ def stream_response(store: JobStore, job_id: str, owner: str, after: int | None,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-STREAM_DOC = {
+STREAM_DOC: Responses = {
     200: {"content": {EVENT_STREAM: {"schema": {"type": "string"}}},
           "description": "`event: log` (id = event id, data = JobEvent), `event: status` (data = Job) on every "
                          "change, `event: end` (data = the finished Job), then the stream closes"},
@@ -116,8 +113,8 @@ STREAM_DOC = {
 def stream_events(
     job_id: JobId,
     request: Request,
-    owner: Annotated[str, Depends(current_owner)],
-    store: Annotated[JobStore, Depends(get_store)],
+    owner: OwnerDep,
+    store: StoreDep,
     after: Annotated[int | None, Query(ge=0, le=2**62, description="id of the last event already seen")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32,
                                                 description="sent by a reconnecting client")] = None,

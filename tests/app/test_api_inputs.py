@@ -63,7 +63,7 @@ def test_bad_bodies_are_422_with_field_errors(api: Stack, body: dict, loc: list)
         before = _count(client)
         response = client.post("/jobs", json=body)
         assert response.status_code == 422, response.text
-        assert loc in [e["loc"] for e in response.json()["detail"]], response.json()
+        assert loc in [e["loc"] for e in response.json()["errors"]], response.json()
         assert _count(client) == before
 
 
@@ -149,6 +149,6 @@ def test_the_cores_problems_are_the_apis_field_errors(api: Stack) -> None:
     with api.client() as client:
         response = client.post("/jobs", json=body)
     assert response.status_code == 422, response.text
-    detail = [(e["loc"], e["msg"], e["type"]) for e in response.json()["detail"]]
+    detail = [(e["loc"], e["msg"], e["type"]) for e in response.json()["errors"]]
     assert detail == [(["body", *p["loc"]], p["msg"], p["type"]) for p in core.value.problems]
     assert ["body", "params", "bogus"] in [d[0] for d in detail] and ["body", "ipc"] in [d[0] for d in detail]

@@ -183,7 +183,7 @@ def test_idempotency_and_listing(stack: Stack) -> None:
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
         other = client.post("/jobs", json={**QUICK, "seed": 99}, headers={"Idempotency-Key": key})
-        assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert other.status_code == 422 and other.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
 
         ids = [client.post("/jobs", json=QUICK).json()["id"] for _ in range(3)]
         page = client.get("/jobs", params={"limit": 2}).json()
