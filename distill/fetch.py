@@ -2,9 +2,10 @@
 
 Each file is checked against a published checksum (docs/DATA-SOURCES.md names where each comes from),
 resumes with an HTTP Range request after a broken transfer (bytes go to ``.<name>.part`` first) and is
-renamed into place only once verified. ``DISTILL_FETCH_MIRROR`` (or ``--mirror``) replaces every source's
-base URL with ``MIRROR/<name>/`` for hosts that keep their own copies (and for the tests, which serve the files
-from loopback). Without network, :func:`manual_instructions` says where to put the files by hand.
+renamed into place only once verified. The ``fetch_mirror`` setting (``DISTILL_FETCH_MIRROR``, or
+``--mirror``) replaces every source's base URL with ``MIRROR/<name>/`` for hosts that keep their own copies
+(and for the tests, which serve the files from loopback). Without network, :func:`manual_instructions` says
+where to put the files by hand.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def target_dir(source: Source) -> Path:
 
 
 def base_url(source: Source, mirror: str | None = None) -> str:
-    mirror = mirror or os.environ.get("DISTILL_FETCH_MIRROR") or None
+    from distill.config import get_settings
+
+    mirror = mirror or get_settings().fetch_mirror
     return f"{mirror.rstrip('/')}/{source.folder}/" if mirror else source.base_url
 
 

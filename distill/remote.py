@@ -243,10 +243,10 @@ def jobs(
     if not found:
         typer.echo("no jobs")
         return
-    typer.echo(f"{'ID':<24} {'STATUS':<10} {'METHOD':<8} {'DATASET':<14} {'IPC':>4} {'PROGRESS':>8}  AGE")
+    typer.echo(f"{'ID':<28} {'STATUS':<10} {'METHOD':<8} {'DATASET':<14} {'IPC':>4} {'PROGRESS':>8}  AGE")
     for j in found:
         progress = f"{100 * j.progress:.0f}%" if j.status == "running" else ("100%" if j.status == "succeeded" else "-")
-        typer.echo(f"{j.id:<24} {j.status:<10} {j.request.method:<8} {j.request.dataset:<14} {j.request.ipc:>4} "
+        typer.echo(f"{j.id:<28} {j.status:<10} {j.request.method:<8} {j.request.dataset:<14} {j.request.ipc:>4} "
                    f"{progress:>8}  {_age(j)}")
 
 

@@ -99,8 +99,18 @@ def stream_response(store: JobStore, job_id: str, owner: str, after: int | None,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+SSE_EVENT = {  # one event as Server-Sent Events parsers (and schemathesis) see it
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["log", "status", "end"]},
+        "id": {"type": "string", "description": "the job event's id (log events only): resume with Last-Event-ID"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "log: a JobEvent; status and end: the Job"},
+        "retry": {"type": "integer"},
+    },
+}
 STREAM_DOC: Responses = {
-    200: {"content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+    200: {"content": {EVENT_STREAM: {"schema": SSE_EVENT}},
           "description": "`event: log` (id = event id, data = JobEvent), `event: status` (data = Job) on every "
                          "change, `event: end` (data = the finished Job), then the stream closes"},
 }

@@ -58,12 +58,14 @@ def test_logs_follow_and_cancel(server: Server) -> None:
 
 
 def test_bad_input_one_error_line_per_field_exit_2(server: Server) -> None:
-    run = server.cli("submit", "random", "--dataset", "nope", "--ipc", "0")
+    run = server.cli("submit", "random", "--dataset", "nope", "--ipc", "1", "--set", "bogus=1")
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
-    assert any(line.startswith("error: dataset: ") for line in lines)
-    assert any(line.startswith("error: ipc: ") for line in lines)
+    assert any(line.startswith("error: dataset: unknown dataset 'nope'") for line in lines)
+    assert any(line.startswith("error: params.bogus: ") for line in lines)
+    shape = server.cli("submit", "random", "--dataset", "mnist", "--ipc", "0")
+    assert shape.returncode == 2 and shape.stderr.startswith("error: ipc: Input should be greater than or equal to 1")
     bad_set = server.cli("submit", "random", "--dataset", "mnist", "--ipc", "1", "--set", "novalue")
     assert bad_set.returncode == 2 and bad_set.stderr.startswith("error: --set expects KEY=VALUE")
     missing = server.cli("status", "job_doesnotexist")
