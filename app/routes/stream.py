@@ -33,7 +33,7 @@ router = APIRouter(tags=["jobs"])
 EVENT_STREAM = "text/event-stream"
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
-MAX_STREAM_SECONDS = 300.0
+MAX_STREAM_SECONDS = 120.0
 
 
 def sse(kind: str, data: str, event_id: int | None = None) -> str:

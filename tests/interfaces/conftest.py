@@ -106,9 +106,30 @@ def stop_server(server: Server) -> None:
             server.process.wait(timeout=10)
 
 
+def image_folder(root: Path, classes: tuple[str, ...] = ("daisy", "rose", "tulip"), per_class: int = 6) -> Path:
+    """A small ImageFolder tree (train/ and test/) of 16 px PNGs, one colour family per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 2)):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
+                pixels[..., k] += 150
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("interfaces-serve"))
+    folder = image_folder(tmp_path_factory.mktemp("tiny-folder"))
+    here = Path(__file__).resolve().parent
+    running = start_server(tmp_path_factory.mktemp("interfaces-serve"), DISTILL_PLUGINS="site_datasets",
+                           INTERFACES_TEST_FOLDER=str(folder),
+                           PYTHONPATH=os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])))
     try:
         yield running
     finally:

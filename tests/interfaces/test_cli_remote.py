@@ -84,3 +84,9 @@ def test_wrong_key_and_unreachable_server(server: Server) -> None:
     down = server.cli("jobs", "--server", "http://127.0.0.1:9")
     assert down.returncode == 1 and down.stderr.startswith("error: cannot reach http://127.0.0.1:9")
     assert server.cli("--version").stdout.startswith("distill ")
+
+
+def test_serve_says_where_the_page_and_api_are(server: Server) -> None:
+    lines = [line for line in server.log.read_text().splitlines() if line.startswith("distillery: ")]
+    assert lines == [f"distillery: web page {server.url}/  ·  API {server.url} (docs {server.url}/docs)  ·  "
+                     "1 local worker (CPU)  ·  API keys required"]

@@ -127,3 +127,15 @@ def test_catalogue(client: Client) -> None:
     methods = {m.name: m for m in client.methods()}
     assert "random" in methods and "properties" in methods["herding"].parameters
     assert "mnist" in {d.name for d in client.datasets()}
+
+
+def test_an_operator_registered_image_folder(client: Client, tmp_path: Path) -> None:
+    """README: an operator registers an ImageFolder under a name (DISTILL_PLUGINS); users submit that name."""
+    assert "tiny-folder" in {d.name for d in client.datasets()}
+    job = client.wait(client.submit("random", "tiny-folder", 2), timeout=120)
+    assert job.status == "succeeded", job.error
+    archive = read_archive(client.download(job, tmp_path / "tiny.tar"))
+    assert archive.classes == ["daisy", "rose", "tulip"] and len(archive.distilled) == 6
+    with pytest.raises(InvalidRequest) as caught:
+        client.submit("random", "tiny-folder", 7)  # above its smallest class (6 images)
+    assert caught.value.errors[0].loc == ["body", "ipc"]
