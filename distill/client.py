@@ -283,7 +283,8 @@ class Client:
                 headers["Last-Event-ID"] = str(after)
             path = f"/jobs/{job_id}/events"
             try:
-                with self._http.stream("GET", path, headers=headers, timeout=httpx.Timeout(30.0, read=None)) as response:
+                # the server sends a keep-alive at least every 15 s: a minute of silence is a dead connection
+                with self._http.stream("GET", path, headers=headers, timeout=httpx.Timeout(30.0, read=60.0)) as response:
                     self._check(response, "GET", path)
                     if not response.headers.get("content-type", "").startswith("text/event-stream"):
                         yield None

@@ -142,8 +142,13 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
     wait_until(lambda: "#/jobs/job_" in driver.current_url)
     job_id = driver.current_url.rsplit("/", 1)[1]
 
+    with Client(server.url, api_key=KEY) as client:  # company in the list: one waiting, one cancelled
+        waiting = client.submit("random", "mnist", 2, max_per_class=20)
+        client.cancel(client.submit("herding", "fashion-mnist", 1, max_per_class=10))
     driver.get(server.url + "/#/")
     row = f'tr[data-job="{job_id}"]'
+    find(driver, f'tr[data-job="{waiting.id}"]')
+    assert {"queued", "cancelled"} <= {e.get_attribute("data-status") for e in driver.find_elements(By.CSS_SELECTOR, "tr")}
     find(driver, row)
     values: list[float] = []
 
