@@ -9,6 +9,8 @@ A plain tar file whose first member is ``manifest.json``:
     tensors.safetensors           exact float tensors: images, labels, soft_labels, weights, learned_lr, extras
 
 Written to a temporary name in the target folder, then renamed: a reader never sees a partial archive.
+``load_dataset(path)`` gives an archive as a torch Dataset in one call; ``preview_png`` draws the labelled grid
+the API serves as a job's preview.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -252,19 +253,6 @@ def zlib_error() -> type[BaseException]:
     import zlib
 
     return zlib.error
-
-
-def image_grid(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 10, max_per_class: int = 10) -> np.ndarray:
-    """One row per class (the first ``max_classes``), used by the HTTP preview."""
-    classes = sorted(set(labels.tolist()))[:max_classes]
-    c, h, w = images.shape[1:]
-    grid = np.ones((len(classes) * (h + 2), max_per_class * (w + 2), c), dtype=np.uint8) * 255
-    for row, label in enumerate(classes):
-        picks = images[labels == label][:max_per_class]
-        for col, image in enumerate(picks):
-            tile = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            grid[row * (h + 2) + 1 : row * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = tile
-    return grid
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
