@@ -424,7 +424,7 @@ async function formView() {
   setView(h("h1", {}, "New job"), h("p", {class: "muted"}, "Loading methods and datasets…"));
   const [methods, datasets] = await Promise.all([apiJson("/methods"), apiJson("/datasets")]);
   const method = h("select", {id: "f-method", name: "method", required: true},
-    methods.map((m) => h("option", {value: m.name}, `${m.name} — ${m.summary}`)));
+    methods.map((m) => h("option", {value: m.name}, `${m.name} (${m.family})`)));
   const dataset = h("select", {id: "f-dataset", name: "dataset", required: true},
     datasets.map((d) => h("option", {value: d.name}, `${d.name} — ${d.description}`)));
   const ipc = h("input", {id: "f-ipc", name: "ipc", type: "text", inputmode: "numeric", value: "10", required: true});
@@ -445,13 +445,14 @@ async function formView() {
 
   function renderParams() {
     const m = methods.find((x) => x.name === method.value);
+    const hint = document.getElementById("f-method-hint");
+    if (hint && m) hint.textContent = m.summary;
     const props = (m && m.parameters.properties) || {};
     params.replaceChildren(h("legend", {}, `Parameters of ${method.value}`),
       ...Object.entries(props).map(([k, p]) => paramControl(k, p)));
     if (!Object.keys(props).length) params.append(h("p", {class: "muted"}, "This method has no parameters."));
   }
   method.addEventListener("change", renderParams);
-  renderParams();
 
   function clearErrors() {
     general.hidden = true;
@@ -505,6 +506,7 @@ async function formView() {
     } finally { submit.disabled = false; }
   });
   setView(h("h1", {}, "New job"), form);
+  renderParams();
   method.focus();
 }
 
