@@ -20,6 +20,7 @@ import typer
 
 from distill.api_types import Job, JobEvent
 from distill.client import ApiError, Client, ClientError, ServerUnreachable, Unauthorized
+from distill.progress import duration
 
 Server = Annotated[str | None, typer.Option("--server", envvar="DISTILL_SERVER",
                                              help="job server URL (default http://127.0.0.1:8000)")]
@@ -77,18 +78,7 @@ def _echo_json(value: Any) -> None:
 
 def _age(job: Job) -> str:
     created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-    return _duration(max(0.0, time.time() - created.timestamp()))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    return duration(max(0.0, time.time() - created.timestamp()))
 
 
 def describe(job: Job) -> str:
@@ -119,7 +109,7 @@ class Progress:
         elapsed = time.monotonic() - self.stage_started
         if job.progress <= 0.01 or elapsed < 1:
             return "?"
-        return _duration(elapsed * (1 - job.progress) / job.progress)
+        return duration(elapsed * (1 - job.progress) / job.progress)
 
     def __call__(self, job: Job) -> None:
         key = (job.status, job.stage)
