@@ -63,7 +63,7 @@ def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path: Path) -
         preview = client.get(artifact["preview_url"])
         assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(preview.content))
-        assert image.size[1] == 10 * 30  # one row of 28 px tiles (+2 px border) per class
+        assert image.size[1] == 4 + 10 * (56 + 4)  # one labelled row of 56 px tiles (+4 px gap) per class, no weights
 
         stages = [e["stage"] for e in events(client, job_id) if e["message"].startswith("stage ")]
         assert stages == ["select", "archive"]
@@ -183,7 +183,7 @@ def test_idempotency_and_listing(stack: Stack) -> None:
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
         other = client.post("/jobs", json={**QUICK, "seed": 99}, headers={"Idempotency-Key": key})
-        assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert other.status_code == 422 and other.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
 
         ids = [client.post("/jobs", json=QUICK).json()["id"] for _ in range(3)]
         page = client.get("/jobs", params={"limit": 2}).json()
