@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 
-KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn"]
+KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 
 
 class LatentParams(MethodParams):
@@ -69,6 +69,7 @@ class LatentOQParams(LatentParams):
                                                                    "through the latent diffusion prior")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
     kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
+                                                               "torch (the same Lloyd on the job's device), "
                                                                "sklearn-minibatch, sklearn-partial-fit (D4M) or "
                                                                "sklearn (Lloyd)")
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
