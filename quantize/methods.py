@@ -146,10 +146,12 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "backend": params.kmeans_backend, "km_expand": params.kmeans_expand,
         "w2_uniform": params.w2_uniform,
     } for c in range(ctx.num_classes)]
-    if ctx.executor is not None:
-        ctx.check_cancelled()
+    if ctx.executor is not None:  # CPU tasks (no GPU), streamed back with progress and cancellation
+        finished = iter(range(1, len(jobs) + 1))
         with ctx.timed("quantize"):
-            results = list(ctx.executor.map(_quantize_job, jobs))
+            results = list(ctx.executor.map(
+                _quantize_job, jobs, num_gpus=0, check_cancelled=ctx.check_cancelled,
+                on_result=lambda _i, _r: ctx.progress("quantize", next(finished) / len(jobs))))
     else:  # ctx.track times the stage
         results = [_quantize_job(job) for job in ctx.track(jobs, "quantize", total=len(jobs), every=1)]
     results.sort(key=lambda r: r["label"])
@@ -268,6 +270,7 @@ class LatentOptimalQuantization(Method[LatentOQParams]):
     summary: ClassVar[str] = ("Latent optimal quantization (DDOQ): encode, per-class k-means with cluster-mass "
                               "weights, decode with the VAE or a latent diffusion prior")
     family: ClassVar[str] = "latent"
+    fans_out: ClassVar[bool] = True
     Params = LatentOQParams
 
     def run(self, ctx: RunContext, params: LatentOQParams) -> DistilledSet:
@@ -279,6 +282,7 @@ class D4M(Method[D4MParams]):
     summary: ClassVar[str] = ("D4M: per-class MiniBatchKMeans prototypes of latents (streamed partial_fit), "
                               "unweighted, decoded by VAE, latent prior or SD img2img")
     family: ClassVar[str] = "latent"
+    fans_out: ClassVar[bool] = True
     Params = D4MParams
 
     def run(self, ctx: RunContext, params: D4MParams) -> DistilledSet:
