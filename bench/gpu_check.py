@@ -118,7 +118,7 @@ FULL = Sizes(encode_images=2048, encode_px=256, encode_batch=128, vae=SD_VAE, di
              dc_runs=5, dc_epochs=1000, dc_test_limit=None, budget_s=540.0)
 SMOKE = Sizes(encode_images=12, encode_px=32, encode_batch=4, vae=TINY_VAE, dit=TINY_DIT, dit_batches=(2, 4),
               dit_steps=2, kmeans_n=60, kmeans_d=32, kmeans_ks=(2, 4), service_classes=3, service_per_class=4,
-              service_px=32, service_ipc=2, service_gpus=0, pixel_max_per_class=10, pixel_params=TINY_FEW,
+              service_px=32, service_ipc=2, service_gpus=1, pixel_max_per_class=10, pixel_params=TINY_FEW,
               dc_iterations=2, dc_params={"batch_real": 16}, dc_max_per_class=10, dc_runs=1, dc_epochs=2,
               dc_test_limit=100, budget_s=600.0)
 

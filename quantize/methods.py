@@ -167,16 +167,58 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
     }
 
 
+DECODE_BATCHES_PER_TASK = 4  # with an executor: one decode task per 4 batches (>= 1 model load per worker)
+
+
 def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor,
                    params: LatentParams) -> torch.Tensor:
-    """Centroid latents -> [0, 1] images at the dataset's channels and size."""
+    """Centroid latents -> [0, 1] images at the dataset's channels and size.
+
+    With an executor the chunks are decoded by GPU tasks (the job's driver holds no GPU); noise is seeded per
+    batch index, so the images are those of a decode in one process.
+    """
     with ctx.timed("decode"):
-        return _decode(ctx, encoder, latents, labels, params)
+        if ctx.executor is None:
+            images = decode_chunk(encoder, latents, labels, params, device=ctx.device, seed=ctx.seed,
+                                  channels=ctx.dataset.channels, size=ctx.dataset.image_size,
+                                  class_names=ctx.dataset.classes,
+                                  progress=lambda f: ctx.progress("decode", 0.9 * f))
+        else:
+            from quantize.latent_cache import EncoderSpec
+
+            spec = EncoderSpec(params.encoder, encoder.resolution, ctx.dataset.image_size, ctx.executor.device,
+                               params.batch_size)
+            step = params.batch_size * DECODE_BATCHES_PER_TASK
+            jobs = [{"encoder": spec, "params": params, "latents": latents[i : i + step], "labels": labels[i : i + step],
+                     "first_index": i, "seed": ctx.seed, "channels": ctx.dataset.channels,
+                     "size": ctx.dataset.image_size, "class_names": list(ctx.dataset.classes)}
+                    for i in range(0, len(latents), step)]
+            finished = iter(range(1, len(jobs) + 1))
+            images = torch.cat(ctx.executor.map(
+                _decode_job, jobs, check_cancelled=ctx.check_cancelled,
+                on_result=lambda _i, _r: ctx.progress("decode", 0.9 * next(finished) / len(jobs))))
+        ctx.progress("decode", 1.0)
+        return images
 
 
-def _decode(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params: LatentParams) -> torch.Tensor:
-    sampling: dict[str, Any] = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance, "seed": ctx.seed,
-                "device": ctx.device, "progress": lambda f: ctx.progress("decode", 0.9 * f)}
+def _decode_job(job: dict[str, Any]) -> torch.Tensor:
+    """One chunk of centroids decoded in this process (picklable entry point for ``executor.map``, one GPU)."""
+    from distill.runner import resolve_device
+    from quantize.latent_cache import _encoder
+
+    spec = job["encoder"]
+    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"], device=resolve_device(spec.device),
+                        seed=job["seed"], channels=job["channels"], size=job["size"],
+                        class_names=job["class_names"], first_index=job["first_index"]).cpu()
+
+
+def decode_chunk(encoder, latents: torch.Tensor, labels: torch.Tensor, params: LatentParams, *, device: torch.device,
+                 seed: int, channels: int, size: int, class_names: list[str], first_index: int = 0,
+                 progress=None) -> torch.Tensor:
+    """Latents -> images: the diffusion prior or SD img2img first when asked, then the VAE decoder."""
+    sampling: dict[str, Any] = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance,
+                                "seed": seed, "device": device, "progress": progress, "first_index": first_index,
+                                "batch_size": params.batch_size}
     if params.decode == "diffusion":
         from quantize.diffusion import decode_with_prior
 
@@ -188,22 +230,37 @@ def _decode(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tenso
 
         assert isinstance(params, D4MParams) and params.sd is not None  # only D4M decodes so; its validator checks sd
 
-        names = [ctx.dataset.classes[int(c)] for c in labels]
+        names = [class_names[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
-    images = encoder.decode(latents.float(), channels=ctx.dataset.channels, size=ctx.dataset.image_size)
-    ctx.progress("decode", 1.0)
-    return images
+    return encoder.decode(latents.float(), channels=channels, size=size)
 
 
 def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) -> torch.Tensor:
-    """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached)."""
-    from distill.evaluate import EvalConfig, get_teacher
+    """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached).
 
+    With an executor the teacher is trained (or loaded) and run by one GPU task: the driver holds no GPU.
+    """
+    job = {"dataset": ctx.dataset.name, "params": params, "images": images,
+           "device": ctx.executor.device if ctx.executor is not None else str(ctx.device)}
+    if ctx.executor is None:
+        return _teacher_job(job, progress=lambda stage, f: ctx.progress("teacher", f))
+    ctx.progress("teacher", 0.0)
+    (logits,) = ctx.executor.map(_teacher_job, [job], check_cancelled=ctx.check_cancelled)
+    return logits
+
+
+def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
+    from distill.data import get_dataset
+    from distill.evaluate import EvalConfig, get_teacher
+    from distill.runner import resolve_device
+
+    params, device = job["params"], resolve_device(job["device"])
+    dataset = get_dataset(job["dataset"])
     config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
-                        teacher_max_per_class=params.teacher_max_per_class, device=str(ctx.device))
-    teacher = get_teacher(ctx.dataset, config, progress=lambda stage, f: ctx.progress("teacher", f)).to(ctx.device)
+                        teacher_max_per_class=params.teacher_max_per_class, device=str(device))
+    teacher = get_teacher(dataset, config, progress=progress).to(device)
     with torch.no_grad():
-        return torch.cat([teacher(ctx.normalize(chunk.to(ctx.device))).cpu() for chunk in images.split(256)])
+        return torch.cat([teacher(dataset.normalize(chunk.to(device))).cpu() for chunk in job["images"].split(256)])
 
 
 def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:

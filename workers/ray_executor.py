@@ -79,14 +79,14 @@ class RayExecutor:
             check_cancelled: Callable[[], None] | None = None) -> list:
         items = list(items)
         if self.inline:
-            results = []
+            inline_results: list[Any] = []
             for i, item in enumerate(items):
                 if check_cancelled is not None:
                     check_cancelled()
-                results.append(fn(item))
+                inline_results.append(fn(item))
                 if on_result is not None:
-                    on_result(i, results[-1])
-            return results
+                    on_result(i, inline_results[-1])
+            return inline_results
         import ray
 
         gpus = self.default_num_gpus if num_gpus is None else num_gpus
