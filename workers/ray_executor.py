@@ -34,7 +34,8 @@ log = logging.getLogger("distill.worker.ray")
 
 # Settings a Ray task needs to reach the same job store as the driver (data and home come from the node).
 _PASSED_ENV = ("DISTILL_DATABASE_URL", "DATABASE_URL", "DISTILL_DB_SCHEMA", "DISTILL_MAX_ATTEMPTS",
-               "DISTILL_LEASE_SECONDS", "DISTILL_HEARTBEAT_SECONDS", "DISTILL_DEVICE", "DISTILL_PLUGINS")
+               "DISTILL_LEASE_SECONDS", "DISTILL_HEARTBEAT_SECONDS", "DISTILL_DEVICE", "DISTILL_PLUGINS",
+               "DISTILL_RAY_GPUS_PER_TASK")
 _prepared = False
 
 
@@ -135,7 +136,8 @@ def _job_task(job_id: str, lease: tuple[str, str, int], driver: bool) -> str:
     store = JobStore.from_settings(settings, migrate_schema=False)
     try:
         job = store.get_job(job_id)
-        return execute_job(store, job, Lease(*lease), settings, executor=RayExecutor(inline=not driver))
+        executor = RayExecutor(default_num_gpus=settings.ray_gpus_per_task, inline=not driver)
+        return execute_job(store, job, Lease(*lease), settings, executor=executor)
     finally:
         store.engine.dispose()
 
