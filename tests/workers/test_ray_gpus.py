@@ -147,3 +147,25 @@ def test_two_logical_gpus_overlap_shards_cancel_inside_the_fanout_and_retry_a_ki
         stop.set()
         thread.join(timeout=60)
         ray.shutdown()
+
+
+def test_the_job_kind_decides_who_holds_a_gpu_and_inline_maps_stream_and_cancel() -> None:
+    """Fan-out methods run as GPU-less drivers; a GPU-holding job's maps run inline (no child to wait for)."""
+    from distill.errors import Cancelled
+    from workers.ray_executor import RayExecutor, fans_out
+
+    assert fans_out("oq") and fans_out("d4m") and not fans_out("dc") and not fans_out("random")
+    assert not fans_out("no-such-method")  # the job task reports the unknown method itself
+    executor = RayExecutor(inline=True)
+    seen: list[tuple[int, int]] = []
+    assert executor.map(lambda x: 2 * x, [1, 2, 3], on_result=lambda i, r: seen.append((i, r))) == [2, 4, 6]
+    assert seen == [(0, 2), (1, 4), (2, 6)]
+    ran: list[int] = []
+
+    def cancel_after_one() -> None:
+        if ran:
+            raise Cancelled("job cancelled")
+
+    with pytest.raises(Cancelled):
+        executor.map(ran.append, [1, 2, 3], check_cancelled=cancel_after_one)
+    assert ran == [1]
