@@ -44,6 +44,9 @@ class WorkerSettings(BaseSettings):
         default=30.0, gt=0, description="a worker (or Ray task) whose job ignores a cancel for this long is killed"
     )
     device: str = Field(default="auto", description="torch device of local workers: auto, cpu, cuda")
+    ray_gpus_per_task: float = Field(
+        default=1.0, gt=0, le=1, description="GPU share of each Ray GPU child task (encode shard, decode batch); "
+        "0.25 runs four per GPU, each with its own JPEG-decoding process, while the loader is the bottleneck")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="modules imported at start (e.g. to register site-specific methods)"
     )
