@@ -106,12 +106,20 @@ def accuracy(args: argparse.Namespace) -> None:
     # Under the softlabel protocol the latent methods also store the same teacher's logits (labels=teacher).
     teacher = ({"labels": "teacher", "teacher_epochs": args.teacher_epochs,
                 "teacher_max_per_class": args.teacher_max_per_class} if args.protocol == "softlabel" else {})
+    extra = dict(item.split("=", 1) for item in args.set)  # --set KEY=VALUE for every latent variant
     settings = [  # (key for --only, label, method, parameters, images seen per class)
         ("random", "random (full train split)", "random", {}, None),
-        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"w2_uniform": False, **teacher}, args.max_per_class),
-        ("oq-unweighted", "oq, weighted=false", "oq", {"weighted": False, "w2_uniform": False, **teacher},
+        ("herding-seen", "herding (the same images seen as oq)", "herding", {}, args.max_per_class),
+        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"decode": "vae", "w2_uniform": False, **teacher},
+         args.max_per_class),
+        ("oq-unweighted", "oq, weighted=false", "oq", {"decode": "vae", "weighted": False, "w2_uniform": False, **teacher},
          args.max_per_class),
         ("d4m", "d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False, **teacher}, args.max_per_class),
+        ("oq-nearest", "oq, decode=nearest (weighted)", "oq", {"decode": "nearest", **teacher}, args.max_per_class),
+        ("oq-nearest-unweighted", "oq, decode=nearest, weighted=false", "oq",
+         {"decode": "nearest", "weighted": False, "w2_uniform": False, **teacher}, args.max_per_class),
+        ("oq-nearest-sqrt", "oq, decode=nearest, weight_power=0.5", "oq",
+         {"decode": "nearest", "weight_power": 0.5, "w2_uniform": False, **teacher}, args.max_per_class),
     ]
     print(f"protocol {args.protocol}" + (f", teacher {args.teacher_epochs} epochs on "
           f"{args.teacher_max_per_class or 'all'} images/class" if args.protocol == "softlabel" else ""))
@@ -122,6 +130,7 @@ def accuracy(args: argparse.Namespace) -> None:
             for key, label, method, params, max_per_class in settings:
                 if args.only and key not in args.only:
                     continue
+                params = {**params, **extra} if method in ("oq", "d4m") else params
                 start = time.perf_counter()
                 result = run_to_archive(RunRequest(args.dataset, method, ipc, params, seed=args.seed,
                                                    max_per_class=max_per_class, device="cpu"),
@@ -129,6 +138,11 @@ def accuracy(args: argparse.Namespace) -> None:
                 t_run = time.perf_counter() - start
                 ev = evaluate_distilled(result.distilled, ds, config)
                 seen = "all" if max_per_class is None else f"{max_per_class}/class"
+                w2 = {k: v for k, v in result.manifest["metrics"].items() if k.startswith("w2_") and k.endswith(("mean", "pct"))}
+                if w2:
+                    print(f"{key} ipc {ipc} {w2}", file=sys.stderr, flush=True)
+                if extra and method in ("oq", "d4m"):
+                    label += " " + " ".join(args.set)
                 print(f"| {args.dataset} | {ipc} | {label} | {seen} | {t_run:.1f} | "
                       f"{ev.accuracy_mean:.2f} ± {ev.accuracy_std:.2f} |", flush=True)
 
@@ -155,9 +169,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=None, help="variants to run (random, oq, oq-unweighted, d4m)")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (random, herding-seen, oq, oq-unweighted, d4m, "
+                                                                "oq-nearest, oq-nearest-unweighted, oq-nearest-sqrt)")
     p.add_argument("--protocol", choices=["dc", "softlabel"], default="dc",
                    help="softlabel: every variant's students learn from one cached teacher (RDED style)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra parameter of oq / d4m")
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--teacher-max-per-class", type=int, default=None, help="cap the teacher's training images")
     args = parser.parse_args()

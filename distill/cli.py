@@ -112,8 +112,10 @@ def eval_(
     dataset: Annotated[str | None, typer.Option(help="dataset for --full")] = None,
     max_per_class: Annotated[int | None, typer.Option(help="--full: train on at most N images per class")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    no_control: Annotated[bool, typer.Option("--no-control", help="skip the random-subset control")] = False,
 ) -> None:
-    """Train fresh students on ARCHIVE and report test accuracy (mean ± std) on the real test split."""
+    """Train fresh students on ARCHIVE and report test accuracy (mean ± std) on the real test split, next to
+    a random real subset of the same IPC under the same protocol, budget and seed (cached) and the gain."""
     from distill.archive import read_archive
     from distill.data.registry import get_dataset
     from distill.evaluate import EvalConfig, evaluate_distilled, evaluate_full
@@ -142,7 +144,8 @@ def eval_(
             ds = get_dataset(loaded.dataset)
             if list(ds.classes) != list(loaded.classes):
                 raise DistillError(f"{archive}: class order differs from dataset {ds.name}")
-            result = evaluate_distilled(loaded.distilled, ds, config, progress=bar)
+            control_ipc = None if no_control else int(loaded.manifest.get("ipc") or len(loaded.distilled) // ds.num_classes)
+            result = evaluate_distilled(loaded.distilled, ds, config, progress=bar, control_ipc=control_ipc)
             extra = {"archive": str(archive), "method": loaded.manifest.get("method"), "ipc": loaded.manifest.get("ipc")}
         if bar is not None:
             bar.close()
@@ -157,6 +160,9 @@ def eval_(
                 f"{result.test_images} test images, {result.wall_seconds:.0f}s)"
             )
             typer.echo("runs: " + ", ".join(f"{a:.2f}" for a in result.accuracies))
+            if result.control is not None and result.gain is not None:
+                typer.echo(f"control, random real ipc {control_ipc}: {result.control.accuracy_mean:.2f} ± "
+                           f"{result.control.accuracy_std:.2f} %; gain {result.gain:+.2f} points")
 
 
 class _Bar:

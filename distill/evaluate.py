@@ -8,15 +8,23 @@ Protocols
 - ``softlabel`` (SRe2L/RDED style): a teacher trained on the full train split (trained once, cached)
   labels every augmented batch online; students minimise KL at temperature T, AdamW lr 1e-3,
   wd 0.01, half-cosine schedule, per-image weights from the archive.
+
+The control (DD-Ranking's point): with ``control_ipc`` the same routine also scores a random real subset of
+that IPC (the ``random`` baseline, same seed) under the same protocol, budget and network, cached under
+``DISTILL_HOME/controls``, and reports the gain over it. Under ``softlabel`` most of the accuracy is the
+teacher's; the gain over random images is what the distilled set itself adds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +36,7 @@ from distill.config import get_settings
 from distill.data.registry import Dataset, to_float
 from distill.data.sampling import sample_per_class
 from distill.errors import DistillError
-from distill.files import atomic_output
+from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
 from distill.precision import autocast_context, precision_dtype
@@ -74,6 +82,12 @@ class EvalResult:
     test_images: int
     train_images: int
     settings: dict = field(default_factory=dict)
+    control: EvalResult | None = None  # random real images, same ipc / protocol / budget / network / seed
+
+    @property
+    def gain(self) -> float | None:
+        """Accuracy points over the random-subset control (None without a control)."""
+        return None if self.control is None else self.accuracy_mean - self.control.accuracy_mean
 
     @property
     def accuracy_mean(self) -> float:
@@ -88,6 +102,10 @@ class EvalResult:
         out["accuracy_mean"] = round(self.accuracy_mean, 3)
         out["accuracy_std"] = round(self.accuracy_std, 3)
         out["accuracies"] = [round(a, 3) for a in self.accuracies]
+        out.pop("control")
+        if self.control is not None and self.gain is not None:
+            out["control"] = self.control.to_json()
+            out["gain"] = round(self.gain, 3)
         return out
 
 
@@ -238,7 +256,15 @@ def evaluate_distilled(
     dataset: Dataset,
     config: EvalConfig,
     progress: Progress | None = None,
+    *,
+    control_ipc: int | None = None,
 ) -> EvalResult:
+    """Train ``config.runs`` fresh students on ``distilled``; with ``control_ipc``, attach the random control."""
+    if control_ipc is not None:
+        share = 1.0 if _control_path(dataset, control_ipc, config).exists() else 0.5
+        result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share))
+        result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0))
+        return result
     if config.protocol not in PROTOCOLS:
         raise DistillError(f"unknown protocol '{config.protocol}'; known: {', '.join(PROTOCOLS)}")
     if config.runs < 1:
@@ -287,6 +313,47 @@ def evaluate_distilled(
         train_images=len(distilled),
         settings={k: v for k, v in asdict(config).items() if k not in ("runs", "epochs", "model", "protocol")},
     )
+
+
+# ----------------------------------------------------------------------------------- random-subset control
+CONTROL_VERSION = 1  # bump when the evaluation arithmetic changes, so cached controls are recomputed
+
+
+def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda stage, fraction: progress(stage, low + (high - low) * fraction)
+
+
+def _control_path(dataset: Dataset, ipc: int, config: EvalConfig) -> Path:
+    """Cache file of one control: everything that changes its accuracy is in the key (device is not)."""
+    key = {"version": CONTROL_VERSION, "dataset": dataset.name, "ipc": ipc, "method": "random",
+           "epochs": config.resolved_epochs(), **{k: v for k, v in asdict(config).items() if k not in ("epochs", "device")}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dataset.name)[:40]
+    return get_settings().home_dir / "controls" / f"{stem}-ipc{ipc}-{config.protocol}-{digest}.json"
+
+
+def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Progress | None = None) -> EvalResult:
+    """Accuracy of ``ipc`` random real images per class (the ``random`` baseline, seed ``config.seed``) under
+    ``config``: computed once, then read from ``DISTILL_HOME/controls``."""
+    from distill.data.registry import check_ipc
+    from distill.methods.base import RunContext
+    from distill.methods.baselines import RandomParams, RandomSelection
+
+    path = _control_path(dataset, ipc, config)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        fields = {k: stored[k] for k in ("dataset", "model", "protocol", "epochs", "runs", "accuracies", "lr",
+                                         "wall_seconds", "test_images", "train_images", "settings")}
+        return EvalResult(**fields | {"settings": stored["settings"] | {"cached": True}})
+    check_ipc(dataset, ipc)
+    subset = RandomSelection().run(RunContext(dataset=dataset, ipc=ipc, seed=config.seed), RandomParams())
+    result = evaluate_distilled(subset, dataset, config, progress)
+    result.settings = result.settings | {"method": "random", "ipc": ipc}
+    atomic_write_json(path, result.to_json())
+    result.settings = result.settings | {"cached": False}
+    return result
 
 
 # ----------------------------------------------------------------------------------- full data / teacher

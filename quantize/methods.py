@@ -9,7 +9,13 @@ Both compose the same stages, each checkpointed for resume:
 3. ``decode``: centroids -> images, with the VAE decoder (``decode=vae``), through a class-conditional latent
    DiT prior (``decode=diffusion``, :func:`quantize.diffusion.decode_with_prior`) or, for ``d4m``, D4M's Stable
    Diffusion img2img (``decode=sd-img2img``, needs an SD-v1.5 directory and ``encoder=sd-vae``: GPU hosts).
-   Images are resized back to the dataset's resolution and channels.
+   Images are resized back to the dataset's resolution and channels. ``oq``'s default instead takes each
+   cell's W2-best member (``decode=nearest``: the training image whose latent is nearest the centroid;
+   replacing the centroid by a point m of its cell costs n_k * |c_k - m|^2 of transport, least for that
+   member). Defaults per host (docs/bench-parts/latent.md, 2026-11-30): no pretrained decoder, or only a
+   self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
+   Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
+   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
 
 ``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
 """
@@ -65,8 +71,11 @@ class LatentParams(MethodParams):
 
 
 class LatentOQParams(LatentParams):
-    decode: Literal["vae", "diffusion"] = Field("vae", description="decode centroids with the VAE decoder or "
-                                                                   "through the latent diffusion prior")
+    decode: Literal["vae", "diffusion", "nearest"] = Field(
+        "nearest", description="nearest (default; hosts without a pretrained diffusion decoder, and with a self-"
+                               "trained prior): each cell's W2-best member, the real training image nearest the "
+                               "centroid, masses kept; diffusion (hosts with a pretrained decoder, prior=PATH): "
+                               "through the latent diffusion prior; vae: the VAE decoder (blurry averages)")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
     kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
                                                                "torch (the same Lloyd on the job's device), "
@@ -74,6 +83,10 @@ class LatentOQParams(LatentParams):
                                                                "sklearn (Lloyd)")
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
                                                    "sklearn-minibatch; passes for sklearn-partial-fit)")
+    latent_norm: Literal["none", "instance"] = Field(
+        "none", description="quantize the latents as they are, or each image's latent grid standardised per channel "
+                            "(instance: cells blind to offset and gain, mostly brightness / contrast / colour cast; "
+                            "W2 figures are then in that space)")
     weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
     weight_power: float = Field(1.0, gt=0.0, description="weights proportional to mass**power (1 = DDOQ's "
                                                          "masses, 0.5 = the square-root variance-reduction variant)")
@@ -113,23 +126,51 @@ class D4MParams(LatentParams):
 # ------------------------------------------------------------------------------------------- stages
 def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
     """One class: k-means on its cached latents (picklable entry point for ``executor.map``)."""
-    from quantize.kmeans import kmeans, w2_uniform
+    from quantize.kmeans import kmeans, w2_uniform, w2_weighted
     from quantize.latent_cache import open_store
 
     store = open_store(job["folder"])
     if store is None:
         raise DistillError(f"latent cache {job['folder']} is incomplete")
-    x = store.class_latents(job["label"]).reshape(store.class_count(job["label"]), -1).numpy()
+    z = store.class_latents(job["label"])
+    flat = z.flatten(2)  # n x C x positions
+    if job.get("latent_norm") == "instance":
+        # per image and channel, the latent grid standardised: cells blind to a channel's offset and gain
+        mean, std = flat.mean(2, keepdim=True), flat.std(2, keepdim=True).clamp_min(1e-3)
+        flat = (flat - mean) / std
+    x = flat.reshape(len(z), -1).numpy()
     result = kmeans(x, job["k"], iterations=job["iterations"], restarts=job["restarts"], seed=job["seed"],
                     backend=job["backend"], km_expand=job["km_expand"])
+    members = cell_members(x, result.centroids, result.assignments)
+    centroids = torch.from_numpy(result.centroids)
+    if job.get("latent_norm") == "instance":  # back to latents: the cell's average offset and gain
+        cells = torch.from_numpy(result.assignments)
+        shape = (len(centroids), *flat.shape[1:])
+        gain = torch.stack([std[cells == k].mean(0) if (cells == k).any() else std.mean(0) for k in range(len(centroids))])
+        offset = torch.stack([mean[cells == k].mean(0) if (cells == k).any() else mean.mean(0)
+                              for k in range(len(centroids))])
+        centroids = (centroids.reshape(shape) * gain + offset).reshape(len(centroids), -1)
     out = {
-        "label": job["label"], "centroids": torch.from_numpy(result.centroids), "counts": result.counts.tolist(),
+        "label": job["label"], "centroids": centroids, "counts": result.counts.tolist(),
         "w2_weighted": result.error, "seconds": result.seconds, "n": len(x),
+        "members": store.class_indices(job["label"])[members].tolist(),
+        "w2_members": w2_weighted(x, x[members]),
     }
     if job["w2_uniform"]:
         value, method = w2_uniform(x, result.centroids)
         out["w2_uniform"], out["w2_uniform_method"] = value, method
     return out
+
+
+def cell_members(x: np.ndarray, centroids: np.ndarray, assignments: np.ndarray) -> np.ndarray:
+    """Row of each cell's W2-best member: the member nearest its centroid (an empty cell: the nearest point)."""
+    rows = np.empty(len(centroids), dtype=np.int64)
+    for k, centroid in enumerate(centroids):
+        cell = np.flatnonzero(assignments == k)
+        if len(cell) == 0:
+            cell = np.arange(len(x))
+        rows[k] = cell[int(((x[cell] - centroid) ** 2).sum(1).argmin())]
+    return rows
 
 
 def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_class: bool) -> dict[str, Any]:
@@ -144,7 +185,7 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "folder": str(store.folder), "label": c, "k": ctx.ipc, "iterations": params.iterations,
         "restarts": params.restarts, "seed": ctx.seed * 1000 + c if seed_per_class else ctx.seed,
         "backend": params.kmeans_backend, "km_expand": params.kmeans_expand,
-        "w2_uniform": params.w2_uniform,
+        "w2_uniform": params.w2_uniform, "latent_norm": getattr(params, "latent_norm", "none"),
     } for c in range(ctx.num_classes)]
     if ctx.executor is not None:  # CPU tasks (no GPU), streamed back with progress and cancellation
         finished = iter(range(1, len(jobs) + 1))
@@ -164,6 +205,8 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "w2_uniform": [r.get("w2_uniform") for r in results],
         "w2_uniform_method": sorted({r["w2_uniform_method"] for r in results if "w2_uniform_method" in r}),
         "kmeans_seconds": [r["seconds"] for r in results],
+        "members": [r["members"] for r in results],
+        "w2_members": [r["w2_members"] for r in results],
     }
 
 
@@ -294,8 +337,16 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     assert store is not None
     quant = ctx.checkpoints.stage("quantize", lambda: quantize_classes(ctx, store, params,
                                                                         seed_per_class=seed_per_class))
-    images = ctx.checkpoints.stage("decode", lambda: decode_latents(ctx, encoder, quant["centroids"],
-                                                                    quant["labels"], params))
+    if params.decode == "nearest" and "members" not in quant:
+        raise DistillError("this run's quantize checkpoint predates decode=nearest: start a new run")
+
+    def decode() -> torch.Tensor:
+        if params.decode != "nearest":
+            return decode_latents(ctx, encoder, quant["centroids"], quant["labels"], params)
+        with ctx.timed("decode"):
+            return ctx.train.load(np.concatenate(quant["members"])).float().div_(255.0)
+
+    images = ctx.checkpoints.stage("decode", decode)
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
     w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
     metrics: dict[str, Any] = {
@@ -306,6 +357,9 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         "w2_weighted_mean": round(float(w_weighted.mean()), 6),
         "kmeans_seconds": round(float(sum(quant["kmeans_seconds"])), 4),
     }
+    if params.decode == "nearest":
+        # The stored set's own quantization error: the members with their Voronoi masses.
+        metrics["w2_members_mean"] = round(float(np.mean(quant["w2_members"])), 6)
     if params.w2_uniform and all(v is not None for v in quant["w2_uniform"]):
         w_uniform = np.asarray(quant["w2_uniform"], dtype=np.float64)
         metrics["w2_uniform"] = [round(v, 6) for v in quant["w2_uniform"]]
@@ -317,7 +371,8 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         labels=quant["labels"],
         soft_labels=soft,
         weights=class_weights(quant["counts"], weight_power) if weighted else None,
-        extras={"latents": quant["centroids"].float()},
+        extras={"latents": quant["centroids"].float()}
+        | ({"source_indices": torch.from_numpy(np.concatenate(quant["members"]))} if params.decode == "nearest" else {}),
         metrics=metrics,
     )
 
@@ -325,7 +380,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
 class LatentOptimalQuantization(Method[LatentOQParams]):
     name: ClassVar[str] = "oq"
     summary: ClassVar[str] = ("Latent optimal quantization (DDOQ): encode, per-class k-means with cluster-mass "
-                              "weights, decode with the VAE or a latent diffusion prior")
+                              "weights; each cell's nearest real image, or a VAE / latent diffusion decode")
     family: ClassVar[str] = "latent"
     fans_out: ClassVar[bool] = True
     Params = LatentOQParams

@@ -38,6 +38,16 @@ def test_run_then_eval_json(random_archive: Path):
     assert len(payload["accuracies"]) == 2
     # 50 real digits, 15 epochs: far above chance (10 %) on a 500-image stratified test subset.
     assert payload["accuracy_mean"] > 50
+    # the control: random real images of the same ipc, same protocol / budget / seed, and the gain over it
+    control = payload["control"]
+    assert control["runs"] == 2 and control["epochs"] == 15 and control["settings"]["ipc"] == 5
+    assert payload["gain"] == pytest.approx(payload["accuracy_mean"] - control["accuracy_mean"], abs=1e-3)
+    assert control["settings"]["cached"] is False
+    again = invoke("eval", random_archive, "--runs", 2, "--epochs", 15, "--test-limit", 500, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    assert f"control, random real ipc 5: {control['accuracy_mean']:.2f}" in again.output  # from the cache
+    bare = invoke("eval", random_archive, "--runs", 1, "--epochs", 1, "--test-limit", 100, "--json", "--no-control")
+    assert bare.exit_code == 0 and "control" not in json.loads(bare.output.strip().splitlines()[-1])
 
 
 def test_run_is_deterministic_by_seed(tmp_path: Path, random_archive: Path):

@@ -66,6 +66,22 @@ def test_dc_protocol_is_deterministic_and_learns(mnist):
     assert first.accuracy_mean > 40 and first.lr == 0.01 and first.test_images == 300
 
 
+def test_random_control_is_the_random_baseline_cached(mnist, distill_home):
+    from distill.evaluate import random_control
+
+    config = EvalConfig(runs=1, epochs=3, test_limit=200, seed=5)
+    subset = RandomSelection().run(RunContext(dataset=mnist, ipc=2, seed=5), parse_params(RandomSelection, {}))
+    result = evaluate_distilled(subset, mnist, config, control_ipc=2)
+    # the control of a random set of the same seed is that very set: zero gain, and now cached
+    assert result.control is not None and result.control.accuracies == result.accuracies and result.gain == 0
+    cached = random_control(mnist, 2, config)
+    assert cached.settings["cached"] is True and cached.accuracies == result.accuracies
+    assert len(list((distill_home / "controls").glob("mnist-ipc2-dc-*.json"))) == 1
+    # another budget is another control
+    other = random_control(mnist, 2, EvalConfig(runs=1, epochs=2, test_limit=200, seed=5))
+    assert other.settings["cached"] is False and other.epochs == 2
+
+
 def test_learned_lr_and_weights_are_used(mnist):
     data = RandomSelection().run(_ctx(mnist, 2), parse_params(RandomSelection, {}))
     weighted = DistilledSet(images=data.images, labels=data.labels, weights=torch.rand(20) + 0.1, learned_lr=0.02)

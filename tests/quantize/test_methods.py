@@ -49,7 +49,7 @@ def test_oq_run_then_eval(oq_archive: Path, mnist_store):
     result = invoke("eval", oq_archive, "--runs", 1, "--epochs", 10, "--test-limit", 500, "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output.strip().splitlines()[-1])
-    # 100 decoded centroids of 500 real digits, 10 epochs: far above chance (10 %)
+    # 100 cell members (the default decode=nearest) of 500 real digits, 10 epochs: far above chance (10 %)
     assert payload["accuracy_mean"] > 60, payload
 
 
@@ -93,7 +93,8 @@ def _tiny_prior(root: Path) -> Path:
 def test_diffusion_decode_strength_zero_equals_vae_decode(tmp_path: Path, mnist_store):
     prior = _tiny_prior(tmp_path / "prior")
     base = {"w2_uniform": False}
-    vae = run_to_archive(RunRequest("mnist", "oq", 2, base, max_per_class=50), tmp_path / "v.tar").distilled
+    vae = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae"}, max_per_class=50),
+                         tmp_path / "v.tar").distilled
     zero = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "diffusion", "prior": str(prior),
                                                         "strength": 0.0}, max_per_class=50), tmp_path / "z.tar")
     assert torch.equal(zero.distilled.images, vae.images)
@@ -134,3 +135,47 @@ def test_teacher_soft_labels(tmp_path: Path, mnist_store):
     assert d.soft_labels is not None and d.soft_labels.shape == (20, 10)
     assert torch.isfinite(d.soft_labels).all() and d.weights is not None
     assert torch.equal(d.labels, torch.arange(10).repeat_interleave(2))  # hard labels stay the class ids
+
+
+def test_nearest_decode_takes_each_cells_w2_best_member(tmp_path: Path, mnist_store):
+    from distill.data import get_dataset
+    from distill.methods.base import RunContext
+
+    request = RunRequest("mnist", "oq", 3, {"decode": "nearest"}, seed=0, max_per_class=50)
+    result = run_to_archive(request, tmp_path / "n.tar")
+    d, metrics = result.distilled, result.manifest["metrics"]
+    vae = run_to_archive(RunRequest("mnist", "oq", 3, {"decode": "vae"}, seed=0, max_per_class=50),
+                         tmp_path / "v.tar").distilled
+    # same quantizer (centroids, masses) as the VAE decode; only the images differ
+    assert torch.equal(d.extras["latents"], vae.extras["latents"]) and torch.equal(d.weights, vae.weights)
+    # the images are the real training images the archive names, exactly
+    train = RunContext(dataset=get_dataset("mnist"), ipc=3, seed=0, max_per_class=50).train
+    sources = d.extras["source_indices"].numpy()
+    assert torch.equal(d.images, train.load(sources).float() / 255.0)
+    assert (train.labels[sources] == d.labels.numpy()).all()
+    # each is the member of its cell nearest the centroid
+    for c in range(10):
+        x = mnist_store.class_latents(c).flatten(1)
+        rows = {int(i): r for r, i in enumerate(mnist_store.class_indices(c))}
+        centroids = d.extras["latents"][3 * c : 3 * c + 3].flatten(1)
+        cell = torch.cdist(x, centroids).argmin(1)
+        for k in range(3):
+            member = rows[int(sources[3 * c + k])]
+            dist = (x[cell == k] - centroids[k]).pow(2).sum(1)
+            assert cell[member] == k and torch.isclose((x[member] - centroids[k]).pow(2).sum(), dist.min(), rtol=1e-4)
+    # a real member set quantizes the class worse than the centroids do, but is a quantizer all the same
+    assert metrics["w2_weighted_mean"] <= metrics["w2_members_mean"] < metrics["w2_uniform_mean"] * 2
+
+
+def test_instance_normalised_quantization(tmp_path: Path, mnist_store):
+    base = {"latent_norm": "instance", "w2_uniform": False}
+    near = run_to_archive(RunRequest("mnist", "oq", 2, base, max_per_class=50), tmp_path / "n.tar").distilled
+    vae = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae"}, max_per_class=50),
+                         tmp_path / "v.tar").distilled
+    plain = run_to_archive(RunRequest("mnist", "oq", 2, {"w2_uniform": False, "decode": "vae"}, max_per_class=50),
+                           tmp_path / "p.tar").distilled
+    assert torch.equal(near.weights, vae.weights) and not torch.equal(near.weights, plain.weights)
+    # the centroids are mapped back to latents (the cells' average offset and gain): they decode to digits
+    assert vae.extras["latents"].shape == (20, 32, 8, 8)
+    torch.testing.assert_close(vae.extras["latents"].mean(), plain.extras["latents"].mean(), atol=0.05, rtol=0.1)
+    assert float(vae.images.min()) >= 0 and float(vae.images.max()) <= 1
