@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.realpool import RealPool
-from pixelspace.synthetic import fresh_network, init_synthetic, to_pixel
+from pixelspace.synthetic import LoopState, fresh_network, init_synthetic, to_pixel
 
 
 class DDParams(MethodParams):
@@ -114,7 +114,9 @@ class DatasetDistillation(Method[DDParams]):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=params.decay_factor)
         masks = [(step_of_image == s).nonzero().squeeze(1) for s in range(steps)]
         losses: list[float] = []
-        for it in ctx.steps(iterations, "distill"):
+        state = LoopState({"images": images, "raw_lrs": raw_lrs}, {"adam": optimizer, "step_lr": scheduler}, generator,
+                          losses)
+        for it in ctx.resumable_steps(iterations, "distill", state, ctx.run_key(self.name, params)):
             net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
             net.train()
             real_x, real_y = pool.sample_mixed(params.batch_real, generator)
