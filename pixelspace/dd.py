@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.realpool import RealPool
-from pixelspace.synthetic import LoopState, fresh_network, init_synthetic, to_pixel
+from pixelspace.synthetic import LoopState, init_synthetic, network_iterations, to_pixel
 
 
 class DDParams(MethodParams):
@@ -122,9 +122,7 @@ class DatasetDistillation(Method[DDParams]):
         losses: list[float] = []
         state = LoopState({"images": images, "raw_lrs": raw_lrs}, {"adam": optimizer, "step_lr": scheduler}, generator,
                           losses)
-        for it in ctx.resumable_steps(iterations, "distill", state, ctx.run_key(self.name, params)):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        for it, net in network_iterations(ctx, self.name, params, iterations, params.model, state):
             real_x, real_y = pool.sample_mixed(params.batch_real, generator)
             loss = unrolled_loss(net, [images[m] for m in masks], [labels[m] for m in masks], raw_lrs, real_x, real_y,
                                  params.distill_epochs)

@@ -34,6 +34,7 @@ from pixelspace.synthetic import (
     has_batchnorm,
     learnable_images,
     matching_result,
+    network_iterations,
     resolve_strategy,
 )
 
@@ -116,9 +117,7 @@ class DistributionMatching(Method[DMParams]):
             real_embed = RealPass(real_embed_pass(template, real_dtype), compile=True, log=ctx.log)
         losses: list[float] = []
         state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
-        for it in ctx.resumable_steps(params.iterations, "distill", state, ctx.run_key(self.name, params)):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
             for p in net.parameters():
                 p.requires_grad_(False)
             real = pool.sample_all(params.batch_real, generator)

@@ -39,6 +39,7 @@ from pixelspace.synthetic import (
     has_batchnorm,
     learnable_images,
     matching_result,
+    network_iterations,
     resolve_strategy,
 )
 
@@ -201,9 +202,7 @@ class DatasetCondensation(Method[GradientMatchingParams]):
             real_loss = RealPass(real_ce_pass(template, real_dtype), compile=True, log=ctx.log)
         losses: list[float] = []
         state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
-        for it in ctx.resumable_steps(params.iterations, "distill", state, ctx.run_key(self.name, params)):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
             optimizer_net = torch.optim.SGD(net.parameters(), lr=params.lr_net)
             loss_avg = 0.0
             for ol in range(outer):

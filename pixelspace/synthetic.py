@@ -7,6 +7,7 @@ converts them back only when a method hands its :class:`DistilledSet` out.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 
 from distill.augment import strategy_for
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, RunContext
+from distill.methods.base import DistilledSet, MethodParams, RunContext
 from distill.nets import build_network
 from pixelspace.realpool import RealPool
 
@@ -143,3 +144,13 @@ class LoopState:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.losses[:] = state["losses"]
+
+
+def network_iterations(ctx: RunContext, method: str, params: MethodParams, iterations: int, model: str,
+                       state: LoopState) -> Iterator[tuple[int, nn.Module]]:
+    """The outer loop of an image-optimising method: resumable (``state`` is checkpointed), and every iteration
+    on a freshly initialised network in train mode, seeded by the iteration as the references sample one."""
+    for it in ctx.resumable_steps(iterations, "distill", state, ctx.run_key(method, params)):
+        net = fresh_network(model, ctx, seed=ctx.seed * 1_000_003 + it)
+        net.train()
+        yield it, net
