@@ -15,8 +15,9 @@ into ``distill_steps`` batches (default the largest divisor of ipc that is <= 10
 images per class each. IPC 1 -> 1 step x 3 epochs; IPC 10 -> the reference's 10 steps x 1 image.
 
 Evaluation: the archive's ``learned_lr`` is the mean of the T learned step lrs (``distill eval`` trains
-with it); all T lrs are in ``extras['step_lrs']`` and each image's step index in ``extras['dd_step']``
-(what DD's own evaluation replays).
+with it); all T lrs are in ``extras['step_lrs']`` and each image's step index in ``extras['dd_step']``,
+which ``distill eval --protocol dd`` replays on fresh networks (DD's own evaluation; use the run's ``model``,
+e.g. ``--model lenet`` for DD's MNIST network).
 """
 
 from __future__ import annotations
