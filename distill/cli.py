@@ -56,6 +56,9 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     max_per_class: Annotated[int | None, typer.Option(help="see at most N training images per class")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    resume_dir: Annotated[Path | None, typer.Option(
+        "--resume-dir", help="checkpoint folder: the run saves its progress there and, started again with the "
+                             "same folder and arguments, continues from it")] = None,
 ) -> None:
     """Distill DATASET into IPC images per class with METHOD and write one archive."""
     from distill.methods.registry import parse_set_options
@@ -66,7 +69,8 @@ def run(
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
         bars = not quiet and (sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS")))
-        result = run_to_archive(request, out, show_progress_bars=bars, log=lambda message: typer.echo(message, err=True))
+        result = run_to_archive(request, out, show_progress_bars=bars, checkpoint_dir=resume_dir,
+                                log=lambda message: typer.echo(message, err=True))
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.manifest["timings"].items())
         typer.echo(f"wrote {result.path} ({len(result.distilled)} images, sha256 {result.sha256[:16]}…; {timings})")
 

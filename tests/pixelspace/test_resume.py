@@ -80,3 +80,25 @@ def test_finished_checkpoint_returns_the_result_and_another_run_is_refused(mnist
     ctx = RunContext(dataset=mnist, ipc=1, seed=1, max_per_class=20, checkpoints=CheckpointStore(tmp_path))
     with pytest.raises(DistillError, match="holds another run"):
         cls().run(ctx, parse_params(cls, TINY["dm"]))
+
+
+def test_cli_resume_dir_checkpoints_and_continues(tmp_path):
+    """`distill run --resume-dir DIR`: the run leaves its loop checkpoint there; run again, it continues from it."""
+    from typer.testing import CliRunner
+
+    from distill.archive import read_archive
+    from distill.cli import app
+
+    args = ["run", "dm", "--dataset", "mnist", "--ipc", "1", "--max-per-class", "20", "--quiet",
+            "--set", "iterations=4", "--set", "batch_real=8", "--set", "model=convnet-w32",
+            "--resume-dir", str(tmp_path / "ckpt")]
+    first = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.tar")])
+    assert first.exit_code == 0, first.output
+    assert torch.load(tmp_path / "ckpt" / "distill-loop.pt", weights_only=False)["iteration"] == 4
+    second = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.tar")])
+    assert second.exit_code == 0, second.output
+    assert "resuming at iteration 4 of 4" in second.output
+    assert torch.equal(read_archive(tmp_path / "a.tar").distilled.images, read_archive(tmp_path / "b.tar").distilled.images)
+    other = CliRunner().invoke(app, [*args[:-2], "--seed", "3", "--resume-dir", str(tmp_path / "ckpt"),
+                                     "--out", str(tmp_path / "c.tar")])
+    assert other.exit_code == 2 and "holds another run" in other.output
