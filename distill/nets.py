@@ -167,7 +167,8 @@ class LeNet(Classifier):
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
                 nn.init.xavier_normal_(m.weight, gain=1.0)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
