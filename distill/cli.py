@@ -73,6 +73,9 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     max_per_class: Annotated[int | None, typer.Option(help="see at most N training images per class")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    resume_dir: Annotated[Path | None, typer.Option(
+        "--resume-dir", help="checkpoint folder: the run saves its progress there and, started again with the "
+                             "same folder and arguments, continues from it")] = None,
 ) -> None:
     """Distill DATASET into IPC images per class with METHOD and write one archive."""
     from distill.methods.registry import parse_set_options
@@ -86,7 +89,7 @@ def run(
         # every stage reports to the sink, bars or not (some, like oq's encode, have no bar): a line per stage
         # change and every 30 s in a log, every 60 s beside the bars on a terminal
         lines = None if quiet else ProgressLines("run", every=60.0 if bars else 30.0)
-        result = run_to_archive(request, out, progress=lines, show_progress_bars=bars,
+        result = run_to_archive(request, out, progress=lines, show_progress_bars=bars, checkpoint_dir=resume_dir,
                                 log=lambda message: typer.echo(message, err=True))
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.manifest["timings"].items())
         typer.echo(f"wrote {result.path} ({len(result.distilled)} images, sha256 {result.sha256[:16]}…; {timings})")

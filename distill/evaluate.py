@@ -8,6 +8,10 @@ Protocols
 - ``softlabel`` (SRe2L/RDED style): a teacher trained on the full train split (trained once, cached)
   labels every augmented batch online; students minimise KL at temperature T, AdamW lr 1e-3,
   wd 0.01, half-cosine schedule, per-image weights from the archive.
+- ``dd`` (DD's own evaluation, docs/METHODS.md §1): a freshly initialised network takes exactly the T plain
+  SGD steps a DD archive learned (step t on distilled batch t mod S with learned lr t; no augmentation), then
+  is tested. Needs the archive's ``step_lrs`` and ``dd_step``; "epochs" are the passes over the distilled
+  batches (DD's distill_epochs).
 
 The control (DD-Ranking's point): with ``control_ipc`` the same routine also scores a random real subset of
 that IPC (the ``random`` baseline, same seed) under the same protocol, budget and network, cached under
@@ -41,7 +45,7 @@ from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
 from distill.precision import autocast_context, precision_dtype
 
-PROTOCOLS = ("dc", "softlabel")
+PROTOCOLS = ("dc", "softlabel", "dd")
 Progress = Callable[[str, float], None]
 
 
@@ -242,6 +246,29 @@ def train_student_softlabel(
     return model
 
 
+def train_student_dd(distilled: DistilledSet, dataset: Dataset, config: EvalConfig, run_seed: int) -> Classifier:
+    """DD protocol: a fresh network replays the archive's learned steps (what DD optimised its images for)."""
+    if "step_lrs" not in distilled.extras or "dd_step" not in distilled.extras:
+        raise DistillError("protocol dd needs a DD archive (extras step_lrs and dd_step)")
+    device = torch.device(config.device)
+    step_lrs = distilled.extras["step_lrs"].tolist()
+    step_of = distilled.extras["dd_step"].to(device)
+    steps = int(step_of.max()) + 1
+    x_all = dataset.normalize(distilled.images.to(device))
+    y_all = distilled.labels.to(device)
+    model = build_network(config.model, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    model.train()
+    params = list(model.parameters())
+    for t, lr in enumerate(step_lrs):
+        mask = step_of == t % steps
+        loss = F.cross_entropy(model(x_all[mask]), y_all[mask])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(lr * g)
+    return model
+
+
 def _normalised_weights(distilled: DistilledSet) -> torch.Tensor | None:
     if distilled.weights is None:
         return None
@@ -279,9 +306,14 @@ def evaluate_distilled(
     indices = _test_indices(dataset, config.test_limit, config.seed)
     weights = _normalised_weights(distilled)
     teacher = None
+    epochs = config.resolved_epochs()
     if config.protocol == "softlabel":
         teacher = get_teacher(dataset, config, progress=progress).to(device)
         lr = config.lr or 1e-3
+    elif config.protocol == "dd":
+        lr = float(distilled.extras["step_lrs"].mean()) if "step_lrs" in distilled.extras else 0.0
+        steps = int(distilled.extras["dd_step"].max()) + 1 if "dd_step" in distilled.extras else 1
+        epochs = len(distilled.extras.get("step_lrs", [])) // steps
     else:
         lr = config.lr or distilled.learned_lr or 0.01
     soft = F.softmax(distilled.soft_labels, dim=1) if distilled.soft_labels is not None else None
@@ -293,7 +325,9 @@ def evaluate_distilled(
             if progress is not None:
                 progress(stage, (run + fraction) / config.runs)
 
-        if teacher is not None:
+        if config.protocol == "dd":
+            model = train_student_dd(distilled, dataset, config, run_seed)
+        elif teacher is not None:
             model = train_student_softlabel(distilled.images, dataset, config, run_seed, teacher, weights=weights,
                                             lr=lr, progress=run_progress)
         else:
@@ -304,7 +338,7 @@ def evaluate_distilled(
         dataset=dataset.name,
         model=config.model,
         protocol=config.protocol,
-        epochs=config.resolved_epochs(),
+        epochs=epochs,
         runs=config.runs,
         accuracies=accuracies,
         lr=lr,

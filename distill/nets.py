@@ -147,8 +147,35 @@ class ResNet18(Classifier):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+class LeNet(Classifier):
+    """LeNet-5, the network DD (Wang et al. 2018) distils MNIST for (docs/METHODS.md §1): Conv5x5(6) -> ReLU ->
+    MaxPool2 -> Conv5x5(16) -> ReLU -> MaxPool2 -> FC 120 -> ReLU -> FC 84 -> ReLU -> FC classes; the first conv
+    pads 28 px inputs by 2. Initialised as DD's default (``--init xavier --init_param 1``): Xavier-normal
+    weights with gain 1, zero biases."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, 5, padding=2 if image_size == 28 else 0), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = ((image_size + (4 if image_size == 28 else 0) - 4) // 2 - 4) // 2
+        self.fc = nn.Sequential(nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True), nn.Linear(120, 84),
+                                nn.ReLU(inplace=True))
+        self.embed_dim = 84
+        self.classifier = nn.Linear(84, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.xavier_normal_(m.weight, gain=1.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
 NORM_TOKENS = {"bn": "batchnorm", "in": "instancenorm", "ln": "layernorm", "gn": "groupnorm", "nn": "none"}
-NETWORK_NAMES = ["convnet", "convnet-d4", "convnet-bn", "convnet-w64", "resnet18", "resnet18-ap", "resnet18-in"]
+NETWORK_NAMES = ["convnet", "convnet-d4", "convnet-bn", "convnet-w64", "resnet18", "resnet18-ap", "resnet18-in", "lenet"]
 
 
 def build_network(name: str, channels: int, num_classes: int, image_size: int, seed: int | None = None) -> Classifier:
@@ -170,6 +197,8 @@ def build_network(name: str, channels: int, num_classes: int, image_size: int, s
             else:
                 raise DistillError(f"unknown network '{name}' (variant token '{token}')")
         return ConvNet(channels, num_classes, image_size, **kwargs)
+    if name == "lenet":
+        return LeNet(channels, num_classes, image_size)
     if name in ("resnet18", "resnet18-bn", "resnet18-ap", "resnet18-in"):
         return ResNet18(
             channels, num_classes, cifar_stem=image_size < 64,

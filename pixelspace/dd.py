@@ -6,7 +6,8 @@ the distilled batches (steps repeat 1..S, 1..S, ...), each with its own learned 
 a raw parameter initialised at the inverse softplus of distill_lr), evaluates CE on a real batch with the
 final weights and back-propagates through the unrolled steps into the images and the step lrs (autograd
 with a second-order graph; the reference writes the same Hessian-vector products by hand).
-Outer optimiser: Adam(lr 0.01, betas (0.5, 0.999)) with StepLR(gamma 0.5 every decay_epochs of 400).
+Outer optimiser: Adam(lr 0.01, betas (0.5, 0.999)) with StepLR(gamma 0.5 every decay_epochs = 40 epochs of the
+real loader, of 400). Reference facts: docs/METHODS.md §1.
 
 IPC mapping: the reference's "ipc" is images per class *per step* (default 1 image x 10 steps = 100
 images, the "10 ipc" setting). Here ``ipc`` is the total per class, as for every method: the set is cut
@@ -14,8 +15,9 @@ into ``distill_steps`` batches (default the largest divisor of ipc that is <= 10
 images per class each. IPC 1 -> 1 step x 3 epochs; IPC 10 -> the reference's 10 steps x 1 image.
 
 Evaluation: the archive's ``learned_lr`` is the mean of the T learned step lrs (``distill eval`` trains
-with it); all T lrs are in ``extras['step_lrs']`` and each image's step index in ``extras['dd_step']``
-(what DD's own evaluation replays).
+with it); all T lrs are in ``extras['step_lrs']`` and each image's step index in ``extras['dd_step']``,
+which ``distill eval --protocol dd`` replays on fresh networks (DD's own evaluation; use the run's ``model``,
+e.g. ``--model lenet`` for DD's MNIST network).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.nn import functional as F
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.realpool import RealPool
-from pixelspace.synthetic import fresh_network, init_synthetic, to_pixel
+from pixelspace.synthetic import LoopState, init_synthetic, network_iterations, to_pixel
 
 
 class DDParams(MethodParams):
@@ -44,7 +46,9 @@ class DDParams(MethodParams):
     distill_lr: float | None = Field(
         None, gt=0, description="Initial per-step lr; None = 0.02 (reference default, MNIST) or 0.001 for colour data (README).")
     lr: float = Field(0.01, gt=0, description="Adam learning rate of the images and step lrs (betas 0.5, 0.999).")
-    decay_epochs: int = Field(40, ge=1, description="StepLR period in epochs (scaled to iterations as decay_epochs/epochs).")
+    decay_epochs: int = Field(
+        40, ge=1, description="StepLR period in epochs over the real data (an epoch = ceil(train size / batch_real) "
+                              "iterations, as the reference steps its scheduler once per epoch).")
     decay_factor: float = Field(0.5, gt=0, le=1, description="StepLR gamma.")
     batch_real: int = Field(1024, ge=1, description="Real images per outer step (reference --batch_size).")
     init: Literal["noise", "real"] = Field("noise", description="Distilled image initialisation (reference: randn).")
@@ -100,8 +104,11 @@ class DatasetDistillation(Method[DDParams]):
             raise DistillError(f"distill_steps {steps} must divide ipc {ipc}")
         per_step = ipc // steps
         total = params.distill_epochs * steps
-        iterations = params.iterations or params.epochs * math.ceil(len(ctx.train) / params.batch_real)
-        decay_every = max(1, round(iterations * params.decay_epochs / params.epochs))
+        iterations_per_epoch = math.ceil(len(ctx.train) / params.batch_real)
+        iterations = params.iterations or params.epochs * iterations_per_epoch
+        # The reference halves the lr every decay_epochs epochs of the real loader, whatever the budget; a short
+        # budget (iterations=N) stops early in that schedule instead of squeezing all its decays into N steps.
+        decay_every = params.decay_epochs * iterations_per_epoch
         distill_lr = params.distill_lr or (0.02 if ds.channels == 1 else 0.001)
         generator = ctx.generator(17)
         pool = RealPool(ctx)
@@ -114,9 +121,9 @@ class DatasetDistillation(Method[DDParams]):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=params.decay_factor)
         masks = [(step_of_image == s).nonzero().squeeze(1) for s in range(steps)]
         losses: list[float] = []
-        for it in ctx.steps(iterations, "distill"):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        state = LoopState({"images": images, "raw_lrs": raw_lrs}, {"adam": optimizer, "step_lr": scheduler}, generator,
+                          losses)
+        for it, net in network_iterations(ctx, self.name, params, iterations, params.model, state):
             real_x, real_y = pool.sample_mixed(params.batch_real, generator)
             loss = unrolled_loss(net, [images[m] for m in masks], [labels[m] for m in masks], raw_lrs, real_x, real_y,
                                  params.distill_epochs)
@@ -143,6 +150,7 @@ class DatasetDistillation(Method[DDParams]):
                 "iterations": iterations,
                 "learned_lr_mean": float(step_lrs.mean()),
                 "learned_lr_final": float(step_lrs[-1]),
+                "lr_final": optimizer.param_groups[0]["lr"],
                 "space": "normalised during optimisation, pixel scale in the archive",
             },
         )

@@ -28,11 +28,13 @@ from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_aut
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
 from pixelspace.realpool import RealPool
 from pixelspace.synthetic import (
+    LoopState,
     draw_seed,
     fresh_network,
     has_batchnorm,
     learnable_images,
     matching_result,
+    network_iterations,
     resolve_strategy,
 )
 
@@ -114,9 +116,8 @@ class DistributionMatching(Method[DMParams]):
             template = fresh_network(params.model, ctx, seed=0)
             real_embed = RealPass(real_embed_pass(template, real_dtype), compile=True, log=ctx.log)
         losses: list[float] = []
-        for it in ctx.steps(params.iterations, "distill"):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
             for p in net.parameters():
                 p.requires_grad_(False)
             real = pool.sample_all(params.batch_real, generator)

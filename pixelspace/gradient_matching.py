@@ -33,11 +33,13 @@ from pixelspace.precision import REAL_PRECISION_HELP, real_autocast_dtype
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, real_ce_pass
 from pixelspace.realpool import RealPool
 from pixelspace.synthetic import (
+    LoopState,
     draw_seed,
     fresh_network,
     has_batchnorm,
     learnable_images,
     matching_result,
+    network_iterations,
     resolve_strategy,
 )
 
@@ -199,9 +201,8 @@ class DatasetCondensation(Method[GradientMatchingParams]):
             template.train(not has_batchnorm(template))  # BN networks match in eval mode
             real_loss = RealPass(real_ce_pass(template, real_dtype), compile=True, log=ctx.log)
         losses: list[float] = []
-        for it in ctx.steps(params.iterations, "distill"):
-            net = fresh_network(params.model, ctx, seed=ctx.seed * 1_000_003 + it)
-            net.train()
+        state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
             optimizer_net = torch.optim.SGD(net.parameters(), lr=params.lr_net)
             loss_avg = 0.0
             for ol in range(outer):

@@ -6,13 +6,17 @@ converts them back only when a method hands its :class:`DistilledSet` out.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
 from distill.augment import strategy_for
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, RunContext
+from distill.methods.base import DistilledSet, MethodParams, RunContext
 from distill.nets import build_network
 from pixelspace.realpool import RealPool
 
@@ -107,3 +111,46 @@ def fresh_network(model: str, ctx: RunContext, seed: int) -> nn.Module:
 
 def has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+class LoopState:
+    """Everything a pixel method's loop carries from one iteration to the next, as one checkpointable state.
+
+    ``tensors`` (learnable images, step lrs ...) are restored in place, so optimisers keep pointing at them;
+    ``optimizers`` holds anything with ``state_dict``/``load_state_dict`` (optimisers, lr schedulers); the
+    sampling generator, torch's global RNG and the loss curve come along, which makes a resumed run continue
+    exactly where the saved one stopped (:meth:`RunContext.resumable_steps`).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], optimizers: dict[str, Any], generator: torch.Generator,
+                 losses: list[float]):
+        self.tensors, self.optimizers, self.generator, self.losses = tensors, optimizers, generator, losses
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": {k: v.detach().cpu().clone() for k, v in self.tensors.items()},
+            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                v.copy_(state["tensors"][k].to(v.device))
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.losses[:] = state["losses"]
+
+
+def network_iterations(ctx: RunContext, method: str, params: MethodParams, iterations: int, model: str,
+                       state: LoopState) -> Iterator[tuple[int, nn.Module]]:
+    """The outer loop of an image-optimising method: resumable (``state`` is checkpointed), and every iteration
+    on a freshly initialised network in train mode, seeded by the iteration as the references sample one."""
+    for it in ctx.resumable_steps(iterations, "distill", state, ctx.run_key(method, params)):
+        net = fresh_network(model, ctx, seed=ctx.seed * 1_000_003 + it)
+        net.train()
+        yield it, net

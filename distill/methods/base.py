@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from distill.data.registry import Dataset, Split
 from distill.data.sampling import run_train_split
-from distill.errors import Cancelled
+from distill.errors import Cancelled, DistillError
 from distill.files import atomic_output
 
 
@@ -91,6 +91,14 @@ class Executor(Protocol):
             check_cancelled: Callable[[], None] | None = None) -> list: ...
 
 
+class Resumable(Protocol):
+    """The state of an iterative method that a checkpoint saves and a resumed run loads (torch.save-able)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class CheckpointStore:
     """Per-stage checkpoints (tensors + JSON) under one folder; a stage with a checkpoint is not recomputed."""
 
@@ -136,6 +144,10 @@ class RunContext:
     is_cancelled: Callable[[], bool] = lambda: False
     log: Callable[[str], None] = lambda message: None
     show_progress_bars: bool = False
+    # Loops run through resumable_steps save their state every checkpoint_every iterations or
+    # checkpoint_seconds, whichever comes first (only when the checkpoint store has a folder).
+    checkpoint_every: int = 50
+    checkpoint_seconds: float = 60.0
     executor: Executor | None = None  # fan-out engine (Ray) for heavy stages; None = run in-process
     _train: Split | None = field(default=None, init=False, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
@@ -184,26 +196,28 @@ class RunContext:
         if self.is_cancelled():
             raise Cancelled("job cancelled")
 
-    def steps(self, total: int, stage: str, every: int | None = None) -> Iterator[int]:
-        """``range(total)`` that reports progress, shows a bar in the CLI and honours cancellation."""
-        return self.track(range(total), stage, total=total, every=every)
+    def steps(self, total: int, stage: str, every: int | None = None, start: int = 0) -> Iterator[int]:
+        """``range(start, total)`` that reports progress, shows a bar in the CLI and honours cancellation."""
+        return self.track(range(start, total), stage, total=total, every=every, done=start)
 
-    def track(self, items: Iterable, stage: str, total: int | None = None, every: int | None = None) -> Iterator:
+    def track(self, items: Iterable, stage: str, total: int | None = None, every: int | None = None,
+              done: int = 0) -> Iterator:
+        """Yield ``items`` with progress (``done`` of ``total`` already finished), a CLI bar and cancellation checks."""
         total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
         every = every or max(1, (total or 100) // 100)
         bar = None
         if self.show_progress_bars:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
-        self.progress(stage, 0.0)
+            bar = tqdm(total=total, initial=done, desc=stage, leave=False, dynamic_ncols=True)
+        self.progress(stage, done / total if total else 0.0)
         with self.timed(stage):
             try:
                 for i, item in enumerate(items):
                     if i % every == 0:
                         self.check_cancelled()
                         if total:
-                            self.progress(stage, i / total)
+                            self.progress(stage, (done + i) / total)
                     yield item
                     if bar is not None:
                         bar.update(1)
@@ -211,6 +225,55 @@ class RunContext:
                 if bar is not None:
                     bar.close()
         self.progress(stage, 1.0)
+
+    def run_key(self, method: str, params: MethodParams) -> dict[str, Any]:
+        """What identifies a run's result: a checkpoint of another key must not be resumed."""
+        return {"method": method, "dataset": self.dataset.name, "ipc": self.ipc, "seed": self.seed,
+                "max_per_class": self.max_per_class, "params": params.model_dump(mode="json")}
+
+    def resumable_steps(self, total: int, stage: str, state: Resumable, key: dict[str, Any],
+                        every: int | None = None) -> Iterator[int]:
+        """:meth:`steps` that checkpoints ``state`` into the checkpoint store and resumes from it.
+
+        The checkpoint ``<stage>-loop`` holds the number of finished iterations and ``state.state_dict()``
+        after them. It is written every ``checkpoint_every`` iterations or ``checkpoint_seconds`` (whichever
+        comes first), when the run is cancelled between iterations and when the loop ends; a run started
+        again with the same store and ``key`` (:meth:`run_key`) loads it and continues with the next
+        iteration, so a stopped machine loses at most one interval. Without a store folder it is
+        :meth:`steps`. An exception inside an iteration saves nothing (that iteration's state is partial).
+        """
+        name = f"{stage}-loop"
+        start = 0
+        if self.checkpoints.has(name):
+            saved = self.checkpoints.load(name)
+            if saved.get("key") != key or saved.get("total") != total:
+                raise DistillError(f"checkpoint folder {self.checkpoints.folder} holds another run ({saved.get('key')}, "
+                                   f"{saved.get('total')} iterations); use a new folder for this one")
+            state.load_state_dict(saved["state"])
+            start = int(saved["iteration"])
+            self.log(f"{stage}: resuming at iteration {start} of {total} from {self.checkpoints.folder}")
+        if self.checkpoints.folder is None:
+            yield from self.steps(total, stage, every=every, start=start)
+            return
+
+        def save(finished: int) -> None:
+            self.checkpoints.save(name, {"iteration": finished, "total": total, "key": key, "state": state.state_dict()})
+
+        finished = saved_at = start
+        saved_time = time.monotonic()
+        try:
+            for it in self.steps(total, stage, every=every, start=start):
+                yield it
+                finished = it + 1
+                if finished - saved_at >= self.checkpoint_every or time.monotonic() - saved_time >= self.checkpoint_seconds:
+                    save(finished)
+                    saved_at, saved_time = finished, time.monotonic()
+        except Cancelled:
+            if finished > saved_at:
+                save(finished)
+            raise
+        if finished > saved_at or not self.checkpoints.has(name):
+            save(finished)
 
 
 P = TypeVar("P", bound=MethodParams)

@@ -118,3 +118,10 @@ def test_convnet_matches_reference_parameter_count():
     # docs/METHODS.md §2: CIFAR-10 ConvNet-3 = 320,010 parameters, MNIST = 317,706.
     assert sum(p.numel() for p in build_network("convnet", 3, 10, 32).parameters()) == 320010
     assert sum(p.numel() for p in build_network("convnet", 1, 10, 28).parameters()) == 317706
+
+
+def test_lenet_is_lenet5_with_dd_init():
+    net = build_network("lenet", 1, 10, 28, seed=0)
+    assert sum(p.numel() for p in net.parameters()) == 61706  # LeNet-5 on 28 px (first conv padded by 2)
+    assert all(float(m.bias.abs().max()) == 0 for m in net.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
+    assert net.embed(torch.randn(3, 1, 28, 28)).shape == (3, 84)

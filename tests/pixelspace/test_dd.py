@@ -8,7 +8,7 @@ import torch
 from distill.archive import read_archive
 from distill.errors import DistillError
 from distill.evaluate import EvalConfig, evaluate_distilled
-from distill.methods.base import RunContext
+from distill.methods.base import DistilledSet, RunContext
 from distill.methods.registry import get_method, parse_params
 from distill.nets import build_network
 from distill.runner import RunRequest, run_to_archive
@@ -62,3 +62,39 @@ def test_learned_lr_is_archived_and_used_by_evaluate(mnist, tmp_path):
     assert distilled.extras["dd_step"].tolist() == [0, 1] * 10
     ev = evaluate_distilled(distilled, mnist, EvalConfig(runs=1, epochs=1, test_limit=50, model="convnet-w32"))
     assert ev.lr == pytest.approx(distilled.learned_lr)
+
+
+def test_dd_protocol_replays_exactly_the_steps_dd_optimised(mnist):
+    """protocol dd: a fresh network after the archive's learned steps is the network DD's objective scores."""
+    from distill.evaluate import train_student_dd
+
+    torch.manual_seed(0)
+    images = torch.randn(20, 1, 28, 28)  # IPC 2 as 2 steps of 1 image per class, normalised space
+    labels = torch.arange(10).repeat_interleave(2)  # class-major, as DD lays its set out
+    step_of = torch.tensor([0, 1] * 10)
+    raw_lrs = torch.tensor([inverse_softplus(v) for v in (0.05, 0.02, 0.04, 0.01)])  # 2 steps x 2 epochs
+    real_x, real_y = RealPool(RunContext(dataset=mnist, ipc=1, max_per_class=20)).sample_mixed(
+        64, torch.Generator().manual_seed(3))
+    batches = [images[step_of == s] for s in range(2)]
+    batch_labels = [labels[step_of == s] for s in range(2)]
+    net = build_network("convnet-w32", 1, 10, 28, seed=7)
+    objective = float(unrolled_loss(net, batches, batch_labels, raw_lrs, real_x, real_y, 2).detach())
+    distilled = DistilledSet(images=mnist.denormalize(images), labels=labels,
+                             extras={"step_lrs": torch.nn.functional.softplus(raw_lrs), "dd_step": step_of})
+    model = train_student_dd(distilled, mnist, EvalConfig(protocol="dd", model="convnet-w32"), run_seed=7)
+    with torch.no_grad():
+        replayed = float(torch.nn.functional.cross_entropy(model(real_x), real_y))
+    assert replayed == pytest.approx(objective, abs=1e-4)
+    result = evaluate_distilled(distilled, mnist, EvalConfig(protocol="dd", model="convnet-w32", runs=2, test_limit=50))
+    assert result.epochs == 2 and len(result.accuracies) == 2
+    with pytest.raises(DistillError, match="needs a DD archive"):
+        evaluate_distilled(DistilledSet(images=distilled.images, labels=labels), mnist, EvalConfig(protocol="dd"))
+
+
+def test_lr_decay_follows_reference_epochs_not_the_budget(mnist):
+    """StepLR halves every decay_epochs epochs of the real loader; a short budget stops early in that schedule."""
+    cls = get_method("dd")
+    ctx = RunContext(dataset=mnist, ipc=1, seed=0, max_per_class=20)  # 200 images, batch 64 -> 4 iterations/epoch
+    params = {"iterations": 6, "batch_real": 64, "model": "convnet-w32", "decay_epochs": 1, "lr": 0.05}
+    out = cls().run(ctx, parse_params(cls, params))
+    assert out.metrics["lr_final"] == pytest.approx(0.05 * 0.5)  # one halving after 4 iterations, none at 6
