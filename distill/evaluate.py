@@ -286,8 +286,11 @@ def evaluate_distilled(
     *,
     control_ipc: int | None = None,
 ) -> EvalResult:
-    """Train ``config.runs`` fresh students on ``distilled``; with ``control_ipc``, attach the random control."""
-    if control_ipc is not None:
+    """Train ``config.runs`` fresh students on ``distilled``; with ``control_ipc``, attach the random control.
+
+    Protocol ``dd`` replays an archive's learned steps, which random real images do not have: no control there.
+    """
+    if control_ipc is not None and config.protocol != "dd":
         share = 1.0 if _control_path(dataset, control_ipc, config).exists() else 0.5
         result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share))
         result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0))
