@@ -305,6 +305,8 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
         "w2_weighted_mean": round(float(w_weighted.mean()), 6),
         "kmeans_seconds": round(float(sum(quant["kmeans_seconds"])), 4),
+        "skipped_images": len(store.skipped),  # training files that could not be decoded (left out, not fatal)
+        "skipped_files": sorted(store.skipped.values())[:100],
     }
     if params.w2_uniform and all(v is not None for v in quant["w2_uniform"]):
         w_uniform = np.asarray(quant["w2_uniform"], dtype=np.float64)

@@ -43,49 +43,63 @@ def available_cores() -> int:
 
 
 def default_num_workers() -> int:
-    """Loader processes when none are asked for: ``DISTILL_LOADER_WORKERS`` or the cores available."""
-    value = os.environ.get("DISTILL_LOADER_WORKERS", "").strip()
-    if value:
-        return max(0, int(value))
-    return available_cores()
+    """Loader processes when none are asked for: the ``loader_workers`` setting (``DISTILL_LOADER_WORKERS``) or
+    the cores available."""
+    from distill.config import get_settings
+
+    configured = get_settings().loader_workers
+    return available_cores() if configured is None else configured
 
 
 def _is_file_split(split) -> bool:
     return hasattr(split, "files") and hasattr(split, "root")
 
 
+def _resolve(split, indices: np.ndarray):
+    """Follow subset views (``SubsetSplit``) down to the split that holds the data; map the indices along."""
+    while hasattr(split, "parent") and hasattr(split, "index"):
+        indices = split.index[indices]
+        split = split.parent
+    return split, indices
+
+
+def is_file_backed(split) -> bool:
+    """True when loading ``split`` decodes files (worth worker processes), also through subset views."""
+    return _is_file_split(_resolve(split, np.zeros(0, dtype=np.int64))[0])
+
+
 def load_batch(split, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor, dict[int, str]]:
-    """Decode ``split[indices]``; return (kept indices, uint8 images, {skipped index: reason})."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if not _is_file_split(split):
-        return indices, split.load(indices), {}
+    """Decode ``split[indices]``; return (kept indices, uint8 images, {skipped index: "file: reason"})."""
+    indices = np.array(indices, dtype=np.int64)  # a writable copy (callers may pass memory-mapped rows)
+    base, mapped = _resolve(split, indices)
+    if not _is_file_split(base):
+        return indices, base.load(mapped), {}
     arrays, kept, skipped = [], [], {}
-    for i in indices.tolist():
-        array, reason = readers.try_load_image(split.root / split.files[i], split.size, split.channels)
+    for i, j in zip(indices.tolist(), mapped.tolist(), strict=True):
+        array, reason = readers.try_load_image(base.root / base.files[j], base.size, base.channels)
         if array is None:
-            skipped[i] = f"{split.files[i]}: {reason}"
+            skipped[i] = f"{base.files[j]}: {reason}"
         else:
             arrays.append(array)
             kept.append(i)
     if arrays:
         images = torch.from_numpy(np.stack(arrays))
     else:
-        images = torch.empty((0, split.channels, split.size, split.size), dtype=torch.uint8)
+        images = torch.empty((0, base.channels, base.size, base.size), dtype=torch.uint8)
     return np.asarray(kept, dtype=np.int64), images, skipped
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item ``b`` = batch ``b`` of ``order``: what one worker decodes at a time."""
+    """Item ``b`` = index chunk ``b``: what one worker decodes at a time."""
 
-    def __init__(self, split, order: np.ndarray, batch_size: int):
-        self.split, self.order, self.batch_size = split, order, batch_size
+    def __init__(self, split, chunks: list[np.ndarray]):
+        self.split, self.chunks = split, chunks
 
     def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
+        return len(self.chunks)
 
     def __getitem__(self, b: int):
-        chunk = self.order[b * self.batch_size : (b + 1) * self.batch_size]
-        kept, images, skipped = load_batch(self.split, chunk)
+        kept, images, skipped = load_batch(self.split, self.chunks[b])
         return torch.from_numpy(kept), images, skipped
 
 
@@ -106,16 +120,20 @@ class ImageStream:
 
     def __init__(self, split, indices: Sequence[int] | np.ndarray | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  num_workers: int | None = None, prefetch: int = 2, device: str | torch.device | None = None,
-                 pin_memory: bool | None = None, decode: str = "pil"):
+                 pin_memory: bool | None = None, decode: str = "pil", batches: Sequence[np.ndarray] | None = None):
+        """``batches`` (explicit index chunks, e.g. aligned to cache shards) replaces ``indices``/``batch_size``."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if decode not in DECODERS:
             raise ValueError(f"decode '{decode}' is not available (known: {', '.join(DECODERS)})")
         self.split = split
-        self.order = np.arange(len(split), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.batch_size = batch_size
+        if batches is not None:
+            self.chunks = [np.asarray(b, dtype=np.int64) for b in batches if len(b)]
+        else:
+            order = np.arange(len(split), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+            self.chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         if num_workers is None:
-            num_workers = default_num_workers() if _is_file_split(split) else 0
+            num_workers = default_num_workers() if is_file_backed(split) else 0
         self.num_workers = max(0, int(num_workers))
         self.prefetch = max(1, prefetch)
         on_cuda = device is not None and torch.device(device).type == "cuda"
@@ -124,7 +142,7 @@ class ImageStream:
 
     def __len__(self) -> int:
         """Number of batches."""
-        return -(-len(self.order) // self.batch_size)
+        return len(self.chunks)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         workers = min(self.num_workers, len(self))
@@ -136,7 +154,7 @@ class ImageStream:
             kwargs = {"prefetch_factor": self.prefetch, "worker_init_fn": _worker_init,
                       "multiprocessing_context": context}
         return torch.utils.data.DataLoader(
-            _Batches(self.split, self.order, self.batch_size), batch_size=None, shuffle=False,
+            _Batches(self.split, self.chunks), batch_size=None, shuffle=False,
             num_workers=workers, collate_fn=_collate, pin_memory=self.pin_memory, **kwargs,
         )
 
@@ -151,4 +169,4 @@ def stream(split, indices=None, **kwargs) -> ImageStream:
     return ImageStream(split, indices, **kwargs)
 
 
-__all__ = ["DECODERS", "ImageStream", "available_cores", "default_num_workers", "load_batch", "stream"]
+__all__ = ["DECODERS", "ImageStream", "available_cores", "default_num_workers", "is_file_backed", "load_batch", "stream"]

@@ -76,6 +76,23 @@ class FileSplit(Split):
 
 
 @dataclass
+class SubsetSplit(Split):
+    """A view of rows ``index`` of ``parent`` (a --max-per-class sample): nothing is decoded or copied until
+    loaded, so a sample of an on-disk split stays on disk (the streaming loader reads through it)."""
+
+    parent: Split
+    index: np.ndarray
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = np.asarray(self.index, dtype=np.int64)
+        self.labels = np.asarray(self.parent.labels)[self.index]
+
+    def load(self, indices) -> torch.Tensor:
+        return self.parent.load(self.index[np.asarray(indices, dtype=np.int64)])
+
+
+@dataclass
 class Dataset:
     name: str
     classes: list[str]
