@@ -268,10 +268,10 @@ def evaluate_distilled(
                 progress(stage, (run + fraction) / config.runs)
 
         if teacher is not None:
-            model = train_student_softlabel(distilled.images, dataset, config, run_seed, teacher, weights=weights,
+            model = train_student_softlabel(distilled.pixels(), dataset, config, run_seed, teacher, weights=weights,
                                             lr=lr, progress=run_progress)
         else:
-            model = train_student_dc(distilled.images, distilled.labels, dataset, config, run_seed,
+            model = train_student_dc(distilled.pixels(), distilled.labels, dataset, config, run_seed,
                                      soft_targets=soft, weights=weights, lr=lr, progress=run_progress)
         accuracies.append(test_accuracy(model, dataset, device, indices, precision=config.precision))
     return EvalResult(
