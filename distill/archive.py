@@ -157,7 +157,7 @@ class _Spool:
         self.handle.write(_pad(len(data)))
         self.hashes[name] = sha256_bytes(data)
 
-    def add_file(self, name: str, source: Path, chunk: int = 1 << 20) -> None:
+    def add_file(self, name: str, source: Path, chunk: int = 1 << 18) -> None:
         size = source.stat().st_size
         self.handle.write(_tar_header(name, size, self.mtime))
         digest = hashlib.sha256()
