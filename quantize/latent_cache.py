@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from distill.config import get_settings
-from distill.data.registry import Split
+from distill.data.registry import Split, split_at_size
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import Executor
@@ -132,7 +132,8 @@ def run_shard_job(job: ShardJob) -> dict[str, Any]:
     start = time.time()
     folder = Path(job.folder)
     order = np.array(read_order(folder)[job.rows[0] : job.rows[1]], dtype=np.int64)
-    encode_shard(folder, job.shard, order, _split(job.split), _encoder(job.encoder))
+    split = split_at_size(_split(job.split), job.encoder.resolution)  # files decoded at the encode resolution
+    encode_shard(folder, job.shard, order, split, _encoder(job.encoder))
     return {"shard": job.shard, "rows": job.rows[1] - job.rows[0], "start": start, "end": time.time(),
             "pid": os.getpid(), "host": os.uname().nodename}
 
@@ -330,7 +331,7 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
     from quantize.encoders import default_resolution
 
     kind = encoder_name if encoder_name in ("taef2", "sd-vae") else "path"
-    resolution = resolution or default_resolution(kind, ctx.dataset.image_size)
+    resolution = resolution or default_resolution(kind, ctx.dataset.image_size, ctx.dataset.source_size)
     spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, str(ctx.device), batch_size)
     if encoder is None:
         encoder = _encoder(spec)
@@ -338,7 +339,7 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
         spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, ctx.executor.device, batch_size)
     with ctx.timed("encode"):
         return build_latent_cache(
-            ctx.train,
+            split_at_size(ctx.train, resolution),  # files are decoded straight at the encode resolution
             split_spec=SplitSpec(ctx.dataset.name, ctx.max_per_class, ctx.seed),
             encoder_spec=spec, encoder_key=encoder.key, num_classes=ctx.num_classes,
             latent_shape=encoder.latent_shape, shard_size=shard_size, encoder=encoder,
@@ -357,11 +358,11 @@ def latents_for_dataset(dataset: str, encoder_name: str = "taef2", *, resolution
 
     ds = get_dataset(dataset)
     kind = encoder_name if encoder_name in ("taef2", "sd-vae") else "path"
-    resolution = resolution or default_resolution(kind, ds.image_size)
+    resolution = resolution or default_resolution(kind, ds.image_size, ds.source_size)
     spec = EncoderSpec(encoder_name, resolution, ds.image_size, device, batch_size)
     split_spec = SplitSpec(dataset, max_per_class, seed)
     encoder = _encoder(spec)
-    return build_latent_cache(_split(split_spec), split_spec=split_spec, encoder_spec=spec,
+    return build_latent_cache(split_at_size(_split(split_spec), resolution), split_spec=split_spec, encoder_spec=spec,
                               encoder_key=encoder.key, num_classes=ds.num_classes,
                               latent_shape=encoder.latent_shape, encoder=encoder, progress=progress, log=log)
 

@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from quantize.encoders import RESOLUTION_POLICY
 
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 
@@ -36,7 +37,7 @@ class LatentParams(MethodParams):
     encoder: str = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae), an autoencoder "
                                               "directory or a hub id")
     resolution: int | None = Field(None, ge=8, description="encode resolution in px (multiple of 8); default: "
-                                                           "64 for <=32 px datasets with taef2, 256 with sd-vae")
+                                                           + RESOLUTION_POLICY)
     prior: str | None = Field(None, description="diffusers DiT directory (e.g. from `distill prior train`); "
                                                 "required with decode=diffusion")
     strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
@@ -290,7 +291,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         raise DistillError("decode=sd-img2img needs Stable Diffusion's own VAE latents: set encoder=sd-vae (or its "
                            "directory)")
     encoder = load_encoder(params.encoder, image_size=ctx.dataset.image_size, resolution=params.resolution,
-                           device=ctx.device, batch_size=params.batch_size)
+                           device=ctx.device, batch_size=params.batch_size, source_size=ctx.dataset.source_size)
 
     def encode() -> dict:
         store = latents_for_context(ctx, params.encoder, resolution=encoder.resolution,
@@ -308,6 +309,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
     metrics: dict[str, Any] = {
         "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
+        "resolution_policy": "explicit (resolution=N)" if params.resolution else RESOLUTION_POLICY,
         "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
