@@ -128,11 +128,8 @@ def file_name(split: str, wnid: str, index: int) -> str:
     return f"{wnid}_{index:05d}.JPEG" if split == "train" else f"ILSVRC2012_val_{wnid}_{index:05d}.JPEG"
 
 
-def _write_class(task: tuple[str, str, int, int, int, float]) -> int:
-    out, split, label, seed, count, size_scale = task
-    from distill.data.registry import imagenet_wnids_and_names
-
-    wnid = imagenet_wnids_and_names()[0][label]
+def _write_class(task: tuple[str, str, int, str, int, int, float]) -> int:
+    out, split, label, wnid, seed, count, size_scale = task
     folder = Path(out) / split / wnid
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -155,7 +152,10 @@ def generate(out: Path, classes: int, per_class: int, val_per_class: int, seed: 
         raise SystemExit("error: --classes must be between 1 and 1000 (the ImageNet-1K wnids)")
     if per_class < 1 or val_per_class < 0:
         raise SystemExit("error: --per-class must be >= 1 and --val-per-class >= 0")
-    tasks = [(str(out), split, c, seed, n, size_scale)
+    from distill.data.registry import imagenet_wnids_and_names
+
+    wnids = imagenet_wnids_and_names()[0]
+    tasks = [(str(out), split, c, wnids[c], seed, n, size_scale)
              for split, n in (("train", per_class), ("val", val_per_class)) if n > 0 for c in range(classes)]
     total = classes * (per_class + val_per_class)
     workers = workers or len(os.sched_getaffinity(0))
