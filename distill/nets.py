@@ -12,6 +12,7 @@ Names: ``convnet`` (width 128, depth 3, instance norm, ReLU, avg pooling), varia
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,6 +170,7 @@ def load_torchvision_resnet18(path, channels: int, num_classes: int) -> ResNet18
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"teacher checkpoint {path} does not exist")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -179,6 +181,8 @@ def load_torchvision_resnet18(path, channels: int, num_classes: int) -> ResNet18
             state = state.get("state_dict", state) if isinstance(state, dict) else state
     except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise DistillError(f"teacher checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise DistillError(f"teacher checkpoint {path}: not a state dict")
     model = ResNet18(channels, num_classes, cifar_stem=False)
     mapped = {torchvision_resnet18_key(k.removeprefix("module.")): v for k, v in state.items()}
     try:
