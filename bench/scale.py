@@ -3,9 +3,9 @@ peak RSS, with slope and R^2 of time against N.
 
     python bench/scale.py --data /tmp/synthetic-imagenet-scale --ns 10 20 40 --ipc 10 --ipc50
 
-Each run is its own `distill run oq` process (peak RSS = that process' ru_maxrss) on
-``imagefolder:DATA@72`` (above the 64 px in-memory limit, so the training split streams from the JPEGs through
-the loader) with TAEF2 encoding at ``--resolution`` px (32: 32x4x4 latents, small enough for a 2-core CPU),
+Each run is its own `distill run oq` process (peak RSS = that process' ru_maxrss) on ``imagefolder:DATA``
+(JPEGs of 67-160 px at ``--size 0.2``: above the 64 px in-memory limit, so the training split streams from the
+files) with TAEF2 encoding at ``--resolution`` px (32: 32x4x4 latents, small enough for a 2-core CPU),
 ``--max-per-class N`` (a lazy sample view), a fresh latent cache per run. ``--ipc50`` adds IPC 50 at the
 largest N, and with ``--old PATH`` (a checkout of the previous code) the same run on the old code path.
 Stage times come from the archive manifest (encode, quantize, decode, archive = the rest of the wall time).
@@ -40,9 +40,9 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 def run_once(code: Path, data: Path, n: int, ipc: int, resolution: int, home: Path, workers: int,
              out: Path, classes: int = 1000) -> dict:
     env = dict(os.environ, DISTILL_HOME=str(home), DISTILL_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               DISTILL_LOADER_WORKERS=str(workers), PYTHONPATH=str(code))
+               DISTILL_LOADER_WORKERS=str(workers), PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
     shutil.rmtree(home / "cache" / "latents", ignore_errors=True)  # every run encodes (fresh cache)
-    args = ["run", "oq", "--dataset", f"imagefolder:{data}@72", "--ipc", str(ipc), "--max-per-class", str(n),
+    args = ["run", "oq", "--dataset", f"imagefolder:{data}", "--ipc", str(ipc), "--max-per-class", str(n),
             "--out", str(out), "--set", f"resolution={resolution}", "--set", "encoder=taef2", "--device", "cpu", "--quiet"]
     log = out.with_suffix(".log")
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--ipc50", action="store_true", help="also IPC 50 at the largest N")
     parser.add_argument("--old", type=Path, default=None, help="checkout of the old code for the IPC 50 comparison")
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--size", type=float, default=0.25, help="synthetic JPEG size scale (0.25: ~125 x 94)")
+    parser.add_argument("--size", type=float, default=0.2, help="synthetic JPEG size scale (0.2: ~100 x 75)")
     parser.add_argument("--workers", type=int, default=1, help="loader processes per run (2 processes at most)")
     parser.add_argument("--home", type=Path, default=Path("/tmp/distill-scale-home"))
     args = parser.parse_args()
@@ -102,7 +102,7 @@ def main() -> None:
                        args.classes)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
-    print(f"oq, imagefolder:{args.data}@72 ({args.classes} classes), TAEF2 at {args.resolution} px, {args.workers} loader "
+    print(f"oq, imagefolder:{args.data} ({args.classes} classes), TAEF2 at {args.resolution} px, {args.workers} loader "
           f"process(es), 1 torch thread, {time.strftime('%Y-%m-%d')}\n")
     print("| N / class | images | IPC | code | encode s | quantize s | decode s | method s | startup + index + "
           "archive s | wall s | peak RSS MB | archive MB |")
