@@ -7,6 +7,11 @@ the order of the variants rotated per repeat so a busy host's drift hits all of 
 (``bench/synthetic_imagenet.py``, ImageNet's ~500 x 375 JPEGs) is written first if ``--data`` has none.
 Reported: images/s, and per loader process relative to the bare loop (target >= 0.8: the pipeline costs
 little beyond the decode it parallelises). Prints a markdown table; one JSON line per row on stderr.
+
+``--encode`` adds the overlap check of the latent-cache encode (TAEF2 at ``--encode-resolution``): load time
+alone (the stream), model time alone (encoding already decoded batches) and the real
+``quantize.latent_cache.encode_shards`` with ``--encode-workers`` loader processes; target: encode wall time
+<= 1.15 x max(load, model).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant; the best is reported")
+    parser.add_argument("--encode", action="store_true", help="also the encode overlap check (needs TAEF2 weights)")
+    parser.add_argument("--encode-resolution", type=int, default=128)
+    parser.add_argument("--encode-workers", type=int, default=1)
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -79,6 +87,41 @@ def main() -> None:
         print(json.dumps({"variant": name, "processes": procs, "images_per_s": round(rate, 2),
                           "per_process_vs_bare": round(rate / procs / bare_rate, 3), "images": n, "size": args.size,
                           "median_s": round(float(np.median(times[name])), 3)}), file=sys.stderr)
+    if args.encode:
+        encode_overlap(split, args)
+
+
+def encode_overlap(split, args) -> None:
+    """Encode wall time against max(load alone, model alone) on the same files."""
+    import tempfile
+
+    from distill.data.loader import ImageStream
+    from distill.data.registry import split_at_size
+    from quantize.encoders import load_encoder
+    from quantize.latent_cache import encode_shards
+
+    split = split_at_size(split, args.encode_resolution)
+    encoder = load_encoder("taef2", image_size=args.encode_resolution, resolution=args.encode_resolution,
+                           batch_size=args.batch_size)
+    chunks = [np.arange(s, min(len(split), s + args.batch_size)) for s in range(0, len(split), args.batch_size)]
+    start = time.perf_counter()
+    batches = [x for _, x in ImageStream(split, batches=chunks, num_workers=args.encode_workers)]
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for x in batches:
+        encoder.encode(x.float().div_(255.0))
+    model_s = time.perf_counter() - start
+    del batches
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        encode_shards(Path(folder), {0: np.arange(len(split))}, split, encoder, num_workers=args.encode_workers)
+        encode_s = time.perf_counter() - start
+    ratio = encode_s / max(load_s, model_s)
+    print(f"\nencode overlap ({len(split)} images, TAEF2 at {args.encode_resolution} px, {args.encode_workers} loader "
+          f"process(es), 1 torch thread): load alone {load_s:.1f} s, model alone {model_s:.1f} s, encode "
+          f"{encode_s:.1f} s = {ratio:.2f} x max(load, model) (target <= 1.15)")
+    print(json.dumps({"variant": "encode overlap", "load_s": round(load_s, 2), "model_s": round(model_s, 2),
+                      "encode_s": round(encode_s, 2), "ratio": round(ratio, 3)}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Memory is bounded by a batch, not by the set or the test split: distilled images
 ``memory_gb`` is run as micro-batches with gradient accumulation (same loss, same update); the test split is
 streamed through the loader (:class:`distill.data.loader.ImageStream`) in batches sized by the same budget.
 ``model="auto"``: ConvNet below 128 px, ResNet-18 at the data's resolution from 128 px (the DDOQ / RDED
-protocol for ImageNet). On CUDA, forward passes run under bf16 autocast. A teacher can be a local
+protocol for ImageNet); forward passes run under the ``precision`` setting. A teacher can be a local
 torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``).
 """
 
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from distill.augment import diff_augment, strategy_for
 from distill.config import get_settings
-from distill.data.registry import Dataset, to_float
+from distill.data.registry import Dataset, as_pixels, to_float
 from distill.data.sampling import sample_per_class
 from distill.errors import DistillError
 from distill.files import atomic_output
@@ -101,8 +101,6 @@ def batch_for(budget_gb: float, per_image: int, cap: int) -> int:
     return int(max(1, min(cap, (budget_gb * 2**30) // max(1, per_image))))
 
 
-def _pixels(images: torch.Tensor) -> torch.Tensor:
-    return to_float(images) if images.dtype == torch.uint8 else images
 
 
 @dataclass
@@ -218,7 +216,7 @@ def train_student_dc(
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             for part in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
-                x = diff_augment(dataset.normalize(_pixels(x_all[part])), strategy, generator=generator)
+                x = diff_augment(dataset.normalize(as_pixels(x_all[part])), strategy, generator=generator)
                 with training_precision(config.precision, device):
                     logits = model(x)
                 loss = _weighted_loss(
@@ -266,7 +264,7 @@ def train_student_softlabel(
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
             for idx in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
-                x = diff_augment(dataset.normalize(_pixels(x_all[idx])), strategy, generator=generator)
+                x = diff_augment(dataset.normalize(as_pixels(x_all[idx])), strategy, generator=generator)
                 with torch.no_grad(), training_precision(config.precision, device):
                     target = F.softmax(teacher(x).float() / temperature, dim=1)
                 with training_precision(config.precision, device):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from distill.data.registry import as_pixels
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from quantize.encoders import RESOLUTION_POLICY
@@ -265,11 +266,7 @@ def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
                         teacher_max_per_class=params.teacher_max_per_class, device=str(device))
     teacher = get_teacher(dataset, config, progress=progress).to(device)
     with torch.no_grad():
-        return torch.cat([teacher(dataset.normalize(_pixels(chunk).to(device))).cpu() for chunk in job["images"].split(256)])
-
-
-def _pixels(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+        return torch.cat([teacher(dataset.normalize(as_pixels(chunk).to(device))).cpu() for chunk in job["images"].split(256)])
 
 
 def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:

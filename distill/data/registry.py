@@ -179,6 +179,11 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
+def as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Pixel-scale float images from either storage: uint8 (0-255, converted) or float (returned as is)."""
+    return to_float(images) if images.dtype == torch.uint8 else images
+
+
 # ------------------------------------------------------------------------------------------- loaders
 def _data_dir() -> Path:
     settings = get_settings()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from distill.data.registry import Dataset, Split
+from distill.data.registry import Dataset, Split, as_pixels
 from distill.data.sampling import run_train_split
 from distill.errors import Cancelled
 from distill.files import atomic_output
@@ -74,8 +74,7 @@ class DistilledSet:
 
     def pixels(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Float pixel-scale images (all, or ``images[index]``): uint8 storage is divided by 255 here."""
-        images = self.images if index is None else self.images[index]
-        return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+        return as_pixels(self.images if index is None else self.images[index])
 
 
 class ProgressSink(Protocol):
