@@ -11,13 +11,12 @@ import tarfile
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
 from distill import archive as arch
-from distill.archive import build_manifest, image_grid, preview_grid, read_archive, to_png, write_archive
+from distill.archive import build_manifest, preview_png, preview_sample, read_archive, to_png, write_archive
 from distill.errors import ArchiveError
 from distill.methods.base import DistilledSet
 
@@ -118,8 +117,10 @@ def test_preview_reads_only_the_pngs_it_shows(tmp_path: Path):
     manifest = build_manifest(distilled, dataset=DATASET, method="random", ipc=4, params={}, seed=0)
     path = tmp_path / "p.tar"
     write_archive(path, distilled, manifest)
-    expected = image_grid(distilled.images, distilled.labels, max_per_class=3)
-    np.testing.assert_array_equal(preview_grid(path, max_per_class=3), expected)
+    expected = preview_png(read_archive(path), max_per_class=3)  # the preview as drawn from the whole archive
+    sample = preview_sample(path, max_per_class=3)
+    assert len(sample.distilled) == 9 and sample.distilled.images.dtype == torch.uint8
+    assert preview_png(sample, max_per_class=3) == expected
     # break the tensors member: the full read refuses it, the preview never touches it
     broken = tmp_path / "broken.tar"
     with tarfile.open(path) as tar_in, tarfile.open(broken, "w") as tar_out:
@@ -130,4 +131,4 @@ def test_preview_reads_only_the_pngs_it_shows(tmp_path: Path):
             tar_out.addfile(member, io.BytesIO(data))
     with pytest.raises(ArchiveError):
         read_archive(broken)
-    np.testing.assert_array_equal(preview_grid(broken, max_per_class=3), expected)
+    assert preview_png(preview_sample(broken, max_per_class=3), max_per_class=3) == expected
