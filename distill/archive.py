@@ -11,6 +11,12 @@ A plain tar file whose first member is ``manifest.json``:
 Written to a temporary name in the target folder, then renamed: a reader never sees a partial archive.
 ``load_dataset(path)`` gives an archive as a torch Dataset in one call; ``preview_png`` draws the labelled grid
 the API serves as a job's preview.
+Written streaming: one member at a time (each PNG is encoded, hashed and appended to a spool file, then
+dropped), the manifest with every member's sha256 goes first into the final file, followed by the spool; no
+list of all members is held in memory. Format 2 = format 1 with ``images`` stored as uint8 (0-255) when the
+method's images are 8-bit (the latent methods: a quarter of fp32's bytes); format 1 archives read as before.
+Reading verifies each member's sha256 chunk by chunk and memory-maps ``tensors.safetensors`` out of a plain
+tar instead of reading it into memory.
 """
 
 from __future__ import annotations
@@ -19,25 +25,28 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from distill import __version__
 from distill.errors import ArchiveError
 from distill.files import atomic_output
 from distill.methods.base import DistilledSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 METADATA = "metadata.csv"
@@ -88,8 +97,8 @@ def safe_folder_name(name: str) -> str:
 
 
 def to_png(image: torch.Tensor) -> bytes:
-    """Float C x H x W in [0, 1] -> PNG bytes (clamped and rounded; exact values live in safetensors)."""
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    """Float C x H x W in [0, 1] (or uint8) -> PNG bytes (clamped and rounded; exact values live in safetensors)."""
+    array = image.numpy() if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     pil = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0))
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
@@ -126,42 +135,87 @@ def build_manifest(
     }
 
 
+def _tar_header(name: str, size: int, mtime: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding=tarfile.ENCODING, errors="surrogateescape")
+
+
+def _pad(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+class _Spool:
+    """Tar records (header, data, padding) appended one member at a time, each hashed on the way."""
+
+    def __init__(self, handle):
+        self.handle, self.hashes, self.mtime = handle, {}, int(time.time())
+
+    def add(self, name: str, data: bytes) -> None:
+        self.handle.write(_tar_header(name, len(data), self.mtime))
+        self.handle.write(data)
+        self.handle.write(_pad(len(data)))
+        self.hashes[name] = sha256_bytes(data)
+
+    def add_file(self, name: str, source: Path, chunk: int = 1 << 18) -> None:
+        size = source.stat().st_size
+        self.handle.write(_tar_header(name, size, self.mtime))
+        digest = hashlib.sha256()
+        with open(source, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+                self.handle.write(block)
+        self.handle.write(_pad(size))
+        self.hashes[name] = digest.hexdigest()
+
+
 def write_archive(path: Path, distilled: DistilledSet, manifest: dict[str, Any]) -> str:
-    """Write the archive atomically; returns its sha256."""
+    """Write the archive atomically and streaming (bounded memory: one PNG at a time); returns its sha256."""
     path = Path(path)
     classes: list[str] = manifest["dataset"]["classes"]
     folders = _unique_folders(classes)
-    members: list[tuple[str, bytes]] = []
-    rows = []
-    per_class_count: dict[int, int] = {}
-    for i in range(len(distilled)):
-        label = int(distilled.labels[i])
-        k = per_class_count.get(label, 0)
-        per_class_count[label] = k + 1
-        name = f"images/{folders[label]}/{k:05d}.png"
-        members.append((name, to_png(distilled.images[i])))
-        weight = float(distilled.weights[i]) if distilled.weights is not None else 1.0
-        rows.append((name, label, classes[label], f"{weight:.8g}"))
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["file", "label", "class", "weight"])
-    writer.writerows(rows)
-    members.append((METADATA, table.getvalue().encode()))
-    members.append((TENSORS, _tensor_bytes(distilled)))
-    manifest = dict(manifest)
-    manifest["files"] = {name: sha256_bytes(data) for name, data in members}
-    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spool_fd, spool_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".members", dir=path.parent)
+    try:
+        with os.fdopen(spool_fd, "w+b") as spool_handle:
+            spool = _Spool(spool_handle)
+            table = io.StringIO()
+            writer = csv.writer(table, lineterminator="\n")
+            writer.writerow(["file", "label", "class", "weight"])
+            per_class_count: dict[int, int] = {}
+            for i in range(len(distilled)):
+                label = int(distilled.labels[i])
+                k = per_class_count.get(label, 0)
+                per_class_count[label] = k + 1
+                name = f"images/{folders[label]}/{k:05d}.png"
+                spool.add(name, to_png(distilled.images[i]))
+                weight = float(distilled.weights[i]) if distilled.weights is not None else 1.0
+                writer.writerow((name, label, classes[label], f"{weight:.8g}"))
+            spool.add(METADATA, table.getvalue().encode())
+            with tempfile.TemporaryDirectory(prefix=".tensors-", dir=path.parent) as scratch:
+                tensors_path = Path(scratch) / TENSORS
+                _save_tensors(distilled, tensors_path)
+                spool.add_file(TENSORS, tensors_path)
+            manifest = dict(manifest)
+            manifest["format_version"] = FORMAT_VERSION if distilled.images.dtype == torch.uint8 else 1
+            manifest["files"] = spool.hashes
+            manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
 
-    with atomic_output(path) as tmp:
-        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in [(MANIFEST, manifest_bytes), *members]:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = int(time.time())
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
-        digest = sha256_file(tmp)
-    return digest
+            digest = hashlib.sha256()
+            with atomic_output(path) as tmp, open(tmp, "wb") as out:
+                def emit(block: bytes) -> None:
+                    digest.update(block)
+                    out.write(block)
+
+                emit(_tar_header(MANIFEST, len(manifest_bytes), spool.mtime) + manifest_bytes + _pad(len(manifest_bytes)))
+                spool_handle.seek(0)
+                while block := spool_handle.read(1 << 18):
+                    emit(block)
+                end = 2 * tarfile.BLOCKSIZE
+                emit(b"\0" * (end + (-(out.tell() + end) % tarfile.RECORDSIZE)))  # end-of-archive, whole records
+    finally:
+        Path(spool_name).unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
 def _unique_folders(classes: list[str]) -> list[str]:
@@ -174,7 +228,7 @@ def _unique_folders(classes: list[str]) -> list[str]:
     return out
 
 
-def _tensor_bytes(distilled: DistilledSet) -> bytes:
+def _tensor_dict(distilled: DistilledSet) -> dict[str, torch.Tensor]:
     tensors = {"images": distilled.images, "labels": distilled.labels}
     if distilled.soft_labels is not None:
         tensors["soft_labels"] = distilled.soft_labels
@@ -184,7 +238,77 @@ def _tensor_bytes(distilled: DistilledSet) -> bytes:
         tensors["learned_lr"] = torch.tensor([distilled.learned_lr], dtype=torch.float64)
     for key, value in distilled.extras.items():
         tensors[f"extra.{key}"] = value
-    return save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _save_tensors(distilled: DistilledSet, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_tensor_dict(distilled), str(path))
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _mapped_safetensors(path: Path, offset: int, size: int) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors blob at ``offset`` in ``path``, memory-mapped (copy-on-write), not read."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError("bad safetensors header length")
+        header = json.loads(handle.read(header_len))
+    body = size - 8 - header_len
+    mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=offset + 8 + header_len, shape=(body,)) \
+        if body > 0 else np.zeros(0, dtype=np.uint8)
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = spec["data_offsets"]
+        if not 0 <= start <= stop <= body:
+            raise ValueError(f"tensor {name} lies outside the blob")
+        raw = torch.from_numpy(mapped[start:stop]) if stop > start else torch.empty(0, dtype=torch.uint8)
+        out[name] = raw.view(_SAFETENSORS_DTYPES[spec["dtype"]]).reshape(spec["shape"])
+    return out
+
+
+def _read_members(path: Path) -> tuple[dict[str, bytes], dict[str, str], dict[str, torch.Tensor] | None]:
+    """Stream through the tar once: sha256 of every member, bytes of the small ones, tensors memory-mapped.
+
+    Returns (member bytes except images and, in a plain tar, the tensors; sha256 per member; the tensors
+    memory-mapped from a plain tar, else None and their bytes are among the members).
+    """
+    contents: dict[str, bytes] = {}
+    hashes: dict[str, str] = {}
+    mapped: dict[str, torch.Tensor] | None = None
+    try:  # a plain tar (what write_archive writes): member data lies at known offsets of the file
+        tar, plain = tarfile.open(path, mode="r:"), True
+    except tarfile.ReadError:
+        tar, plain = tarfile.open(path, mode="r:*"), False
+    with tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            if member.name.startswith("/") or ".." in Path(member.name).parts:
+                raise ArchiveError(f"{path}: unsafe member name {member.name!r}")
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            keep = not member.name.startswith("images/") and not (member.name == TENSORS and plain)
+            digest, parts = hashlib.sha256(), []
+            while block := handle.read(1 << 20):
+                digest.update(block)
+                if keep:
+                    parts.append(block)
+            hashes[member.name] = digest.hexdigest()
+            if keep:
+                contents[member.name] = b"".join(parts)
+            elif member.name == TENSORS:
+                mapped = _mapped_safetensors(path, member.offset_data, member.size)
+    return contents, hashes, mapped
 
 
 def read_archive(path: Path, verify: bool = True) -> Archive:
@@ -193,25 +317,18 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
     if not path.is_file():
         raise ArchiveError(f"{path}: no such archive")
     try:
-        with tarfile.open(path, mode="r:*") as tar:
-            contents: dict[str, bytes] = {}
-            for member in tar.getmembers():
-                if not member.isfile():
-                    continue
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise ArchiveError(f"{path}: unsafe member name {member.name!r}")
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    contents[member.name] = handle.read()
+        contents, hashes, mapped = _read_members(path)
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
         raise ArchiveError(f"{path}: not a readable distilled-set archive ({exc})") from exc
+    except (ValueError, KeyError) as exc:
+        raise ArchiveError(f"{path}: unreadable {TENSORS} ({exc})") from exc
     if MANIFEST not in contents:
         raise ArchiveError(f"{path}: malformed archive, no {MANIFEST}")
     try:
         manifest = json.loads(contents[MANIFEST])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"{path}: malformed {MANIFEST} ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
         version = manifest.get("format_version") if isinstance(manifest, dict) else "?"
         raise ArchiveError(f"{path}: unsupported archive format {version}")
     files = manifest.get("files")
@@ -219,15 +336,15 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
         raise ArchiveError(f"{path}: manifest lists no files")
     if verify:
         for name, expected in files.items():
-            if name not in contents:
+            if name not in hashes:
                 raise ArchiveError(f"{path}: member {name} is missing")
-            if sha256_bytes(contents[name]) != expected:
+            if hashes[name] != expected:
                 raise ArchiveError(f"{path}: sha256 mismatch for {name} (the archive was modified or is corrupt)")
-        unexpected = set(contents) - set(files) - {MANIFEST}
+        unexpected = set(hashes) - set(files) - {MANIFEST}
         if unexpected:
             raise ArchiveError(f"{path}: unexpected members {sorted(unexpected)[:3]}")
     try:
-        tensors = load_safetensors(contents[TENSORS])
+        tensors = mapped if mapped is not None else load_safetensors(contents[TENSORS])
     except Exception as exc:  # safetensors raises its own error types
         raise ArchiveError(f"{path}: unreadable {TENSORS} ({exc})") from exc
     for key in ("images", "labels"):
@@ -244,8 +361,43 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
         metrics=manifest.get("metrics", {}),
     )
     num_classes = len(manifest.get("dataset", {}).get("classes", []))
-    if num_classes and (distilled.labels.min() < 0 or distilled.labels.max() >= num_classes):
+    if num_classes and len(distilled.labels) and (distilled.labels.min() < 0 or distilled.labels.max() >= num_classes):
         raise ArchiveError(f"{path}: labels out of range for {num_classes} classes")
+    return Archive(manifest=manifest, distilled=distilled)
+
+
+def preview_sample(path: Path, max_classes: int = 10, max_per_class: int = 10) -> Archive:
+    """The few images a preview shows, read from the archive's PNG members alone: the tar headers, the manifest
+    and metadata.csv, then only the (at most ``max_classes x max_per_class``) PNGs shown; the tensors and every
+    other image stay on disk. Unverified (a preview, not a download); weights come from metadata.csv."""
+    path = Path(path)
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}  # headers only (seeks past data)
+            if MANIFEST not in members or METADATA not in members:
+                raise ArchiveError(f"{path}: malformed archive, no {MANIFEST} or {METADATA}")
+
+            def member(name: str) -> bytes:
+                handle = tar.extractfile(members[name])
+                assert handle is not None
+                return handle.read()
+
+            manifest = json.loads(member(MANIFEST))
+            rows = list(csv.DictReader(io.StringIO(member(METADATA).decode())))
+            shown = sorted({int(r["label"]) for r in rows})[:max_classes]
+            picks = [r for label in shown for r in [r for r in rows if int(r["label"]) == label][:max_per_class]]
+            tiles = []
+            for row in picks:
+                with Image.open(io.BytesIO(member(row["file"]))) as img:
+                    array = np.asarray(img)
+                tiles.append(torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()))
+    except (tarfile.TarError, EOFError, OSError, KeyError, ValueError, zlib_error()) as exc:
+        raise ArchiveError(f"{path}: not a readable distilled-set archive ({exc})") from exc
+    channels = int(manifest.get("dataset", {}).get("channels", 3))
+    images = torch.stack(tiles) if tiles else torch.zeros((0, channels, 1, 1), dtype=torch.uint8)
+    weights = torch.tensor([float(r["weight"]) for r in picks]) if manifest.get("has_weights") and picks else None
+    distilled = DistilledSet(images=images, labels=torch.tensor([int(r["label"]) for r in picks], dtype=torch.long),
+                             weights=weights)
     return Archive(manifest=manifest, distilled=distilled)
 
 
@@ -287,7 +439,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         self.transform = transform
         d = archive.distilled
         n, k = len(d), len(archive.classes)
-        self.images = d.images.float()
+        self.images = d.pixels()  # float [0, 1] whether stored as float (format 1) or uint8 (format 2)
         self.labels = d.labels.long()
         self.weights = d.weights.float() if d.weights is not None else torch.ones(n)
         if d.soft_labels is not None:
@@ -347,7 +499,8 @@ def preview_png(archive: Archive, max_classes: int = 10, max_per_class: int = 10
         picks = [i for i, lab in enumerate(labels) if lab == label][:max_per_class]
         for col, i in enumerate(picks):
             x = label_w + col * (tile + pad)
-            array = (d.images[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            pixels = d.images[i] if d.images.dtype == torch.uint8 else (d.images[i].clamp(0, 1) * 255).round().to(torch.uint8)
+            array = pixels.permute(1, 2, 0).numpy()
             image = Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array)
             canvas.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x, y))
             if has_weights:

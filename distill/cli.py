@@ -98,7 +98,7 @@ def run(
 @app.command("eval")
 def eval_(
     archive: Annotated[Path | None, typer.Argument(help="distilled-set archive")] = None,
-    model: Annotated[str, typer.Option(help="student network")] = "convnet",
+    model: Annotated[str, typer.Option(help="student network; auto: convnet below 128 px, resnet18 from 128 px")] = "auto",
     runs: Annotated[int, typer.Option(help="fresh students to train")] = 5,
     epochs: Annotated[int | None, typer.Option(help="epochs (default 1000 dc, 300 softlabel, 30 --full)")] = None,
     protocol: Annotated[str, typer.Option(help="dc or softlabel")] = "dc",
@@ -114,8 +114,12 @@ def eval_(
     full: Annotated[bool, typer.Option("--full", help="whole-dataset upper bound instead of an archive")] = False,
     dataset: Annotated[str | None, typer.Option(help="dataset for --full")] = None,
     max_per_class: Annotated[int | None, typer.Option(help="--full: train on at most N images per class")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     no_control: Annotated[bool, typer.Option("--no-control", help="skip the random-subset control")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (progress as JSON lines on stderr)")] = False,
+    test_batch: Annotated[int | None, typer.Option(help="test batch (default: sized by --memory-gb, at most 500)")] = None,
+    memory_gb: Annotated[float, typer.Option(help="activation budget per forward/backward pass (GiB)")] = 2.0,
+    teacher_checkpoint: Annotated[Path | None, typer.Option(help="softlabel: a local torchvision-format ResNet-18 "
+                                                                  "checkpoint as the teacher")] = None,
 ) -> None:
     """Train fresh students on ARCHIVE and report test accuracy (mean ± std) on the real test split, next to
     a random real subset of the same IPC under the same protocol, budget and seed (cached) and the gain."""
@@ -130,11 +134,12 @@ def eval_(
         config = EvalConfig(protocol=protocol, model=model, runs=runs, epochs=epochs, lr=lr, batch_size=batch_size,
                             augment=augment, seed=seed, test_limit=test_limit, teacher_epochs=teacher_epochs,
                             teacher_max_per_class=teacher_max_per_class, device=str(resolve_device(device)),
-                            precision=precision)
+                            precision=precision, test_batch=test_batch, memory_gb=memory_gb,
+                            teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
         if precision not in PRECISIONS:
             raise DistillError(f"unknown --precision '{precision}' (use {', '.join(PRECISIONS)})")
         seed_everything(seed)
-        bar = _progress_bar(not as_json)
+        bar = _progress_bar(True)  # stderr only (a bar, or lines in a log): with --json stdout stays one object
         if full:
             if not dataset:
                 raise DistillError("--full needs --dataset NAME")

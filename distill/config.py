@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     fashion_mnist_dir: Path = Field(default=Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
     num_threads: int | None = Field(default=None, description="torch CPU threads; default: all cores")
     fetch_mirror: str | None = Field(default=None, description="`distill fetch`: base URL holding NAME/FILE copies")
+    loader_workers: int | None = Field(default=None, ge=0, description="image decode processes of the streaming "
+                                       "loader; default: the cores available; 0 = in-process")
 
     @classmethod
     def settings_customise_sources(

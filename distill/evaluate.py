@@ -17,6 +17,14 @@ The control (DD-Ranking's point): with ``control_ipc`` the same routine also sco
 that IPC (the ``random`` baseline, same seed) under the same protocol, budget and network, cached under
 ``DISTILL_HOME/controls``, and reports the gain over it. Under ``softlabel`` most of the accuracy is the
 teacher's; the gain over random images is what the distilled set itself adds.
+
+Memory is bounded by a batch, not by the set or the test split: distilled images stay in their stored dtype
+(uint8 for decoded latents) and are converted per batch; a training batch whose activations would exceed
+``memory_gb`` is run as micro-batches with gradient accumulation (same loss, same update); the test split is
+streamed through the loader (:class:`distill.data.loader.ImageStream`) in batches sized by the same budget.
+``model="auto"``: ConvNet below 128 px, ResNet-18 at the data's resolution from 128 px (the DDOQ / RDED
+protocol for ImageNet); forward passes run under the ``precision`` setting. A teacher can be a local
+torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from torch.nn import functional as F
 
 from distill.augment import diff_augment, strategy_for
 from distill.config import get_settings
-from distill.data.registry import Dataset, to_float
+from distill.data.registry import Dataset, as_pixels, to_float
 from distill.data.sampling import sample_per_class
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
@@ -49,10 +57,14 @@ PROTOCOLS = ("dc", "softlabel", "dd")
 Progress = Callable[[str, float], None]
 
 
+RESNET_FROM_SIZE = 128  # model="auto": ResNet-18 from this resolution on (DDOQ/RDED on ImageNet), ConvNet below
+DEFAULT_MEMORY_GB = 2.0
+
+
 @dataclass
 class EvalConfig:
     protocol: str = "dc"
-    model: str = "convnet"
+    model: str = "auto"  # auto: convnet below 128 px, resnet18 from 128 px
     runs: int = 5
     epochs: int | None = None  # None: 1000 (dc) / 300 (softlabel)
     lr: float | None = None  # None: the archive's learned lr, else 0.01 (dc) / 1e-3 (softlabel)
@@ -61,16 +73,45 @@ class EvalConfig:
     seed: int = 0
     test_limit: int | None = None  # evaluate on a seeded stratified subset of the test split
     temperature: float = 4.0
-    teacher_model: str = "convnet"
+    teacher_model: str = "auto"
     teacher_epochs: int = 15
     teacher_max_per_class: int | None = None
+    teacher_checkpoint: str | None = None  # a local torchvision-format ResNet-18 state dict (.pth / .safetensors)
     device: str = "cpu"
     # fp32 (reference-exact), bf16 autocast, or auto: bf16 on CUDA GPUs with bf16, fp32 on the CPU (so the CPU
     # numbers in docs/BENCHMARKS.md stay reproducible)
     precision: str = "auto"
+    test_batch: int | None = None  # None: sized by memory_gb (at most 500)
+    memory_gb: float = DEFAULT_MEMORY_GB  # activation budget of one forward/backward pass
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.protocol == "dc" else 300)
+
+
+def resolve_model(name: str, image_size: int) -> str:
+    """``auto`` -> convnet below 128 px, resnet18 at 128 px and above; other names as given."""
+    if name != "auto":
+        return name
+    return "resnet18" if image_size >= RESNET_FROM_SIZE else "convnet"
+
+
+def activation_bytes(model: str, channels: int, image_size: int, train: bool) -> int:
+    """Rough activation memory of one image through ``model`` (float32): the first feature map dominates
+    (ConvNet: width 128 at full resolution, ~3 maps live; ResNet-18: 64 maps at half or full resolution, ~10
+    live); training keeps every layer's output for backward (x4). Used only to size batches."""
+    name = resolve_model(model, image_size)
+    if name.startswith("resnet"):
+        side = image_size // 4 if image_size >= 64 else image_size
+        per = 64 * side * side * 4 * 10
+    else:
+        per = 128 * image_size * image_size * 4 * 3
+    return per * (4 if train else 1) + channels * image_size * image_size * 4
+
+
+def batch_for(budget_gb: float, per_image: int, cap: int) -> int:
+    return int(max(1, min(cap, (budget_gb * 2**30) // max(1, per_image))))
+
+
 
 
 @dataclass
@@ -126,14 +167,21 @@ def _test_indices(dataset: Dataset, limit: int | None, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500,
-                  precision: str = "auto") -> float:
+                  precision: str = "auto", progress: Progress | None = None) -> float:
+    """Accuracy on ``dataset.test[indices]``, streamed through the loader (decode ahead in worker processes);
+    a test file that cannot be decoded counts as wrong (the denominator stays ``len(indices)``)."""
+    from distill.data.loader import ImageStream
+
     model.eval()
-    correct = 0
-    for chunk, images in dataset.test.batches(batch, indices):
-        x = dataset.normalize(to_float(images).to(device))
+    correct, seen = 0, 0
+    for chunk, images in ImageStream(dataset.test, indices, batch_size=batch, device=device):
+        x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
         with training_precision(precision, device):
             pred = model(x).argmax(1).cpu()
         correct += int((pred == torch.from_numpy(dataset.test.labels[chunk])).sum())
+        seen += len(chunk)
+        if progress is not None:
+            progress("test", seen / max(1, len(indices)))
     return 100.0 * correct / max(1, len(indices))
 
 
@@ -167,9 +215,12 @@ def train_student_dc(
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation."""
     device = torch.device(config.device)
     epochs = config.resolved_epochs()
-    model = build_network(config.model, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    model_name = resolve_model(config.model, dataset.image_size)
+    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    x_all = dataset.normalize(images.to(device))
+    micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True),
+                      config.batch_size)
+    x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
     y_all = labels.to(device)
     soft_all = soft_targets.to(device) if soft_targets is not None else None
     w_all = weights.to(device) if weights is not None else None
@@ -183,15 +234,17 @@ def train_student_dc(
                 group["lr"] *= 0.1
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            x = diff_augment(x_all[idx], strategy, generator=generator)
-            with training_precision(config.precision, device):
-                loss = _weighted_loss(
-                    model(x), y_all[idx], soft_all[idx] if soft_all is not None else None,
-                    w_all[idx] if w_all is not None else None,
-                )
+            batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for part in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
+                x = diff_augment(dataset.normalize(as_pixels(x_all[part])), strategy, generator=generator)
+                with training_precision(config.precision, device):
+                    logits = model(x)
+                loss = _weighted_loss(
+                    logits.float(), y_all[part], soft_all[part] if soft_all is not None else None,
+                    w_all[part] if w_all is not None else None,
+                ) * (len(part) / len(batch_idx))
+                loss.backward()
             optimizer.step()
         if progress is not None and epoch % 10 == 0:
             progress("train", epoch / (epochs + 1))
@@ -212,33 +265,37 @@ def train_student_softlabel(
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine."""
     device = torch.device(config.device)
     epochs = config.resolved_epochs()
-    model = build_network(config.model, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    model_name = resolve_model(config.model, dataset.image_size)
+    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
-    x_all = dataset.normalize(images.to(device))
+    x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
     w_all = weights.to(device) if weights is not None else None
     strategy = strategy_for(dataset.digits) if config.augment == "auto" else config.augment
     generator = torch.Generator().manual_seed(run_seed)
     temperature = config.temperature
     batch = min(config.batch_size, 100) if config.batch_size == 256 else config.batch_size
+    micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True), batch)
     teacher.eval()
     n = len(x_all)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            x = diff_augment(x_all[idx], strategy, generator=generator)
-            with training_precision(config.precision, device):
-                with torch.no_grad():
-                    target = F.softmax(teacher(x).float() / temperature, dim=1)
-                log_p = F.log_softmax(model(x).float() / temperature, dim=1)
-            per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
-            if w_all is not None:
-                per_sample = per_sample * w_all[idx]
-            loss = per_sample.mean()
+            batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for idx in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
+                x = diff_augment(dataset.normalize(as_pixels(x_all[idx])), strategy, generator=generator)
+                with torch.no_grad(), training_precision(config.precision, device):
+                    target = F.softmax(teacher(x).float() / temperature, dim=1)
+                with training_precision(config.precision, device):
+                    logits = model(x)
+                log_p = F.log_softmax(logits.float() / temperature, dim=1)
+                per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
+                if w_all is not None:
+                    per_sample = per_sample * w_all[idx]
+                loss = per_sample.mean() * (len(idx) / len(batch_idx))
+                loss.backward()
             optimizer.step()
         scheduler.step()
         if progress is not None and epoch % 10 == 0:
@@ -307,6 +364,8 @@ def evaluate_distilled(
     start = time.perf_counter()
     device = torch.device(config.device)
     indices = _test_indices(dataset, config.test_limit, config.seed)
+    test_batch = config.test_batch or batch_for(
+        config.memory_gb, activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500)
     weights = _normalised_weights(distilled)
     teacher = None
     epochs = config.resolved_epochs()
@@ -336,10 +395,11 @@ def evaluate_distilled(
         else:
             model = train_student_dc(distilled.images, distilled.labels, dataset, config, run_seed,
                                      soft_targets=soft, weights=weights, lr=lr, progress=run_progress)
-        accuracies.append(test_accuracy(model, dataset, device, indices, precision=config.precision))
+        accuracies.append(test_accuracy(model, dataset, device, indices, test_batch, precision=config.precision,
+                                        progress=run_progress))
     return EvalResult(
         dataset=dataset.name,
-        model=config.model,
+        model=resolve_model(config.model, dataset.image_size),
         protocol=config.protocol,
         epochs=epochs,
         runs=config.runs,
@@ -348,7 +408,8 @@ def evaluate_distilled(
         wall_seconds=round(time.perf_counter() - start, 2),
         test_images=len(indices),
         train_images=len(distilled),
-        settings={k: v for k, v in asdict(config).items() if k not in ("runs", "epochs", "model", "protocol")},
+        settings={k: v for k, v in asdict(config).items() if k not in ("runs", "epochs", "model", "protocol")}
+        | {"test_batch": test_batch},
     )
 
 
@@ -425,6 +486,8 @@ def train_on_split(
     if max_per_class is not None:
         indices = np.sort(sample_per_class(dataset.train.labels, dataset.num_classes, max_per_class, rng,
                                            draw_small_classes=True))
+
+    model_name = resolve_model(model_name, dataset.image_size)
     model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     trained: nn.Module = model
@@ -468,11 +531,14 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
         model = train_on_split(dataset, config.model, epochs, config.seed * 1000 + run, device,
                                max_per_class=max_per_class, lr=config.lr or 0.01, augment=config.augment != "none",
                                progress=progress, precision=config.precision)
-        accuracies.append(test_accuracy(model, dataset, device, indices, precision=config.precision))
+        accuracies.append(test_accuracy(model, dataset, device, indices, config.test_batch or batch_for(
+            config.memory_gb, activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500),
+            precision=config.precision))
     train_images = len(dataset.train) if max_per_class is None else int(
         np.minimum(dataset.train.counts(dataset.num_classes), max_per_class).sum())
     return EvalResult(
-        dataset=dataset.name, model=config.model, protocol="full", epochs=epochs, runs=config.runs,
+        dataset=dataset.name, model=resolve_model(config.model, dataset.image_size), protocol="full", epochs=epochs,
+        runs=config.runs,
         accuracies=accuracies, lr=config.lr or 0.01, wall_seconds=round(time.perf_counter() - start, 2),
         test_images=len(indices), train_images=train_images,
         settings={"max_per_class": max_per_class, "schedule": "one-cycle SGD", "device": config.device},
@@ -480,21 +546,28 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
 
 
 def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None) -> Classifier:
-    """A network trained on the full train split, trained once and cached under DISTILL_HOME/teachers."""
+    """A network trained on the full train split, trained once and cached under DISTILL_HOME/teachers; or, with
+    ``teacher_checkpoint``, a local torchvision-format ResNet-18 checkpoint the operator provides."""
     from safetensors.torch import load_file, save_file
 
+    if config.teacher_checkpoint:
+        from distill.nets import load_torchvision_resnet18
+
+        return load_torchvision_resnet18(Path(config.teacher_checkpoint).expanduser(), dataset.channels,
+                                         dataset.num_classes).eval()
     folder = get_settings().home_dir / "teachers"
     folder.mkdir(parents=True, exist_ok=True)
     cap = f"-cap{config.teacher_max_per_class}" if config.teacher_max_per_class else ""
     stem = dataset.name.replace("/", "_").replace(":", "_")
     bf16 = "-bf16" if precision_dtype(config.precision, torch.device(config.device), cuda_only_auto=True) else ""
-    name = f"{stem}-{config.teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}{bf16}"
+    teacher_model = resolve_model(config.teacher_model, dataset.image_size)
+    name = f"{stem}-{teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}{bf16}"
     path = folder / f"{name}.safetensors"
-    model = build_network(config.teacher_model, dataset.channels, dataset.num_classes, dataset.image_size)
+    model = build_network(teacher_model, dataset.channels, dataset.num_classes, dataset.image_size)
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    trained = train_on_split(dataset, config.teacher_model, config.teacher_epochs, config.seed, torch.device(config.device),
+    trained = train_on_split(dataset, teacher_model, config.teacher_epochs, config.seed, torch.device(config.device),
                              max_per_class=config.teacher_max_per_class, progress=progress, precision=config.precision)
     state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
     with atomic_output(path, suffix=".safetensors") as tmp:

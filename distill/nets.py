@@ -12,6 +12,7 @@ Names: ``convnet`` (width 128, depth 3, instance norm, ReLU, avg pooling), varia
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,6 +173,51 @@ class LeNet(Classifier):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
+
+
+def torchvision_resnet18_key(key: str) -> str:
+    """torchvision ``resnet18`` state-dict key -> this module's (ImageNet stem, batch norm, no avg-down)."""
+    if key.startswith("conv1."):
+        return "stem.0." + key[len("conv1."):]
+    if key.startswith("bn1."):
+        return "stem.1." + key[len("bn1."):]
+    if key.startswith("fc."):
+        return "classifier." + key[len("fc."):]
+    if m := re.fullmatch(r"layer([1-4])\.([01])\.(.+)", key):
+        rest = m.group(3).replace("downsample.", "shortcut.")
+        return f"layers.{2 * (int(m.group(1)) - 1) + int(m.group(2))}.{rest}"
+    return key
+
+
+def load_torchvision_resnet18(path, channels: int, num_classes: int) -> ResNet18:
+    """A ResNet-18 from a local torchvision-format checkpoint (``torch.save(model.state_dict())`` or safetensors),
+    e.g. the ImageNet teacher DDOQ and RDED use; the operator provides the file (nothing is downloaded)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"teacher checkpoint {path} does not exist")
+    state: Any
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
+        raise DistillError(f"teacher checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise DistillError(f"teacher checkpoint {path}: not a state dict")
+    model = ResNet18(channels, num_classes, cifar_stem=False)
+    mapped = {torchvision_resnet18_key(k.removeprefix("module.")): v for k, v in state.items()}
+    try:
+        model.load_state_dict(mapped)
+    except RuntimeError as exc:
+        raise DistillError(f"teacher checkpoint {path}: not a torchvision ResNet-18 for {channels} channels and "
+                           f"{num_classes} classes ({str(exc).splitlines()[0]})") from exc
+    return model
 
 
 NORM_TOKENS = {"bn": "batchnorm", "in": "instancenorm", "ln": "layernorm", "gn": "groupnorm", "nn": "none"}

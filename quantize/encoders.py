@@ -194,9 +194,20 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def default_resolution(encoder: str, image_size: int) -> int:
-    """Encode resolution: TAEF2 upsamples <= 32 px images to 64 (2x), keeps larger ones (rounded to /8, at
-    least 64); SD's VAE upsamples small images to 256 (DiT's resolution), else keeps the size (/8)."""
+POLICY_SOURCE_SIZE = 256  # files at least this large (short side) encode at this resolution (DiT / ADM)
+RESOLUTION_POLICY = (
+    "ImageNet / ImageFolder sets whose files are >= 256 px encode at 256 px (short-side resize + centre crop of "
+    "each file, DiT/ADM's preprocessing: SD-VAE 4x32x32, TAEF2 32x32x32 latents); otherwise TAEF2 uses 64 px "
+    "for <= 32 px sets and the image size rounded to a multiple of 8 (>= 64) above, SD-VAE 256 px for <= 64 px "
+    "sets and the image size rounded to 8 above; resolution=N overrides"
+)
+
+
+def default_resolution(encoder: str, image_size: int, source_size: int | None = None) -> int:
+    """Encode resolution by :data:`RESOLUTION_POLICY` (``source_size``: short side of the dataset's files when
+    they are larger than ``image_size``, as for ImageNet and big ImageFolders)."""
+    if source_size is not None and source_size >= POLICY_SOURCE_SIZE:
+        return POLICY_SOURCE_SIZE
     if encoder == "sd-vae":
         return 256 if image_size <= 64 else round_to_multiple(image_size)
     if image_size <= 32:
@@ -288,12 +299,13 @@ def load_encoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     batch_size: int = 64,
+    source_size: int | None = None,
 ) -> LatentEncoder:
     """Load an encoder by name (``taef2``, ``sd-vae``), directory path or hub id; see the module docstring."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     kind = name if name in BUILTIN_ENCODERS else "path"
-    resolution = resolution or default_resolution(kind, image_size)
+    resolution = resolution or default_resolution(kind, image_size, source_size)
     if resolution < 8 or resolution % 8:
         raise DistillError(f"encode resolution must be a positive multiple of 8, got {resolution}")
     if name == "taef2":

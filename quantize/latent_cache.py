@@ -4,9 +4,16 @@ Layout: ``<cache_dir>/latents/<dataset>-<encoder>-<resolution>[-max<M>-s<seed>]/
 
 - ``meta.json``: what the folder holds (dataset, encoder, resolution, number of images, shard size, latent
   shape, per-class row offsets). Written first; a folder whose meta does not match is rebuilt.
-- ``shard_00000.safetensors`` ...: ``latents`` (fp16, rows x C x h x w), ``labels`` and ``indices`` (rows of
-  the split). Each shard is written to a temporary name and renamed, so an existing shard is complete.
-- ``complete.json``: the completion marker, written last.
+- ``order.npy``: the split index of every row (class-sorted, stable). Kept out of ``meta.json`` so that the
+  1.28M entries of ImageNet are not re-parsed from JSON per shard and per class; memory-mapped by readers.
+- ``shard_00000.safetensors`` ...: ``latents`` (fp16, rows x C x h x w), ``labels``, ``indices`` (rows of
+  the split) and ``valid`` (uint8: 0 = the image could not be decoded, its latent row is zeros and never
+  read), with the skipped files' names in the shard's metadata. Each shard is written to a temporary name and
+  renamed, so an existing shard is complete.
+- ``complete.json``: the completion marker, written last, with the valid rows per class and the skipped files.
+
+Images are decoded by the streaming loader (:class:`distill.data.loader.ImageStream`: worker processes decode
+and resize ahead while this process runs the encoder), one stream over all missing shards.
 
 Rows are ordered by class (stable), so a class is one contiguous row range and :meth:`LatentStore.class_latents`
 reads only the shards it spans (ImageNet-size caches never need to fit in memory). A killed encode resumes
@@ -31,14 +38,15 @@ import numpy as np
 import torch
 
 from distill.config import get_settings
-from distill.data.registry import Split
+from distill.data.registry import Split, split_at_size
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import Executor
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: order in order.npy, per-row valid mask, skipped files
 META = "meta.json"
 COMPLETE = "complete.json"
+ORDER = "order.npy"
 DEFAULT_SHARD_SIZE = 2048
 # With an executor a split is cut into at least FANOUT_SHARDS shards (each >= MIN_FANOUT_SHARD rows) so that a
 # small job still spreads over several GPUs; ImageNet's 1.28M rows make 626 shards of 2,048 anyway.
@@ -114,39 +122,88 @@ class ShardJob:
     encoder: EncoderSpec
 
 
+def read_order(folder: Path) -> np.ndarray:
+    """Split index of every cache row (memory-mapped, not parsed)."""
+    return np.load(folder / ORDER, mmap_mode="r")
+
+
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Executor entry point: encode one shard in this process and write it; returns what ran where and when."""
     start = time.time()
     folder = Path(job.folder)
-    meta = json.loads((folder / META).read_text())
-    order = np.asarray(meta["order"], dtype=np.int64)
-    encode_shard(folder, job.shard, order[job.rows[0] : job.rows[1]], _split(job.split), _encoder(job.encoder))
+    order = np.array(read_order(folder)[job.rows[0] : job.rows[1]], dtype=np.int64)
+    split = split_at_size(_split(job.split), job.encoder.resolution)  # files decoded at the encode resolution
+    encode_shard(folder, job.shard, order, split, _encoder(job.encoder))
     return {"shard": job.shard, "rows": job.rows[1] - job.rows[0], "start": start, "end": time.time(),
             "pid": os.getpid(), "host": os.uname().nodename}
 
 
 # ------------------------------------------------------------------------------------------ encoding
-def encode_shard(folder: Path, shard: int, indices: np.ndarray, split: Split, encoder,
-                 progress: Callable[[int], None] | None = None) -> Path:
-    """Encode ``split[indices]`` and write one shard atomically (tmp + rename)."""
+def _write_shard(folder: Path, shard: int, indices: np.ndarray, labels: np.ndarray, latents: torch.Tensor,
+                 valid: np.ndarray, skipped: dict[int, str]) -> Path:
     from safetensors.torch import save_file
 
-    chunks = []
-    for start in range(0, len(indices), encoder.batch_size):
-        chunk = indices[start : start + encoder.batch_size]
-        images = split.load(chunk).float().div_(255.0)
-        chunks.append(encoder.encode(images).half())
-        if progress is not None:
-            progress(len(chunk))
     tensors = {
-        "latents": torch.cat(chunks).contiguous(),
-        "labels": torch.from_numpy(np.asarray(split.labels[indices], dtype=np.int64)),
+        "latents": latents.contiguous(),
+        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
         "indices": torch.from_numpy(np.asarray(indices, dtype=np.int64)),
+        "valid": torch.from_numpy(np.asarray(valid, dtype=np.uint8)),
     }
     path = shard_path(folder, shard)
     with atomic_output(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"skipped": json.dumps({str(k): v for k, v in skipped.items()})})
     return path
+
+
+def encode_shards(folder: Path, shards: dict[int, np.ndarray], split: Split, encoder,
+                  progress: Callable[[int], None] | None = None, check_cancelled: Callable[[], None] | None = None,
+                  num_workers: int | None = None) -> dict[int, str]:
+    """Encode ``{shard: split indices}`` through one streaming loader and write each shard when it is complete.
+
+    Decoding runs ahead in loader processes while this process encodes; a file that cannot be decoded gets a
+    zero row with ``valid = 0`` instead of ending the job. Returns ``{split index: "file: reason"}`` skipped.
+    """
+    from distill.data.loader import ImageStream
+
+    batch = max(1, int(encoder.batch_size))
+    chunks: list[np.ndarray] = []
+    owners: list[tuple[int, int]] = []  # (shard, first row within the shard) of each chunk
+    for shard, indices in shards.items():
+        for start in range(0, len(indices), batch):
+            chunks.append(np.asarray(indices[start : start + batch], dtype=np.int64))
+            owners.append((shard, start))
+    latent_shape = tuple(encoder.latent_shape)
+    pending: dict[int, dict[str, Any]] = {}
+    skipped_all: dict[int, str] = {}
+    stream = ImageStream(split, batches=chunks, num_workers=num_workers, device=getattr(encoder, "device", None))
+    remaining = {shard: -(-len(indices) // batch) for shard, indices in shards.items()}
+    for n, ((kept, images), (shard, row0), chunk) in enumerate(zip(stream, owners, chunks, strict=True)):
+        if check_cancelled is not None and (row0 == 0 or n % 16 == 0):  # at each shard start, and now and then
+            check_cancelled()
+        state = pending.setdefault(shard, {
+            "latents": torch.zeros((len(shards[shard]), *latent_shape), dtype=torch.float16),
+            "valid": np.zeros(len(shards[shard]), dtype=np.uint8)})
+        rows = row0 + np.flatnonzero(np.isin(chunk, kept))
+        if len(kept):
+            state["latents"][torch.from_numpy(rows)] = encoder.encode(images.float().div_(255.0)).half().cpu()
+            state["valid"][rows] = 1
+        if progress is not None:
+            progress(len(chunk))
+        remaining[shard] -= 1
+        if remaining[shard] == 0:
+            indices = np.asarray(shards[shard], dtype=np.int64)
+            bad = {i: stream.skipped[i] for i in indices.tolist() if i in stream.skipped}
+            _write_shard(folder, shard, indices, np.asarray(split.labels)[indices], state["latents"], state["valid"], bad)
+            skipped_all.update(bad)
+            del pending[shard]
+    return skipped_all
+
+
+def encode_shard(folder: Path, shard: int, indices: np.ndarray, split: Split, encoder,
+                 progress: Callable[[int], None] | None = None) -> Path:
+    """Encode ``split[indices]`` and write one shard atomically (tmp + rename)."""
+    encode_shards(folder, {shard: np.asarray(indices, dtype=np.int64)}, split, encoder, progress)
+    return shard_path(folder, shard)
 
 
 def build_latent_cache(
@@ -195,7 +252,8 @@ def build_latent_cache(
             log(f"latent cache {folder.name} does not match this request: rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    meta["order"] = order.tolist()
+    with atomic_output(folder / ORDER, suffix=".npy") as tmp:
+        np.save(tmp, order)
     atomic_write_json(folder / META, meta)
 
     num_shards = max(1, -(-len(order) // shard_size))
@@ -230,16 +288,34 @@ def build_latent_cache(
             if progress is not None:
                 progress(done / max(1, total))
 
-        for s in missing:
-            if check_cancelled is not None:
-                check_cancelled()
-            encode_shard(folder, s, order[s * shard_size : (s + 1) * shard_size], split, encoder, advance)
+        encode_shards(folder, {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}, split, encoder,
+                      advance, check_cancelled)
+    valid_counts, skipped = _survey_shards(folder, num_shards, num_classes)
+    if skipped:
+        log(f"latent cache {folder.name}: {len(skipped)} images could not be decoded and were skipped: "
+            + ", ".join(list(skipped.values())[:5]) + (" ..." if len(skipped) > 5 else ""))
     atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
                                     "seconds": round(time.perf_counter() - start_time, 3),
-                                    "encoded_shards": len(missing), "tasks": tasks})
+                                    "encoded_shards": len(missing), "tasks": tasks, "valid_counts": valid_counts,
+                                    "skipped": skipped})
     if progress is not None:
         progress(1.0)
     return LatentStore(folder, meta)
+
+
+def _survey_shards(folder: Path, num_shards: int, num_classes: int) -> tuple[list[int], dict[str, str]]:
+    """Valid rows per class and the skipped files of all shards (small tensors and headers only)."""
+    from safetensors import safe_open
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    skipped: dict[str, str] = {}
+    for shard in range(num_shards):
+        with safe_open(str(shard_path(folder, shard)), framework="pt") as handle:
+            labels = handle.get_tensor("labels").numpy()
+            valid = handle.get_tensor("valid").numpy().astype(bool)
+            skipped.update(json.loads((handle.metadata() or {}).get("skipped", "{}")))
+        counts += np.bincount(labels[valid], minlength=num_classes)
+    return counts.tolist(), skipped
 
 
 def _read_json(path: Path) -> dict | None:
@@ -255,7 +331,7 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
     from quantize.encoders import default_resolution
 
     kind = encoder_name if encoder_name in ("taef2", "sd-vae") else "path"
-    resolution = resolution or default_resolution(kind, ctx.dataset.image_size)
+    resolution = resolution or default_resolution(kind, ctx.dataset.image_size, ctx.dataset.source_size)
     spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, str(ctx.device), batch_size)
     if encoder is None:
         encoder = _encoder(spec)
@@ -263,7 +339,7 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
         spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, ctx.executor.device, batch_size)
     with ctx.timed("encode"):
         return build_latent_cache(
-            ctx.train,
+            split_at_size(ctx.train, resolution),  # files are decoded straight at the encode resolution
             split_spec=SplitSpec(ctx.dataset.name, ctx.max_per_class, ctx.seed),
             encoder_spec=spec, encoder_key=encoder.key, num_classes=ctx.num_classes,
             latent_shape=encoder.latent_shape, shard_size=shard_size, encoder=encoder,
@@ -282,11 +358,11 @@ def latents_for_dataset(dataset: str, encoder_name: str = "taef2", *, resolution
 
     ds = get_dataset(dataset)
     kind = encoder_name if encoder_name in ("taef2", "sd-vae") else "path"
-    resolution = resolution or default_resolution(kind, ds.image_size)
+    resolution = resolution or default_resolution(kind, ds.image_size, ds.source_size)
     spec = EncoderSpec(encoder_name, resolution, ds.image_size, device, batch_size)
     split_spec = SplitSpec(dataset, max_per_class, seed)
     encoder = _encoder(spec)
-    return build_latent_cache(_split(split_spec), split_spec=split_spec, encoder_spec=spec,
+    return build_latent_cache(split_at_size(_split(split_spec), resolution), split_spec=split_spec, encoder_spec=spec,
                               encoder_key=encoder.key, num_classes=ds.num_classes,
                               latent_shape=encoder.latent_shape, encoder=encoder, progress=progress, log=log)
 
@@ -309,6 +385,9 @@ class LatentStore:
         self.meta = meta
         self.shard_size = int(meta["shard_size"])
         self.offsets = [int(v) for v in meta["class_offsets"]]
+        complete = _read_json(folder / COMPLETE) or {}
+        self.skipped: dict[str, str] = complete.get("skipped", {})  # split index -> "file: reason"
+        self.valid_counts: list[int] | None = complete.get("valid_counts")
 
     def __len__(self) -> int:
         return int(self.meta["images"])
@@ -322,7 +401,14 @@ class LatentStore:
         return int(self.meta["num_classes"])
 
     def class_count(self, label: int) -> int:
+        """Usable rows of a class (images that could not be decoded are not counted)."""
+        if self.valid_counts is not None:
+            return int(self.valid_counts[label])
         return self.offsets[label + 1] - self.offsets[label]
+
+    def _valid(self, start: int, stop: int) -> torch.Tensor | None:
+        """Boolean mask of rows [start, stop) when some rows were skipped, else None (nothing to filter)."""
+        return self.rows(start, stop, "valid").bool() if self.skipped else None
 
     def rows(self, start: int, stop: int, key: str = "latents") -> torch.Tensor:
         """Rows [start, stop) of one stored tensor, reading only the shards they span."""
@@ -343,20 +429,26 @@ class LatentStore:
             return torch.empty((0, *self.latent_shape)) if key == "latents" else torch.empty(0, dtype=torch.long)
         return torch.cat(parts)
 
+    def _select(self, start: int, stop: int, key: str) -> torch.Tensor:
+        values = self.rows(start, stop, key)
+        mask = self._valid(start, stop)
+        return values if mask is None else values[mask]
+
     def class_latents(self, label: int) -> torch.Tensor:
-        """float32 latents of one class, n_c x C x h x w, in split order within the class."""
-        return self.rows(self.offsets[label], self.offsets[label + 1]).float()
+        """float32 latents of one class, n_c x C x h x w, in split order within the class (valid rows only)."""
+        return self._select(self.offsets[label], self.offsets[label + 1], "latents").float()
 
     def class_indices(self, label: int) -> np.ndarray:
-        """Indices into the (run's) training split of one class's rows."""
-        return self.rows(self.offsets[label], self.offsets[label + 1], "indices").numpy()
+        """Indices into the (run's) training split of one class's (valid) rows."""
+        return self._select(self.offsets[label], self.offsets[label + 1], "indices").numpy()
 
     def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every latent (float32) and label, class-ordered (small datasets: prior training)."""
-        return self.rows(0, len(self)).float(), self.rows(0, len(self), "labels")
+        """Every valid latent (float32) and label, class-ordered (small datasets: prior training)."""
+        return self._select(0, len(self), "latents").float(), self._select(0, len(self), "labels")
 
     def describe(self) -> dict:
-        return {k: v for k, v in self.meta.items() if k != "order"} | {"folder": str(self.folder)}
+        return {k: v for k, v in self.meta.items() if k != "order"} | {
+            "folder": str(self.folder), "skipped_images": len(self.skipped)}
 
 
 __all__ = ["EncoderSpec", "LatentStore", "ShardJob", "SplitSpec", "build_latent_cache", "cache_folder",

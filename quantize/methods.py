@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from distill.data.registry import as_pixels
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from quantize.encoders import RESOLUTION_POLICY
 
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 
@@ -42,7 +44,7 @@ class LatentParams(MethodParams):
     encoder: str = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae), an autoencoder "
                                               "directory or a hub id")
     resolution: int | None = Field(None, ge=8, description="encode resolution in px (multiple of 8); default: "
-                                                           "64 for <=32 px datasets with taef2, 256 with sd-vae")
+                                                           + RESOLUTION_POLICY)
     prior: str | None = Field(None, description="diffusers DiT directory (e.g. from `distill prior train`); "
                                                 "required with decode=diffusion")
     strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
@@ -275,7 +277,11 @@ def decode_chunk(encoder, latents: torch.Tensor, labels: torch.Tensor, params: L
 
         names = [class_names[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
-    return encoder.decode(latents.float(), channels=channels, size=size)
+    # kept as uint8 (what the PNGs hold anyway): the decode-stage checkpoint and the archive then need a quarter
+    # of fp32's memory (ImageNet IPC 50 at 256 px: 9.8 GB, not 39 GB)
+    parts = [(encoder.decode(part.float(), channels=channels, size=size).clamp(0, 1) * 255).round().to(torch.uint8)
+             for part in latents.split(max(1, params.batch_size))]
+    return torch.cat(parts) if parts else torch.empty((0, channels, size, size), dtype=torch.uint8)
 
 
 def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) -> torch.Tensor:
@@ -303,7 +309,7 @@ def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
                         teacher_max_per_class=params.teacher_max_per_class, device=str(device))
     teacher = get_teacher(dataset, config, progress=progress).to(device)
     with torch.no_grad():
-        return torch.cat([teacher(dataset.normalize(chunk.to(device))).cpu() for chunk in job["images"].split(256)])
+        return torch.cat([teacher(dataset.normalize(as_pixels(chunk).to(device))).cpu() for chunk in job["images"].split(256)])
 
 
 def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:
@@ -325,7 +331,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         raise DistillError("decode=sd-img2img needs Stable Diffusion's own VAE latents: set encoder=sd-vae (or its "
                            "directory)")
     encoder = load_encoder(params.encoder, image_size=ctx.dataset.image_size, resolution=params.resolution,
-                           device=ctx.device, batch_size=params.batch_size)
+                           device=ctx.device, batch_size=params.batch_size, source_size=ctx.dataset.source_size)
 
     def encode() -> dict:
         store = latents_for_context(ctx, params.encoder, resolution=encoder.resolution,
@@ -351,11 +357,14 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
     metrics: dict[str, Any] = {
         "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
+        "resolution_policy": "explicit (resolution=N)" if params.resolution else RESOLUTION_POLICY,
         "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
         "w2_weighted_mean": round(float(w_weighted.mean()), 6),
         "kmeans_seconds": round(float(sum(quant["kmeans_seconds"])), 4),
+        "skipped_images": len(store.skipped),  # training files that could not be decoded (left out, not fatal)
+        "skipped_files": sorted(store.skipped.values())[:100],
     }
     if params.decode == "nearest":
         # The stored set's own quantization error: the members with their Voronoi masses.

@@ -196,6 +196,7 @@ def preview(found: ArchiveDep) -> Response:
 
 
 def render_preview(archive: Path) -> bytes:
-    from distill.archive import preview_png, read_archive
+    from distill.archive import preview_png, preview_sample
 
-    return preview_png(read_archive(archive))
+    # only the PNGs shown are read, never the whole archive (which can be gigabytes)
+    return preview_png(preview_sample(archive))

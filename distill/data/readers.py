@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,24 +163,209 @@ def list_imagefolder(split_dir: Path, classes: list[str] | None = None) -> tuple
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
+class BadImageError(DistillError):
+    """One image file that cannot be decoded (truncated, corrupt, not an image): skipped, never fatal, by the loader."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# Images whose resized long side would exceed this many times the target are centre-cut before resizing, so a
+# 1 x 10000 strip cannot allocate a 256 x 2.5M intermediate. Ordinary aspects (ImageNet: at most ~1:4) never are.
+MAX_ASPECT = 8
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grayscale -> 8-bit L (PIL's own convert clips 16-bit data at 255)."""
+    array = np.asarray(img)
+    if img.mode == "F":
+        array = array.astype(np.float64)
+        high = float(np.nanmax(array)) if array.size else 0.0
+        array = np.nan_to_num(array * (255.0 if high <= 1.0 else 1.0))
+    else:
+        array = array.astype(np.float64)
+        high = float(array.max()) if array.size else 0.0
+        if high > 255:  # 16-bit data (I;16*, or I from a 16-bit PNG)
+            array = array / 257.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+
+
+def _normalise_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> L or RGB: CMYK and YCbCr convert, palette and alpha drop transparency (torchvision's
+    ImageFolder does the same ``convert("RGB")``), 16-bit and float grayscale are rescaled to 8 bits."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's warning path: palette transparency goes through RGBA
+    elif img.mode in ("LA", "La", "PA"):
+        img = img.convert("L" if img.mode != "PA" else "RGBA")
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image to uint8 C x size x size: resize the short side, centre crop (torchvision's eval policy)."""
-    with Image.open(path) as opened:
-        img = opened.convert("L" if channels == 1 else "RGB")
+    """Decode one image to uint8 C x size x size: resize the short side, centre crop (torchvision's eval policy).
+
+    Odd files are converted where that is meaningful (CMYK, 16-bit, palette, alpha, grayscale as RGB and back,
+    tiny images are upsampled); a file that cannot be decoded (truncated, corrupt, not an image) raises
+    :class:`BadImageError` naming the file, which the loader turns into a skipped index.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            img = _normalise_mode(opened, channels)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is OSError
+        raise BadImageError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise BadImageError(path, f"empty image ({width}x{height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):  # centre-cut extreme strips first
+        keep = MAX_ASPECT * min(width, height)
+        if width > height:
+            left = (width - keep) // 2
+            img = img.crop((left, 0, left + keep, height))
+        else:
+            top = (height - keep) // 2
+            img = img.crop((0, top, width, top + keep))
         width, height = img.size
-        if (width, height) != (size, size):
-            scale = size / min(width, height)
-            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    array = np.asarray(img, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def try_load_image(path: Path, size: int, channels: int) -> tuple[np.ndarray | None, str | None]:
+    """:func:`load_image` that returns ``(None, reason)`` for a bad file instead of raising."""
+    try:
+        return load_image(path, size, channels), None
+    except BadImageError as exc:
+        return None, exc.reason
 
 
 def probe_image(path: Path) -> tuple[int, int, str]:
     with Image.open(path) as img:
         return img.size[0], img.size[1], img.mode
+
+
+def try_probe(path: Path) -> tuple[int, int, str] | None:
+    """:func:`probe_image`, or None for a file PIL cannot identify."""
+    try:
+        return probe_image(path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+@dataclass
+class FolderReport:
+    """What a pre-flight look at an ImageFolder found: ``errors`` stop a job before any work, ``warnings`` don't."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    images: dict[str, int] = field(default_factory=dict)  # split -> image files found
+    unreadable: list[str] = field(default_factory=list)  # relative paths that failed the header probe
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            more = f" (and {len(self.errors) - 1} more problems)" if len(self.errors) > 1 else ""
+            raise DistillError(self.errors[0] + more)
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_imagefolder(root: Path, splits: tuple[str, ...] = ("train",), classes: list[str] | None = None,
+                      probe_per_class: int | None = 20) -> FolderReport:
+    """Pre-flight check of an ImageFolder before any decoding or encoding starts.
+
+    Errors: a split folder missing, no class folders, a class folder without image files in the first split
+    (training). Warnings: class folders of ``classes`` missing, empty class folders in the other splits,
+    files that are not images (by suffix), empty files, and files whose header PIL cannot read among the
+    ``probe_per_class`` probed per class (evenly spread; ``None`` probes all). Bad files are skipped at load
+    time, so they only warn unless a whole class is unreadable.
+    """
+    report = FolderReport()
+    for position, split in enumerate(splits):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            report.errors.append(f"{root}: no {split}/ folder (ImageFolder layout: {split}/<class>/<image>)")
+            continue
+        found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        wanted = classes if classes is not None else found
+        if not wanted:
+            report.errors.append(f"{split_dir}: no class folders")
+            continue
+        missing = [c for c in wanted if c not in set(found)]
+        empty: list[str] = []
+        non_images: list[str] = []
+        zero: list[str] = []
+        total = 0
+        for name in wanted:
+            if name in missing:
+                continue
+            entries = sorted((e for e in os.scandir(split_dir / name) if e.is_file() and not e.name.startswith(".")),
+                             key=lambda e: e.name)
+            images = [e for e in entries if Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+            non_images.extend(f"{name}/{e.name}" for e in entries if Path(e.name).suffix.lower() not in IMAGE_SUFFIXES)
+            zero.extend(f"{name}/{e.name}" for e in images if e.stat().st_size == 0)
+            total += len(images)
+            if not images:
+                empty.append(name)
+                continue
+            step = 1 if probe_per_class is None else max(1, len(images) // max(1, probe_per_class))
+            probed = images[::step] if probe_per_class is None else images[::step][:probe_per_class]
+            bad = []
+            for entry in probed:
+                try:
+                    with Image.open(entry.path) as img:  # header only (cheap); PNG and others verify checksums
+                        if img.format != "JPEG":
+                            img.verify()
+                except Exception:  # any failure means "unreadable" here
+                    bad.append(f"{name}/{entry.name}")
+            report.unreadable.extend(f"{split}/{b}" for b in bad)
+            if len(bad) == len(probed):
+                report.errors.append(f"{split_dir / name}: none of the {len(probed)} files probed is a readable image")
+        report.images[split] = total
+        if missing:  # a partial copy (a subset of ImageNet's wnids) is usable; its missing classes have 0 images
+            report.warnings.append(f"{split_dir}: class folders missing: {_few(missing)}")
+        if empty:
+            message = f"{split_dir}: class folders without images: {_few(empty)}"
+            (report.errors if position == 0 else report.warnings).append(message)
+        if non_images:
+            report.warnings.append(f"{split_dir}: {len(non_images)} non-image files ignored: {_few(non_images)}")
+        if zero:
+            report.warnings.append(f"{split_dir}: {len(zero)} empty files will be skipped: {_few(zero)}")
+    if report.unreadable:
+        report.warnings.append(f"{root}: {len(report.unreadable)} probed files are unreadable and will be skipped: "
+                               f"{_few(report.unreadable)}")
+    return report
+
+
+def imagefolder_fingerprint(root: Path, splits: tuple[str, ...]) -> str:
+    """Content key of an ImageFolder: every image file's relative name, size and mtime (16 hex digits).
+
+    Caches (file index, decoded arrays) keyed by it are never served stale when files are added, removed,
+    renamed or rewritten. Costs one ``stat`` per file (os.scandir); ImageNet's 1.28M files take tens of seconds
+    on a local disk, once per process (datasets are cached per process).
+    """
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for split in splits:
+        split_dir = root / split
+        for class_entry in sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
+                                  key=lambda e: e.name):
+            entries = sorted((e for e in os.scandir(class_entry.path)
+                              if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES), key=lambda e: e.name)
+            digest.update(f"{split}/{class_entry.name}\0".encode())
+            for entry in entries:
+                stat = entry.stat()
+                digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def decode_all(root: Path, files: list[str], size: int, channels: int, progress: Callable | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ Small datasets (MNIST family, CIFAR, small ImageFolders) live in memory as uint8
 
 from __future__ import annotations
 
-import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -68,11 +68,43 @@ class FileSplit(Split):
     size: int
     channels: int
 
+    def at_size(self, size: int) -> FileSplit:
+        """The same files decoded at ``size`` px (short-side resize + centre crop of the original file)."""
+        return self if size == self.size else FileSplit(self.root, self.files, self.labels, size, self.channels)
+
     def load(self, indices) -> torch.Tensor:
         arrays = [readers.load_image(self.root / self.files[int(i)], self.size, self.channels) for i in indices]
         if not arrays:
             return torch.empty((0, self.channels, self.size, self.size), dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays))
+
+
+@dataclass
+class SubsetSplit(Split):
+    """A view of rows ``index`` of ``parent`` (a --max-per-class sample): nothing is decoded or copied until
+    loaded, so a sample of an on-disk split stays on disk (the streaming loader reads through it)."""
+
+    parent: Split
+    index: np.ndarray
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = np.asarray(self.index, dtype=np.int64)
+        self.labels = np.asarray(self.parent.labels)[self.index]
+
+    def load(self, indices) -> torch.Tensor:
+        return self.parent.load(self.index[np.asarray(indices, dtype=np.int64)])
+
+
+def split_at_size(split: Split, size: int) -> Split:
+    """``split`` read at ``size`` px when it decodes files (also through subset views); in-memory splits as they are
+    (their consumers resize tensors). Lets an encoder read ImageNet's JPEGs straight at its own resolution."""
+    if isinstance(split, SubsetSplit):
+        parent = split_at_size(split.parent, size)
+        return split if parent is split.parent else SubsetSplit(parent, split.index)
+    if isinstance(split, FileSplit):
+        return split.at_size(size)
+    return split
 
 
 @dataclass
@@ -104,8 +136,14 @@ class Dataset:
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
         return images * std + mean
 
+    @property
+    def source_size(self) -> int | None:
+        """Short side (px) of the dataset's original files when they are larger than ``image_size`` (ImageNet and
+        ImageFolder trees), else None: encoders may read the files at their own resolution."""
+        return self.extra.get("source_size")
+
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "classes": list(self.classes),
             "num_classes": self.num_classes,
@@ -116,6 +154,10 @@ class Dataset:
             "train_size": len(self.train),
             "test_size": len(self.test),
         }
+        for key in ("source_size", "image_size_from", "fingerprint", "preflight_warnings"):
+            if self.extra.get(key) is not None:
+                out[key] = self.extra[key]
+        return out
 
 
 @dataclass(frozen=True)
@@ -135,6 +177,11 @@ class DatasetSpec:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [0, 1]."""
     return images.float().div_(255.0)
+
+
+def as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Pixel-scale float images from either storage: uint8 (0-255, converted) or float (returned as is)."""
+    return to_float(images) if images.dtype == torch.uint8 else images
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -196,8 +243,14 @@ def _imagefolder_dataset(
     std: tuple[float, ...] | None = None,
     classes: list[str] | None = None,
     class_names: list[str] | None = None,
+    explicit_size: int | None = None,
 ) -> Dataset:
-    """An ImageFolder tree or tarball; decoded into memory when small, streamed otherwise."""
+    """An ImageFolder tree or tarball; decoded into memory when small, streamed otherwise.
+
+    ``image_size``: the dataset's fixed resolution (CIFAR 32, ImageNet 224); ``explicit_size``: the user's
+    choice for ``imagefolder:PATH@SIZE``; otherwise the first file's short side, at most 256 (stated in the
+    manifest as ``image_size_from``).
+    """
     settings = get_settings()
     if not source.exists():
         raise DistillError(f"missing data: {source}")
@@ -206,15 +259,25 @@ def _imagefolder_dataset(
     test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
     if test_name is None:
         raise DistillError(f"{root}: no val/ or test/ folder next to train/")
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    index_path = settings.cache_dir / "index" / f"{name.replace(':', '_').replace('/', '_')[:40]}-{key}.json"
+    # Pre-flight: a bad layout (missing or empty class folders, unreadable classes) stops here, before any work.
+    report = readers.check_imagefolder(root, ("train", test_name), classes)
+    report.raise_for_errors()
+    # Keyed by the content (names, sizes, mtimes), not the path: a changed folder is re-indexed and re-decoded.
+    fingerprint = readers.imagefolder_fingerprint(root, ("train", test_name))
+    index_path = settings.cache_dir / "index" / f"{name.replace(':', '_').replace('/', '_')[:40]}-{fingerprint}.json"
 
     def build_index() -> dict:
         cls, train_files, train_labels = readers.list_imagefolder(root / "train", classes)
         _, test_files, test_labels = readers.list_imagefolder(root / test_name, cls)
         if not train_files:
             raise DistillError(f"{root / 'train'}: no images")
-        width, height, mode = readers.probe_image(root / "train" / train_files[0])
+        step = max(1, len(train_files) // 16)
+        probes = [p for p in (readers.try_probe(root / "train" / f) for f in [train_files[0], *train_files[::step][:16]])
+                  if p is not None]
+        if not probes:
+            raise DistillError(f"{root / 'train'}: none of the probed files is a readable image")
+        width, height, mode = probes[0]  # the first readable file in sorted order
+        shorts = [min(p[:2]) for p in probes]
         return {
             "classes": cls,
             "train_files": train_files,
@@ -222,6 +285,7 @@ def _imagefolder_dataset(
             "test_files": test_files,
             "test_labels": test_labels.tolist(),
             "probe": [width, height, mode],
+            "short_side_median": int(np.median(shorts)),
         }
 
     index = readers.cached_json(index_path, build_index)
@@ -229,8 +293,12 @@ def _imagefolder_dataset(
     width, height, mode = index["probe"]
     if channels is None:
         channels = 1 if mode in ("L", "1", "I;16", "I") else 3
-    if image_size is None:
-        image_size = min(width, height, 256)
+    image_size_from = "dataset default"
+    if explicit_size is not None:
+        image_size, image_size_from = explicit_size, "explicit (@SIZE)"
+    elif image_size is None:
+        image_size, image_size_from = min(width, height, 256), "first file, at most 256"
+    source_short = int(index.get("short_side_median", min(width, height)))
     train_labels = np.asarray(index["train_labels"], dtype=np.int64)
     test_labels = np.asarray(index["test_labels"], dtype=np.int64)
     small = len(train_labels) <= IN_MEMORY_MAX_IMAGES and image_size <= IN_MEMORY_MAX_SIZE
@@ -259,14 +327,21 @@ def _imagefolder_dataset(
         train=train,
         test=test,
         source=str(root),
-        extra={"folders": cls},
+        extra={"folders": cls, "fingerprint": fingerprint, "image_size_from": image_size_from,
+               "source_size": source_short if not small and source_short > image_size else None,
+               "preflight_warnings": report.warnings or None},
     )
 
 
 def _estimate_mean_std(split: Split, channels: int, sample: int = 2000) -> tuple[tuple, tuple]:
     rng = np.random.default_rng(0)
     indices = np.sort(rng.choice(len(split), size=min(sample, len(split)), replace=False))
-    x = to_float(split.load(indices)).transpose(0, 1).reshape(channels, -1)
+    from distill.data.loader import load_batch
+
+    _, images, _ = load_batch(split, indices)  # files that cannot be decoded are left out, not fatal
+    if not len(images):
+        raise DistillError("none of the sampled training images could be decoded")
+    x = to_float(images).transpose(0, 1).reshape(channels, -1)
     return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(max(v, 1e-3), 4) for v in x.std(1).tolist())
 
 
@@ -356,8 +431,14 @@ def dataset_names() -> list[str]:
 def get_dataset(name: str) -> Dataset:
     """Load a registered dataset, or ``imagefolder:PATH`` (CLI only; the HTTP API never accepts paths)."""
     if name.startswith("imagefolder:"):
-        path = Path(name.split(":", 1)[1]).expanduser()
-        return _imagefolder_dataset(name, path)
+        spec = name.split(":", 1)[1]
+        size = None
+        match = re.fullmatch(r"(.+)@(\d+)", spec)
+        if match and not Path(spec).expanduser().exists():
+            spec, size = match.group(1), int(match.group(2))
+            if not 8 <= size <= 1024:
+                raise DistillError(f"imagefolder resolution must be between 8 and 1024 px, got {size}")
+        return _imagefolder_dataset(name, Path(spec).expanduser(), explicit_size=size)
     if name not in DATASETS:
         raise InvalidRequest([unknown_dataset(name)])
     return DATASETS[name].loader()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.data.registry import ArraySplit, Dataset, Split
+from distill.data.registry import Dataset, Split, SubsetSplit
 
 # Offset of the sampling seed of a run's training split from the run's seed, so the cap's draw is independent
 # of the draws a method makes from ``seed`` itself (e.g. the `random` baseline).
@@ -29,10 +29,11 @@ def sample_per_class(labels: np.ndarray, num_classes: int, cap: int, rng: np.ran
 
 
 def run_train_split(dataset: Dataset, max_per_class: int | None, seed: int) -> Split:
-    """The training split a run with this seed sees: whole, or ``max_per_class`` per class loaded in memory."""
+    """The training split a run with this seed sees: whole, or a view of ``max_per_class`` per class (nothing is
+    decoded or copied here: a sample of an on-disk split is read when used, through the streaming loader)."""
     split = dataset.train
     if max_per_class is None:
         return split
     rng = np.random.default_rng(seed + RUN_SPLIT_SEED_OFFSET)
     keep = sample_per_class(split.labels, dataset.num_classes, max_per_class, rng)
-    return ArraySplit(split.load(keep).numpy(), split.labels[keep])
+    return SubsetSplit(split, keep)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from distill.data.registry import Dataset, Split
+from distill.data.registry import Dataset, Split, as_pixels
 from distill.data.sampling import run_train_split
 from distill.errors import Cancelled, DistillError
 from distill.files import atomic_output
@@ -34,7 +34,9 @@ class MethodParams(BaseModel):
 class DistilledSet:
     """What a method produces.
 
-    images: float N x C x H x W in pixel scale ([0, 1] nominal; values outside are kept exactly).
+    images: float N x C x H x W in pixel scale ([0, 1] nominal; values outside are kept exactly), or uint8
+        N x C x H x W (0-255) for methods whose images are 8-bit anyway (decoded latents): a quarter of the
+        memory and archive bytes. ``pixels()`` gives float [0, 1] either way.
     labels: int64 N hard labels: the class each image stands for (always present, also with soft labels).
     soft_labels: optional float N x num_classes *logits* (students use softmax of them).
     weights: optional float N per-image weights (e.g. cluster masses, summing to 1 per class).
@@ -51,7 +53,8 @@ class DistilledSet:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.images = self.images.detach().float().cpu().contiguous()
+        images = self.images.detach().cpu()
+        self.images = (images if images.dtype == torch.uint8 else images.float()).contiguous()
         self.labels = self.labels.detach().long().cpu().contiguous()
         n = len(self.images)
         if len(self.labels) != n:
@@ -68,6 +71,10 @@ class DistilledSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def pixels(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Float pixel-scale images (all, or ``images[index]``): uint8 storage is divided by 255 here."""
+        return as_pixels(self.images if index is None else self.images[index])
 
 
 class ProgressSink(Protocol):
