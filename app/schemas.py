@@ -119,6 +119,11 @@ class DatasetInfo(BaseModel):
     image_size: int
 
 
+class ModelInfo(BaseModel):
+    name: str = Field(description="a value for the model parameters encoder, prior, sd")
+    builtin: bool = Field(description="a built-in encoder (true) or registered by the operator (false)")
+
+
 class MethodInfo(BaseModel):
     name: str
     summary: str

@@ -22,9 +22,9 @@ def body_errors(exc: InvalidRequest) -> list[dict[str, Any]]:
 def checked_job_request(body: schemas.JobCreate, max_ipc: int) -> dict[str, Any]:
     """The request as the job store records it (method parameters normalised), or a 422."""
     request = RunRequest(dataset=body.dataset, method=body.method, ipc=body.ipc, params=body.params,
-                         seed=body.seed, max_per_class=body.max_per_class)
+                         seed=body.seed, max_per_class=body.max_per_class, paths=False)
     try:
-        _method, params = check_request(request, max_ipc=max_ipc, paths=False)
+        _method, params = check_request(request, max_ipc=max_ipc)
     except InvalidRequest as exc:
         raise RequestValidationError(body_errors(exc)) from None
     return {**body.model_dump(), "params": params.model_dump(mode="json", exclude_unset=True)}

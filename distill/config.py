@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.distillery"), description="State: database, artifacts, caches")
     fashion_mnist_dir: Path = Field(default=Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
     num_threads: int | None = Field(default=None, description="torch CPU threads; default: all cores")
+    models: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Operator-registered models, name -> directory (relative: under weights_dir); HTTP clients "
+                    "name models (encoder, prior, sd) only from these and the built-in encoders",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from distill.data.registry import DATASETS, Dataset, check_ipc, get_dataset, ipc
 from distill.errors import DistillError, InvalidRequest, Problem, problem
 from distill.methods.base import CheckpointStore, DistilledSet, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
+from distill.models import model_problems, resolve_models
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RunRequest:
     seed: int = 0
     max_per_class: int | None = None
     device: str = "auto"
+    paths: bool = True  # False for requests from the HTTP API: registered dataset and model names only
 
 
 @dataclass
@@ -60,12 +62,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_request(
-    request: RunRequest, *, max_ipc: int | None = None, paths: bool = True
-) -> tuple[type[Method], MethodParams]:
+def check_request(request: RunRequest, *, max_ipc: int | None = None) -> tuple[type[Method], MethodParams]:
     """Everything that can be checked before any work, without decoding a registered dataset: method,
     parameters, dataset name, ``max_per_class`` and ipc (against ``max_ipc`` and the smallest class).
-    ``paths=False`` (the HTTP API) accepts registered dataset names only, never ``imagefolder:PATH``.
+    ``request.paths=False`` (the HTTP API) accepts registered dataset and model names only, never paths.
 
     Raises :class:`InvalidRequest` listing every problem found; the CLI prints it as one line, the API as
     422 field errors. A method whose code cannot be imported raises :class:`MethodUnavailable`.
@@ -77,14 +77,16 @@ def check_request(
         method_cls = get_method(request.method)
         params, found = param_problems(method_cls, request.params)
         problems += found
+        if params is not None and not request.paths:
+            problems += model_problems(params.model_dump())
     else:
         problems.append(unknown_method(request.method))
     if request.max_per_class is not None and request.max_per_class < 1:
         problems.append(problem(["max_per_class"], f"max_per_class must be >= 1 (got {request.max_per_class})",
                                 "greater_than_equal"))
-    known_dataset = request.dataset in DATASETS or (paths and request.dataset.startswith("imagefolder:"))
+    known_dataset = request.dataset in DATASETS or (request.paths and request.dataset.startswith("imagefolder:"))
     if not known_dataset:
-        problems.append(unknown_dataset(request.dataset, paths))
+        problems.append(unknown_dataset(request.dataset, request.paths))
     if max_ipc is not None and request.ipc > max_ipc:
         problems.append(problem(["ipc"], f"ipc must be <= {max_ipc} on this server", "less_than_equal"))
     elif request.ipc < 1:
@@ -138,7 +140,9 @@ def run_to_archive(
         executor=executor,
     )
     start = time.perf_counter()
-    distilled = method_cls().run(ctx, params)
+    # The method loads models from directories; the manifest keeps the names the request gave.
+    loaded = params.model_copy(update=resolve_models(params.model_dump(), paths=request.paths))
+    distilled = method_cls().run(ctx, loaded)
     ctx.timings["total"] = time.perf_counter() - start
     _check_output(distilled, dataset.num_classes, request.ipc)
     manifest = build_manifest(

@@ -9,13 +9,16 @@ after its worker died resumes from its last completed stage.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
+from distill.models import registered_models
 from workers.jobs import JobStore, Lease
 from workers.logs import job_context
 from workers.models import Job
@@ -28,6 +31,33 @@ PROGRESS_WRITE_SECONDS = 0.5
 
 def artifact_name(job_id: str) -> str:
     return f"{job_id}.tar"
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~$<-])/[^\s'\"()\[\],:;]+")
+
+
+def redact_paths(text: str) -> str:
+    """Job errors and events reach HTTP clients: no path of this server in them. The configured folders
+    become their setting's name, registered models their name, and any other absolute path ``<path>``."""
+    core = get_core_settings()
+    named: list[tuple[Path | None, str]] = [
+        (core.weights_dir, "$DISTILL_WEIGHTS_DIR"), (core.data_dir, "$DISTILL_DATA_DIR"), (core.home, "$DISTILL_HOME"),
+        (core.fashion_mnist_dir, "$DISTILL_FASHION_MNIST_DIR"),
+    ]
+    try:
+        named += [(folder, f"<model {name}>") for name, folder in registered_models().items()]
+    except DistillError:
+        pass
+    replacements: dict[str, str] = {}
+    for folder, label in named:
+        if folder is None:
+            continue
+        for form in (folder.expanduser(), folder.expanduser().resolve()):
+            if str(form) != "/":
+                replacements.setdefault(str(form).rstrip("/"), label)
+    for form in sorted(replacements, key=len, reverse=True):  # the longest (most specific) first
+        text = text.replace(form, replacements[form])
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 class _JobControl:
@@ -94,7 +124,7 @@ class _JobControl:
 
     def _event(self, message: str, stage: str | None, fraction: float) -> None:
         try:
-            self.store.add_event(self.lease.job_id, message, stage=stage, progress=fraction)
+            self.store.add_event(self.lease.job_id, redact_paths(message), stage=stage, progress=fraction)
         except Exception:  # an event lost to a database hiccup must not fail an hour-long job
             log.warning("could not record event", exc_info=True, extra={"event": message})
 
@@ -123,7 +153,7 @@ def execute_job(
             control.log(f"resuming attempt {lease.attempt} from checkpoints: {', '.join(resumed)}")
         out = settings.artifact_path(artifact_name(job.id))
         request = RunRequest(dataset=job.dataset, method=job.method, ipc=job.ipc, params=dict(job.params or {}),
-                             seed=job.seed, max_per_class=job.max_per_class, device=settings.device)
+                             seed=job.seed, max_per_class=job.max_per_class, device=settings.device, paths=False)
         control.start()
         started = time.perf_counter()
         try:
@@ -133,13 +163,13 @@ def execute_job(
             return _stopped(store, lease, control, stop_flag)
         except DistillError as exc:
             control.stop()
-            store.finish(lease, "failed", error=(exc.code, str(exc)))
+            store.finish(lease, "failed", error=(exc.code, redact_paths(str(exc))))
             log.warning("job failed", extra={"error": str(exc)})
             return "failed"
         except Exception as exc:  # a bug or a resource problem: record it, keep the worker alive
             control.stop()
             log.exception("job crashed")
-            store.finish(lease, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
+            store.finish(lease, "failed", error=("internal_error", redact_paths(f"{type(exc).__name__}: {exc}")))
             return "failed"
         control.stop()
         size = Path(result.path).stat().st_size

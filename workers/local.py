@@ -43,6 +43,7 @@ def run_worker(
     stop = stop or threading.Event()
     worker_id = worker_id or new_worker_id()
     worker_id_var.set(worker_id)
+    settings.apply_hub_policy()
     store = JobStore.from_settings(settings)
     # Import torch and the job code before claiming, not while holding a lease.
     from workers.execution import execute_job

@@ -8,6 +8,7 @@ settings on top (``app.settings``), so a worker never needs the API to start.
 from __future__ import annotations
 
 import importlib
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,9 @@ class WorkerSettings(BaseSettings):
         default=30.0, gt=0, description="a worker (or Ray task) whose job ignores a cancel for this long is killed"
     )
     device: str = Field(default="auto", description="torch device of local workers: auto, cpu, cuda")
+    allow_hub: bool = Field(
+        default=False, description="let jobs download models from the Hugging Face hub (default: offline)"
+    )
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="modules imported at start (e.g. to register site-specific methods)"
     )
@@ -74,6 +78,12 @@ class WorkerSettings(BaseSettings):
 
     def job_dir(self, job_id: str) -> Path:
         return self.home_dir / "jobs" / job_id
+
+    def apply_hub_policy(self) -> None:
+        """No model-hub access from a job unless the operator allows it (set before diffusers is imported)."""
+        if not self.allow_hub:
+            for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+                os.environ[name] = "1"
 
     def load_plugins(self) -> None:
         """Import the operator's plugin modules; one that fails is an error naming it, not a traceback."""

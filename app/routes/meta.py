@@ -41,6 +41,14 @@ def list_methods() -> list[schemas.MethodInfo]:
     return list(_methods())
 
 
+@router.get("/models", response_model=list[schemas.ModelInfo], tags=["catalogue"])
+def list_models() -> list[schemas.ModelInfo]:
+    """Model names this server accepts for the parameters encoder, prior and sd (never paths or hub ids)."""
+    from distill.models import BUILTIN_MODELS, model_names
+
+    return [schemas.ModelInfo(name=name, builtin=name in BUILTIN_MODELS) for name in model_names()]
+
+
 @router.get("/healthz", response_model=schemas.Health, tags=["operations"],
             responses={503: {"model": schemas.Health, "description": "the job store is unreachable"}})
 def healthz(store: StoreDep) -> schemas.Health | JSONResponse:

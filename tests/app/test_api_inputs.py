@@ -144,7 +144,7 @@ def test_the_cores_problems_are_the_apis_field_errors(api: Stack) -> None:
     params = {"bogus": 1, "batch_size": "x"}
     body = {"dataset": "mnist", "method": "herding", "ipc": 6, "max_per_class": 5, "params": params}
     with pytest.raises(InvalidRequest) as core:
-        check_request(RunRequest("mnist", "herding", 6, params, max_per_class=5), max_ipc=1000, paths=False)
+        check_request(RunRequest("mnist", "herding", 6, params, max_per_class=5, paths=False), max_ipc=1000)
     assert len(core.value.problems) == 3
     with api.client() as client:
         response = client.post("/jobs", json=body)
