@@ -55,8 +55,8 @@ def redact_paths(text: str) -> str:
         for form in (folder.expanduser(), folder.expanduser().resolve()):
             if str(form) != "/":
                 replacements.setdefault(str(form).rstrip("/"), label)
-    for form in sorted(replacements, key=len, reverse=True):  # the longest (most specific) first
-        text = text.replace(form, replacements[form])
+    for prefix in sorted(replacements, key=len, reverse=True):  # the longest (most specific) first
+        text = text.replace(prefix, replacements[prefix])
     return _ABSOLUTE_PATH.sub("<path>", text)
 
 
