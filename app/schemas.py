@@ -9,17 +9,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
 from pydantic.json_schema import JsonDict
 
-from distill.data.registry import DATASETS
+from distill.data.registry import dataset_names
 from distill.methods.registry import METHODS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-def _enum_of(registry: dict[str, Any]) -> Callable[[JsonDict], None]:
-    """The names registered when the schema is generated (plugins may add methods after this module loads)."""
+def _enum_of(names: Callable[[], list[str]]) -> Callable[[JsonDict], None]:
+    """The names registered when the schema is generated (plugins and settings add them after this module loads)."""
 
     def extra(schema: JsonDict) -> None:
-        schema["enum"] = list(registry)
+        schema["enum"] = names()
 
     return extra
 
@@ -31,9 +31,9 @@ class JobCreate(BaseModel):
         "examples": [{"dataset": "mnist", "method": "random", "ipc": 10, "params": {}, "seed": 0}]
     })
 
-    dataset: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(DATASETS),
+    dataset: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(dataset_names),
                          description="a dataset registered on the server (GET /datasets); names only, never paths")
-    method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(METHODS),
+    method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(lambda: list(METHODS)),
                         description="a registered method (GET /methods)")
     ipc: StrictInt = Field(ge=1, le=10_000, description="images per class; at most the smallest class size")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (GET /methods schema)")
@@ -114,9 +114,10 @@ class JobEventList(BaseModel):
 class DatasetInfo(BaseModel):
     name: str
     description: str
-    num_classes: int
-    channels: int
-    image_size: int
+    num_classes: int | None = Field(description="null for an operator's ImageFolder whose files are missing")
+    channels: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
+    image_size: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
+    available: bool = Field(description="whether this server has the dataset's files; jobs need it")
 
 
 class ModelInfo(BaseModel):

@@ -155,16 +155,21 @@ def _progress_bar(enabled: bool) -> _Bar | None:
 
 @app.command()
 def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the registered datasets (plus imagefolder:PATH)."""
-    from distill.data.registry import DATASETS
+    """List the registered datasets (plus imagefolder:PATH) and whether their files are here."""
+    from distill.data.registry import DATASETS, dataset_available, operator_datasets
 
     rows = [{"name": s.name, "description": s.description, "channels": s.channels, "image_size": s.image_size,
-             "num_classes": s.num_classes} for s in DATASETS.values()]
+             "num_classes": s.num_classes, "available": dataset_available(s.name)} for s in DATASETS.values()]
+    rows += [{"name": name, "description": f"ImageFolder {source} (registered)", "channels": None, "image_size": None,
+              "num_classes": None, "available": dataset_available(name)}
+             for name, source in operator_datasets().items() if name not in DATASETS]
     if as_json:
         typer.echo(json.dumps(rows))
         return
     for r in rows:
-        typer.echo(f"{r['name']:<14} {r['num_classes']:>5} classes  {r['channels']}x{r['image_size']}px  {r['description']}")
+        shape = f"{r['num_classes']:>5} classes  {r['channels']}x{r['image_size']}px" if r["num_classes"] else " " * 24
+        here = "" if r["available"] else "  (not on this machine)"
+        typer.echo(f"{r['name']:<14} {shape}  {r['description']}{here}")
     typer.echo(f"{'imagefolder:PATH':<14} any ImageFolder tree or tarball (train/ + val/ or test/)")
 
 

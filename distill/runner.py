@@ -17,7 +17,17 @@ import numpy as np
 import torch
 
 from distill.archive import build_manifest, write_archive
-from distill.data.registry import DATASETS, Dataset, check_ipc, get_dataset, ipc_problems, smallest_class, unknown_dataset
+from distill.data.registry import (
+    Dataset,
+    check_ipc,
+    dataset_available,
+    dataset_names,
+    get_dataset,
+    ipc_problems,
+    smallest_class,
+    unavailable_dataset,
+    unknown_dataset,
+)
 from distill.errors import DistillError, InvalidRequest, Problem, problem
 from distill.methods.base import CheckpointStore, DistilledSet, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
@@ -84,18 +94,23 @@ def check_request(request: RunRequest, *, max_ipc: int | None = None) -> tuple[t
     if request.max_per_class is not None and request.max_per_class < 1:
         problems.append(problem(["max_per_class"], f"max_per_class must be >= 1 (got {request.max_per_class})",
                                 "greater_than_equal"))
-    known_dataset = request.dataset in DATASETS or (request.paths and request.dataset.startswith("imagefolder:"))
+    registered = request.dataset in dataset_names()
+    known_dataset = registered or (request.paths and request.dataset.startswith("imagefolder:"))
     if not known_dataset:
         problems.append(unknown_dataset(request.dataset, request.paths))
+    elif not request.paths and not dataset_available(request.dataset):
+        problems.append(unavailable_dataset(request.dataset))
+        known_dataset = False
     if max_ipc is not None and request.ipc > max_ipc:
         problems.append(problem(["ipc"], f"ipc must be <= {max_ipc} on this server", "less_than_equal"))
     elif request.ipc < 1:
         problems.append(problem(["ipc"], f"ipc must be >= 1 (got {request.ipc})", "greater_than_equal"))
-    elif request.dataset in DATASETS or (known_dataset and not problems):  # imagefolder:PATH is read: only if needed
+    elif known_dataset and (registered or not problems):  # imagefolder:PATH is read: only if needed
         try:
             smallest = smallest_class(request.dataset)
-        except DistillError as exc:
-            problems.append(problem(["dataset"], str(exc), "value_error.dataset_unavailable"))
+        except DistillError as exc:  # files that cannot be listed: the CLI says where, the API does not
+            problems.append(problem(["dataset"], str(exc), "value_error.dataset_unavailable") if request.paths
+                            else unavailable_dataset(request.dataset))
         else:
             problems += ipc_problems(request.dataset, smallest, request.ipc, request.max_per_class)
     if problems:

@@ -6,6 +6,9 @@ runs the same commands (the supervisor of ``distill serve`` starts its worker pr
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
 from typing import Annotated
 
@@ -21,9 +24,13 @@ def worker(
     once: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
     concurrency: Annotated[int | None, typer.Option(help="Ray mode: jobs in flight (default: cluster GPUs, or 1)")] = None,
     gpus_per_job: Annotated[float | None, typer.Option(help="Ray mode: GPUs per job (default 1 with GPUs)")] = None,
+    in_process: Annotated[bool, typer.Option(
+        "--in-process", help="run jobs in this process, without the supervising parent that kills a job which "
+                             "ignores a cancel or a stop signal past its grace")] = False,
 ) -> None:
-    """Claim queued jobs from the job store and run them (here, or as Ray tasks with --ray-address)."""
-    from workers.local import install_stop_signals, new_worker_id, run_worker
+    """Claim queued jobs from the job store and run them (in a supervised child process, or as Ray tasks with
+    --ray-address)."""
+    from workers.local import Supervisor, install_stop_signals, new_worker_id, run_worker
     from workers.logs import configure_logging
 
     configure_logging()
@@ -39,8 +46,25 @@ def worker(
 
         run_ray_worker(settings, address=ray_address, worker_id=worker_id or new_worker_id("ray"), stop=stop,
                        concurrency=concurrency, gpus_per_job=gpus_per_job, once=once)
-    else:
+    elif in_process or once:
         run_worker(settings, worker_id=worker_id, stop=stop, once=once)
+        _exit_now()
+    else:
+        supervisor = Supervisor(settings, 1, worker_ids=[worker_id] if worker_id else None)
+        supervisor.start()
+        while not stop.wait(0.5):
+            pass
+        supervisor.stop()
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """Exit without the interpreter's teardown of torch and the rest (seconds of CPU on a busy host, which a
+    stop signal would otherwise wait for): the job is handed back, the store disposed, the logs flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def migrate() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
 from distill.models import registered_models
-from workers.jobs import JobStore, Lease
+from workers.jobs import HeartbeatResult, JobStore, Lease
 from workers.logs import job_context
 from workers.models import Job
 from workers.settings import WorkerSettings
@@ -63,10 +63,11 @@ def redact_paths(text: str) -> str:
 class _JobControl:
     """Shared state between the method's thread (progress, cancel checks) and the heartbeat thread."""
 
-    def __init__(self, store: JobStore, lease: Lease, heartbeat_seconds: float, stop_flag: threading.Event | None):
+    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings, stop_flag: threading.Event | None):
         self.store = store
         self.lease = lease
-        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_seconds = settings.heartbeat_seconds
+        self.cancel_poll_seconds = min(settings.cancel_poll_seconds, settings.heartbeat_seconds)
         self.stop_flag = stop_flag
         self.stage: str | None = None
         self.fraction = 0.0
@@ -86,8 +87,18 @@ class _JobControl:
         self._thread.join(timeout=10)
 
     def _beat(self) -> None:
-        while not self._done.wait(self.heartbeat_seconds):
-            self._write(force=True)
+        """Heartbeat every ``heartbeat_seconds``; in between, read the cancel flag every ``cancel_poll_seconds``
+        (a cheap read), so a cancel reaches the job within about a second whatever the heartbeat period."""
+        next_beat = time.monotonic() + self.heartbeat_seconds
+        while not self._done.wait(self.cancel_poll_seconds):
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_seconds
+                self._write(force=True)
+                continue
+            try:
+                self._record(self.store.lease_state(self.lease))
+            except Exception:  # a database hiccup: the next poll or beat retries
+                log.debug("cancel poll failed", exc_info=True)
 
     def _write(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -101,6 +112,9 @@ class _JobControl:
         except Exception:  # a database hiccup must not kill the job; the next beat retries
             log.warning("heartbeat failed", exc_info=True)
             return
+        self._record(result)
+
+    def _record(self, result: HeartbeatResult) -> None:
         self.cancel_requested = self.cancel_requested or result.cancel_requested
         if not result.held and not self.lost:
             self.lost = True
@@ -145,7 +159,7 @@ def execute_job(
     from distill.runner import RunRequest, run_to_archive
 
     with job_context(job.id):
-        control = _JobControl(store, lease, settings.heartbeat_seconds, stop_flag)
+        control = _JobControl(store, lease, settings, stop_flag)
         checkpoint_dir = settings.job_dir(job.id) / "checkpoints"
         resumed = sorted(p.stem for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.exists() else []
         log.info("job started", extra={"attempt": lease.attempt, "method": job.method, "dataset": job.dataset})

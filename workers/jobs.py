@@ -289,6 +289,16 @@ class JobStore:
             cancel = session.scalar(select(Job.cancel_requested_at).where(Job.id == lease.job_id))
         return HeartbeatResult(held=bool(held), cancel_requested=cancel is not None)
 
+    def lease_state(self, lease: Lease) -> HeartbeatResult:
+        """Whether the lease still holds and a cancel was requested, read without writing (between heartbeats)."""
+        with self.read() as session:
+            row = session.execute(select(Job.status, Job.worker_id, Job.attempts, Job.cancel_requested_at)
+                                  .where(Job.id == lease.job_id)).first()
+        if row is None:
+            return HeartbeatResult(held=False, cancel_requested=False)
+        held = row.status == "running" and row.worker_id == lease.worker_id and row.attempts == lease.attempt
+        return HeartbeatResult(held=held, cancel_requested=row.cancel_requested_at is not None)
+
     def add_event(self, job_id: str, message: str, *, level: str = "info", stage: str | None = None,
                   progress: float | None = None) -> None:
         with self.write() as session:

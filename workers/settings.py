@@ -41,8 +41,15 @@ class WorkerSettings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0, description="a running job with no heartbeat for this long is re-claimed")
     heartbeat_seconds: float = Field(default=5.0, gt=0, description="how often a worker heartbeats and reads cancel flags")
     poll_seconds: float = Field(default=1.0, gt=0, description="how often an idle worker looks for queued jobs")
+    cancel_poll_seconds: float = Field(
+        default=1.0, gt=0, description="how often a running job's worker reads its cancel flag between heartbeats"
+    )
     cancel_grace_seconds: float = Field(
-        default=30.0, gt=0, description="a worker (or Ray task) whose job ignores a cancel for this long is killed"
+        default=10.0, gt=0, description="a worker (or Ray task) whose job ignores a cancel for this long is killed"
+    )
+    stop_grace_seconds: float = Field(
+        default=4.0, gt=0, description="on SIGTERM, a worker whose job has not stopped after this long is killed "
+                                       "and the job re-queued"
     )
     device: str = Field(default="auto", description="torch device of local workers: auto, cpu, cuda")
     allow_hub: bool = Field(

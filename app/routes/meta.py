@@ -17,11 +17,27 @@ router = APIRouter()
 
 @router.get("/datasets", response_model=list[schemas.DatasetInfo], tags=["catalogue"])
 def list_datasets() -> list[schemas.DatasetInfo]:
-    """Datasets registered on this server. Requests name one of these; paths are never accepted."""
-    from distill.data.registry import DATASETS
+    """Datasets registered on this server, and whether their files are here (jobs need them). Requests name one
+    of these; paths are never accepted."""
+    from distill.data.registry import DATASETS, dataset_available, dataset_names, imagefolder_class_counts, operator_datasets
+    from distill.errors import DistillError
 
-    return [schemas.DatasetInfo(name=s.name, description=s.description, num_classes=s.num_classes,
-                                channels=s.channels, image_size=s.image_size) for s in DATASETS.values()]
+    out = []
+    operator = operator_datasets()
+    for name in dataset_names():
+        available = dataset_available(name)
+        spec = DATASETS.get(name)
+        if spec is not None:
+            out.append(schemas.DatasetInfo(name=name, description=spec.description, num_classes=spec.num_classes,
+                                           channels=spec.channels, image_size=spec.image_size, available=available))
+            continue
+        try:
+            num_classes: int | None = len(imagefolder_class_counts(operator[name])) if available else None
+        except DistillError:
+            num_classes, available = None, False
+        out.append(schemas.DatasetInfo(name=name, description="ImageFolder registered by the operator",
+                                       num_classes=num_classes, channels=None, image_size=None, available=available))
+    return out
 
 
 @lru_cache(maxsize=1)

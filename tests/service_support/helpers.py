@@ -137,9 +137,11 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def start_worker(self, name: str | None = None) -> Proc:
+    def start_worker(self, name: str | None = None, supervised: bool = False) -> Proc:
+        """``distill worker``; by default ``--in-process`` (the process that runs the job: tests kill it)."""
         name = name or f"test-worker-{len(self.workers)}"
-        proc = Proc(["worker", "--worker-id", name], self.env, self.home / f"{name}.log").start()
+        args = ["worker", "--worker-id", name, *([] if supervised else ["--in-process"])]
+        proc = Proc(args, self.env, self.home / f"{name}.log").start()
         self.workers.append(proc)
         return proc
 
