@@ -62,6 +62,8 @@ def run(
     from distill.runner import RunRequest, run_to_archive
 
     with user_errors():
+        if out.is_dir():
+            raise DistillError(f"--out {out} is a directory: give the archive's file name (e.g. {out / 'set.tar'})")
         _configure_threads()
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
@@ -112,7 +114,7 @@ def eval_(
         else:
             if archive is None:
                 raise DistillError("give an ARCHIVE (or --full --dataset NAME)")
-            loaded = read_archive(archive)
+            loaded = read_archive(_archive_file(archive))
             ds = get_dataset(loaded.dataset)
             if list(ds.classes) != list(loaded.classes):
                 raise DistillError(f"{archive}: class order differs from dataset {ds.name}")
@@ -131,6 +133,12 @@ def eval_(
                 f"{result.test_images} test images, {result.wall_seconds:.0f}s)"
             )
             typer.echo("runs: " + ", ".join(f"{a:.2f}" for a in result.accuracies))
+
+
+def _archive_file(path: Path) -> Path:
+    if path.is_dir():
+        raise DistillError(f"{path} is a directory, not an archive (a .tar written by `distill run`)")
+    return path
 
 
 class _Bar:
@@ -197,7 +205,7 @@ def verify(archive: Annotated[Path, typer.Argument(help="archive to check")]) ->
     from distill.archive import read_archive
 
     with user_errors():
-        loaded = read_archive(archive)
+        loaded = read_archive(_archive_file(archive))
         m = loaded.manifest
         typer.echo(f"ok: {m['method']} on {m['dataset']['name']}, ipc {m['ipc']}, {m['num_images']} images, "
                    f"seed {m['seed']}, code {m['code_version']}")

@@ -30,6 +30,7 @@ def worker(
 ) -> None:
     """Claim queued jobs from the job store and run them (in a supervised child process, or as Ray tasks with
     --ray-address)."""
+    from workers.db import store_errors
     from workers.local import Supervisor, install_stop_signals, new_worker_id, run_worker
     from workers.logs import configure_logging
 
@@ -38,6 +39,7 @@ def worker(
     from distill.cli import user_errors  # not at import time: distill.cli imports this module
 
     with user_errors():
+        settings.check_home()
         settings.load_plugins()
     stop = threading.Event()
     install_stop_signals(stop)
@@ -50,7 +52,8 @@ def worker(
         run_worker(settings, worker_id=worker_id, stop=stop, once=once)
         _exit_now()
     else:
-        supervisor = Supervisor(settings, 1, worker_ids=[worker_id] if worker_id else None)
+        with user_errors(), store_errors(settings.resolved_database_url):
+            supervisor = Supervisor(settings, 1, worker_ids=[worker_id] if worker_id else None)
         supervisor.start()
         while not stop.wait(0.5):
             pass

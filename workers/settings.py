@@ -86,6 +86,19 @@ class WorkerSettings(BaseSettings):
     def job_dir(self, job_id: str) -> Path:
         return self.home_dir / "jobs" / job_id
 
+    def check_home(self) -> None:
+        """Create the state folders under DISTILL_HOME and test a write there: a service that cannot keep its
+        state stops at once with one clear line, instead of a traceback from deep inside the job store."""
+        home = get_core_settings().home.expanduser()
+        try:
+            for folder in (home, home / "artifacts", home / "jobs"):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = home / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise DistillError(f"DISTILL_HOME {home} is not writable: {exc.strerror or exc}") from None
+
     def apply_hub_policy(self) -> None:
         """No model-hub access from a job unless the operator allows it (set before diffusers is imported)."""
         if not self.allow_hub:
