@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
-from pydantic.json_schema import JsonDict
+from pydantic.json_schema import JsonDict, JsonValue
 
 from distill.data.registry import dataset_names
 from distill.methods.registry import METHODS
@@ -19,7 +19,8 @@ def _enum_of(names: Callable[[], list[str]]) -> Callable[[JsonDict], None]:
     """The names registered when the schema is generated (plugins and settings add them after this module loads)."""
 
     def extra(schema: JsonDict) -> None:
-        schema["enum"] = names()
+        values: list[JsonValue] = list(names())
+        schema["enum"] = values
 
     return extra
 
