@@ -19,9 +19,10 @@ def owner_of(key: str) -> str:
     return "key_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def current_owner(
+def optional_owner(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> str:
+) -> str | None:
+    """The caller's owner id, or None without a valid key (when keys are configured)."""
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_OWNER
@@ -34,5 +35,11 @@ def current_owner(
                 matched = key
         if matched is not None:
             return owner_of(matched)
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
-                        headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def current_owner(owner: Annotated[str | None, Depends(optional_owner)]) -> str:
+    if owner is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return owner

@@ -5,15 +5,18 @@ Run it with ``distill serve`` (API + local workers) or ``distill api`` (API only
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,6 +109,36 @@ class Observe:
             job_id_var.reset(token)
 
 
+def _without_auth_in_schema(app: FastAPI) -> None:
+    """No API keys configured (loopback only): the OpenAPI schema must not declare Bearer auth on any route.
+    The schema is generated here, once every route is in, and kept (FastAPI serves ``app.openapi_schema``)."""
+    schema: dict[str, Any] = app.openapi()
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.pop("security", None)
+    schema.get("components", {}).pop("securitySchemes", None)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_reason(exc: BaseException) -> str | None:
+    """What a client is told about a storage failure (no paths), or None when it is not one."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).lower()
+    if (isinstance(cause, OSError) and cause.errno in NO_SPACE) or "disk is full" in text or "no space" in text:
+        return "the server is out of storage space; retry later"
+    if isinstance(cause, OSError) and cause.errno == errno.EROFS:
+        return "the server's storage is read-only; retry later"
+    if isinstance(exc, SQLAlchemyError) and ("disk i/o" in text or "readonly" in text):
+        return "the job store cannot write; retry later"
+    return None
+
+
+def unavailable(reason: str) -> JSONResponse:
+    return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": "30"})
+
+
 def create_app(
     settings: ApiSettings | None = None,
     worker_settings: WorkerSettings | None = None,
@@ -144,6 +177,8 @@ def create_app(
     route_table = [(route.path_regex, set(route.methods or ())) for router in (jobs.router, meta.router)
                    for route in router.routes if isinstance(route, APIRoute)]
 
+    if not settings.api_keys:
+        _without_auth_in_schema(app)
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -163,5 +198,19 @@ def create_app(
     @app.exception_handler(DistillError)
     async def distill_error(_request: Request, exc: DistillError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def store_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        """The job store failed (full disk, database down): 503 with a reason, never a bare 500."""
+        log.warning("job store error", exc_info=exc)
+        return unavailable(storage_reason(exc) or "the job store is unavailable; retry later")
+
+    @app.exception_handler(OSError)
+    async def os_error(_request: Request, exc: OSError) -> JSONResponse:
+        reason = storage_reason(exc)
+        if reason is None:
+            raise exc
+        log.warning("storage error", exc_info=exc)
+        return unavailable(reason)
 
     return app

@@ -11,6 +11,7 @@ from pydantic.json_schema import JsonDict, JsonValue
 
 from distill.data.registry import dataset_names
 from distill.methods.registry import METHODS
+from workers.settings import StorageState
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -134,9 +135,13 @@ class MethodInfo(BaseModel):
 
 
 class Health(BaseModel):
+    """Without an API key (when keys are configured) only ``status``: liveness, nothing about other keys' jobs."""
+
     status: Literal["ok", "degraded"]
-    database: Literal["ok", "unreachable"]
-    version: str
+    database: Literal["ok", "unreachable"] | None = None
+    storage: StorageState | None = Field(
+        default=None, description="DISTILL_HOME: free space above DISTILL_MIN_FREE_BYTES and a test write succeeds")
+    version: str | None = None
     queued: int | None = None
     running: int | None = None
 

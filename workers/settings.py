@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from distill.config import get_settings as get_core_settings
 from distill.config import reload_settings as reload_core_settings
 from distill.errors import DistillError
+
+StorageState = Literal["ok", "low_space", "unwritable"]
 
 
 def split_csv(value: object) -> object:
@@ -52,6 +55,9 @@ class WorkerSettings(BaseSettings):
                                        "and the job re-queued"
     )
     device: str = Field(default="auto", description="torch device of local workers: auto, cpu, cuda")
+    min_free_bytes: int = Field(
+        default=256 * 1024**2, ge=0, description="/healthz reports degraded below this much free space in DISTILL_HOME"
+    )
     allow_hub: bool = Field(
         default=False, description="let jobs download models from the Hugging Face hub (default: offline)"
     )
@@ -98,6 +104,15 @@ class WorkerSettings(BaseSettings):
             probe.unlink()
         except OSError as exc:
             raise DistillError(f"DISTILL_HOME {home} is not writable: {exc.strerror or exc}") from None
+
+    def storage_state(self) -> StorageState:
+        """``ok``, ``low_space`` (under ``min_free_bytes`` free) or ``unwritable`` (a test write failed)."""
+        try:
+            self.check_home()
+            free = shutil.disk_usage(get_core_settings().home.expanduser()).free
+        except (DistillError, OSError):
+            return "unwritable"
+        return "ok" if free >= self.min_free_bytes else "low_space"
 
     def apply_hub_policy(self) -> None:
         """No model-hub access from a job unless the operator allows it (set before diffusers is imported)."""

@@ -51,7 +51,9 @@ def _find(store: JobStore, job_id: str, owner: str) -> Job:
 @router.post(
     "/jobs", status_code=202, response_model=schemas.Job,
     responses={**UNAUTHORIZED, 400: {"model": schemas.Problem, "description": "body is not UTF-8 JSON"},
-               413: {"model": schemas.Problem, "description": "request body too large"}},
+               409: {"model": schemas.Problem, "description": "the Idempotency-Key was used with another body"},
+               413: {"model": schemas.Problem, "description": "request body too large"},
+               503: {"model": schemas.Problem, "description": "the job store cannot take the job now (e.g. disk full)"}},
     summary="Submit a distillation job",
 )
 def create_job(
@@ -69,8 +71,7 @@ def create_job(
     try:
         job, replayed = store.create_job(owner, request, idempotency_key)
     except IdempotencyConflict as exc:
-        raise RequestValidationError([{"loc": ["header", "Idempotency-Key"], "msg": str(exc),
-                                       "type": "value_error.idempotency_conflict"}]) from None
+        raise HTTPException(409, str(exc)) from None
     if not replayed:
         metrics.submitted.labels(job.method).inc()
     response.headers["Location"] = f"/jobs/{job.id}"
@@ -158,22 +159,32 @@ ArchiveDep = Annotated[tuple[Job, Path], Depends(finished_archive)]
     "/jobs/{job_id}/artifact", response_class=FileResponse, responses={
         200: {"content": {"application/x-tar": {}}, "description": "the archive (Range requests supported)"},
         206: {"content": {"application/x-tar": {}}, "description": "part of the archive"},
+        304: {"description": "not modified: If-None-Match named the archive's ETag"},
         416: {"description": "range not satisfiable"},
         **ARTIFACT_RESPONSES,
     },
     summary="Download the distilled-set archive",
 )
-def download_artifact(found: ArchiveDep) -> FileResponse:
+def download_artifact(
+    found: ArchiveDep,
+    if_none_match: Annotated[str | None, Header(max_length=4096, description="ETags already held: 304 if one matches")] = None,
+) -> Response:
     job, path = found
     sha = job.artifact_sha256 or ""
+    etag = f'"{sha}"'
+    cache = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=cache)
     digest = base64.b64encode(bytes.fromhex(sha)).decode()
     filename = f"{job.dataset}-{job.method}-ipc{job.ipc}-{job.id}.tar"
-    return FileResponse(path, media_type="application/x-tar", filename=filename, headers={
-        "Repr-Digest": f"sha-256=:{digest}:",
-        "X-Checksum-Sha256": sha,
-        "ETag": f'"{sha}"',
-        "Cache-Control": "private, max-age=3600",
-    })
+    return FileResponse(path, media_type="application/x-tar", filename=filename,
+                        headers={"Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": sha, **cache})
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): ``*`` or a list of (possibly weak) entity tags, compared weakly."""
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.get(

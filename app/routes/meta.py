@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
-from app.deps import MetricsDep, StoreDep
+from app.deps import MaybeOwnerDep, MetricsDep, OwnerDep, StoreDep, WorkerSettingsDep
 from distill import __version__
 
 router = APIRouter()
@@ -65,19 +65,28 @@ def list_models() -> list[schemas.ModelInfo]:
     return [schemas.ModelInfo(name=name, builtin=name in BUILTIN_MODELS) for name in model_names()]
 
 
-@router.get("/healthz", response_model=schemas.Health, tags=["operations"],
-            responses={503: {"model": schemas.Health, "description": "the job store is unreachable"}})
-def healthz(store: StoreDep) -> schemas.Health | JSONResponse:
+@router.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True, tags=["operations"],
+            responses={503: {"model": schemas.Health, "description": "the job store or DISTILL_HOME is not usable"}})
+def healthz(store: StoreDep, settings: WorkerSettingsDep, owner: MaybeOwnerDep) -> JSONResponse:
+    """Liveness for anyone; with a valid API key (or none configured) also the job store, the storage under
+    DISTILL_HOME (free space, a test write), the version and the queue."""
     try:
-        counts = store.counts_by_status()
+        counts: dict[str, int] | None = store.counts_by_status()
     except Exception:
-        body = schemas.Health(status="degraded", database="unreachable", version=__version__)
-        return JSONResponse(body.model_dump(), status_code=503)
-    return schemas.Health(status="ok", database="ok", version=__version__, queued=counts.get("queued", 0),
-                          running=counts.get("running", 0))
+        counts = None
+    storage = settings.storage_state()
+    healthy = counts is not None and storage == "ok"
+    body = schemas.Health(status="ok" if healthy else "degraded")
+    if owner is not None:
+        body = schemas.Health(status=body.status, database="ok" if counts is not None else "unreachable",
+                              storage=storage, version=__version__, queued=(counts or {}).get("queued", 0),
+                              running=(counts or {}).get("running", 0))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if healthy else 503)
 
 
 @router.get("/metrics", response_class=Response, tags=["operations"],
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
-def metrics(metrics: MetricsDep) -> Response:
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+                       401: {"model": schemas.Problem, "description": "keys are configured and none was given"}})
+def metrics(metrics: MetricsDep, _owner: OwnerDep) -> Response:
+    """Prometheus metrics (totals over every key: behind an API key when keys are configured)."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

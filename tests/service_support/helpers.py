@@ -133,7 +133,7 @@ class Stack:
         if self.api.process is not None and self.api.process.poll() is not None:
             raise RuntimeError(f"API exited with {self.api.process.returncode}:\n{self.api.tail()}")
         try:
-            return httpx.get(self.base_url + "/healthz", timeout=2).status_code == 200
+            return httpx.get(self.base_url + "/healthz", timeout=2).status_code in (200, 503)  # up (maybe degraded)
         except httpx.HTTPError:
             return False
 
