@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
 from distill.models import registered_models
+from workers.janitor import discard_checkpoints
 from workers.jobs import HeartbeatResult, JobStore, Lease
 from workers.logs import job_context
 from workers.models import Job
@@ -174,22 +174,27 @@ def execute_job(
             result = run_to_archive(request, out, progress=control.progress, checkpoint_dir=checkpoint_dir,
                                     is_cancelled=control.is_cancelled, log=control.log, executor=executor)
         except Cancelled:
-            return _stopped(store, lease, control, stop_flag)
+            outcome = _stopped(store, lease, control, stop_flag)
+            if outcome == "cancelled":
+                discard_checkpoints(settings, job.id)
+            return outcome
         except DistillError as exc:
             control.stop()
-            store.finish(lease, "failed", error=(exc.code, redact_paths(str(exc))))
+            if store.finish(lease, "failed", error=(exc.code, redact_paths(str(exc)))):
+                discard_checkpoints(settings, job.id)
             log.warning("job failed", extra={"error": str(exc)})
             return "failed"
         except Exception as exc:  # a bug or a resource problem: record it, keep the worker alive
             control.stop()
             log.exception("job crashed")
-            store.finish(lease, "failed", error=("internal_error", redact_paths(f"{type(exc).__name__}: {exc}")))
+            if store.finish(lease, "failed", error=("internal_error", redact_paths(f"{type(exc).__name__}: {exc}"))):
+                discard_checkpoints(settings, job.id)
             return "failed"
         control.stop()
         size = Path(result.path).stat().st_size
         timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
         if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
-            shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
+            discard_checkpoints(settings, job.id)
             log.info("job succeeded", extra={"bytes": size, "sha256": result.sha256,
                                             "seconds": round(time.perf_counter() - started, 3)})
             return "succeeded"

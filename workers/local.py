@@ -19,12 +19,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.janitor import discard_checkpoints, sweep_files
 from workers.jobs import JobStore, Lease
 from workers.logs import worker_id_var
 from workers.models import Job, utcnow
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("distill.worker")
+
+SWEEP_FILES_SECONDS = 60.0
 
 
 def new_worker_id(tag: str = "cpu") -> str:
@@ -51,6 +54,7 @@ def run_worker(
 
     log.info("worker started", extra={"database": store.engine.url.render_as_string(hide_password=True)})
     ran = 0
+    next_sweep = 0.0
     supervisor = int(os.environ.get("DISTILL_SUPERVISOR_PID", "0"))
     if supervisor:
         threading.Thread(target=_watch_parent, args=(supervisor, stop), name="parent-watch", daemon=True).start()
@@ -64,6 +68,12 @@ def run_worker(
         if claimed is None:
             if once:
                 break
+            if time.monotonic() >= next_sweep:  # idle: tidy the files of finished jobs
+                next_sweep = time.monotonic() + SWEEP_FILES_SECONDS
+                try:
+                    sweep_files(store, settings)
+                except Exception:
+                    log.warning("file sweep failed", exc_info=True)
             stop.wait(settings.poll_seconds)
             continue
         job, lease = claimed
@@ -186,8 +196,9 @@ class Supervisor:
             assert child.process is not None
             child.process.kill()
             child.process.wait(timeout=30)
-            self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
-                              error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)"))
+            if self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
+                                 error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)")):
+                discard_checkpoints(self.settings, job.id)
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM every worker; kill one still running after ``grace`` (default ``stop_grace_seconds``) and

@@ -55,6 +55,9 @@ class WorkerSettings(BaseSettings):
                                        "and the job re-queued"
     )
     device: str = Field(default="auto", description="torch device of local workers: auto, cpu, cuda")
+    retention_days: float | None = Field(
+        default=None, gt=0, description="remove archives of jobs finished this long ago (default: keep them)"
+    )
     min_free_bytes: int = Field(
         default=256 * 1024**2, ge=0, description="/healthz reports degraded below this much free space in DISTILL_HOME"
     )

@@ -16,6 +16,7 @@ from app import schemas
 from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
+from workers.janitor import discard_job_files
 from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
 from workers.models import Job
 
@@ -29,7 +30,7 @@ UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missi
 
 def to_schema(job: Job) -> schemas.Job:
     artifact = None
-    if job.status == "succeeded" and job.artifact_sha256:
+    if job.status == "succeeded" and job.artifact_path and job.artifact_sha256:
         artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
                                     sha256=job.artifact_sha256, preview_url=f"/jobs/{job.id}/preview.png")
     error = schemas.JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -116,6 +117,22 @@ def cancel_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
         raise HTTPException(409, str(exc)) from None
 
 
+@router.delete(
+    "/jobs/{job_id}", status_code=204, response_class=Response,
+    responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "job not finished"}},
+    summary="Delete a finished job, its events and its archive",
+)
+def delete_job(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> Response:
+    try:
+        job = store.delete_job(job_id, owner)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+    except InvalidState as exc:
+        raise HTTPException(409, str(exc)) from None
+    discard_job_files(settings, job.id, job.artifact_path)
+    return Response(status_code=204)
+
+
 @router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND})
 def list_events(
     job_id: JobId,
@@ -144,8 +161,10 @@ ARTIFACT_RESPONSES: Responses = {
 def finished_archive(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> tuple[Job, Path]:
     """Dependency of the download routes: the caller's succeeded job and its archive on disk (409/410 otherwise)."""
     job = _find(store, job_id, owner)
-    if job.status != "succeeded" or not job.artifact_path:
+    if job.status != "succeeded":
         raise HTTPException(409, f"job is {job.status}: no archive")
+    if not job.artifact_path:
+        raise HTTPException(410, "the archive was removed (retention policy)")
     path = settings.artifact_path(job.artifact_path)
     if not path.is_file():
         raise HTTPException(410, "the archive is no longer in storage")

@@ -97,7 +97,8 @@ def test_other_bad_requests(api: Stack) -> None:
         assert client.get(f"/jobs/{job_id}/events", params={"after": -1}).status_code == 422
         assert client.get(f"/jobs/{job_id}/artifact").status_code == 409  # queued: no archive yet
         assert client.get(f"/jobs/{job_id}/preview.png").status_code == 409
-        assert client.delete(f"/jobs/{job_id}").status_code == 405
+        assert client.delete(f"/jobs/{job_id}").status_code == 409  # queued: cancel it first
+        assert client.put(f"/jobs/{job_id}").status_code == 405
 
 
 def test_catalogue(api: Stack) -> None:

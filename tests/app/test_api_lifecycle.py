@@ -213,3 +213,34 @@ def test_idempotency_and_listing(stack: Stack) -> None:
         assert 'distill_job_stage_seconds_count{stage="select"}' in metrics
         health = client.get("/healthz").json()
         assert health["status"] == "ok" and health["database"] == "ok"
+
+
+def test_jobs_that_end_leave_no_checkpoints_and_finished_ones_can_be_deleted(stack: Stack) -> None:
+    """Issue 13 item 7: failed and cancelled jobs leave nothing under DISTILL_HOME/jobs; DELETE removes a
+    finished job with its archive."""
+    with stack.client() as client, stack.client(KEY_B) as bob:
+        failed = client.post("/jobs", json={**QUICK, "method": "fail-test"}).json()["id"]
+        assert wait_for_job(client, failed, stack=stack)["status"] == "failed"
+        cancelled = client.post("/jobs", json=slow_job(iterations=200)).json()["id"]
+        wait_until(lambda: (stack.home / "jobs" / cancelled / "checkpoints" / "pick.pt").exists(), timeout=60,
+                   what="the checkpoint")
+        client.post(f"/jobs/{cancelled}/cancel").raise_for_status()
+        assert wait_for_job(client, cancelled, stack=stack)["status"] == "cancelled"
+        for job_id in (failed, cancelled):
+            wait_until(lambda job_id=job_id: not (stack.home / "jobs" / job_id).exists(), timeout=10,
+                       what=f"{job_id}'s checkpoints to go")
+
+        done = client.post("/jobs", json=QUICK).json()["id"]
+        running = client.post("/jobs", json=slow_job(iterations=100)).json()["id"]
+        assert wait_for_job(client, done, stack=stack)["status"] == "succeeded"
+        archive = stack.home / "artifacts" / f"{done}.tar"
+        assert client.get(f"/jobs/{done}/preview.png").status_code == 200 and archive.exists()
+        assert bob.delete(f"/jobs/{done}").status_code == 404  # another key's job
+        wait_for_job(client, running, statuses=("running",), stack=stack)
+        assert client.delete(f"/jobs/{running}").status_code == 409
+        assert client.delete(f"/jobs/{done}").status_code == 204
+        assert client.get(f"/jobs/{done}").status_code == 404 and client.delete(f"/jobs/{done}").status_code == 404
+        assert not archive.exists() and not archive.with_name(f"{done}.preview.png").exists()
+        client.post(f"/jobs/{running}/cancel")
+        wait_for_job(client, running, stack=stack)
+        assert client.delete(f"/jobs/{failed}").status_code == 204
