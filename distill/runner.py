@@ -29,7 +29,7 @@ from distill.data.registry import (
     unknown_dataset,
 )
 from distill.errors import DistillError, InvalidRequest, Problem, problem
-from distill.methods.base import CheckpointStore, DistilledSet, Method, MethodParams, ProgressSink, RunContext
+from distill.methods.base import CheckpointStore, DistilledSet, Executor, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
 from distill.models import model_problems, resolve_models
 
@@ -136,7 +136,7 @@ def run_to_archive(
     is_cancelled: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = lambda message: None,
     show_progress_bars: bool = False,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> RunResult:
     method_cls, params, dataset = validate_request(request)
     device = resolve_device(request.device)

@@ -13,10 +13,10 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
+from distill.methods.base import Executor
 from distill.models import registered_models
 from workers.janitor import discard_checkpoints
 from workers.jobs import HeartbeatResult, JobStore, Lease
@@ -152,7 +152,7 @@ def execute_job(
     lease: Lease,
     settings: WorkerSettings,
     *,
-    executor: Any = None,  # anything with map(fn, items, *, num_gpus, num_cpus), e.g. RayExecutor
+    executor: Executor | None = None,
     stop_flag: threading.Event | None = None,
 ) -> str:
     """Run a claimed job to its end and record the outcome. Returns the final status (or 'lost'/'released')."""

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from distill.methods.base import Executor
 from workers.janitor import discard_checkpoints, sweep_files
 from workers.jobs import JobStore, Lease
 from workers.logs import worker_id_var
@@ -41,7 +42,7 @@ def run_worker(
     stop: threading.Event | None = None,
     once: bool = False,
     max_jobs: int | None = None,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> int:
     """Claim and run jobs until ``stop`` is set (or after one idle poll with ``once``). Returns jobs run."""
     stop = stop or threading.Event()

@@ -8,7 +8,7 @@ goes, where checkpoints live, which device is used and how cancellation is signa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,8 @@ from distill.data.registry import Dataset, Split
 from distill.data.sampling import run_train_split
 from distill.errors import Cancelled
 from distill.files import atomic_output
+
+CHECK_SECONDS = 0.5  # RunContext.track: the longest time between two cancellation checks (besides one item)
 
 
 class MethodParams(BaseModel):
@@ -183,18 +185,24 @@ class RunContext:
         return self.track(range(total), stage, total=total, every=every)
 
     def track(self, items: Iterable, stage: str, total: int | None = None, every: int | None = None) -> Iterator:
-        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
-        every = every or max(1, (total or 100) // 100)
+        """Iterate ``items``, checking for cancellation and reporting progress before an item whenever
+        ``CHECK_SECONDS`` have passed since the last check (and before every ``every``-th item, when given):
+        a cancel is noticed within about one item's time plus ``CHECK_SECONDS``, however many items there are."""
+        if total is None and isinstance(items, Sized):
+            total = len(items)
         bar = None
         if self.show_progress_bars:
             from tqdm import tqdm
 
             bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
         self.progress(stage, 0.0)
+        last_check = -float("inf")
         with self.timed(stage):
             try:
                 for i, item in enumerate(items):
-                    if i % every == 0:
+                    now = time.monotonic()
+                    if now - last_check >= CHECK_SECONDS or (every is not None and i % every == 0):
+                        last_check = now
                         self.check_cancelled()
                         if total:
                             self.progress(stage, i / total)
