@@ -72,9 +72,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_request(request: RunRequest, *, max_ipc: int | None = None) -> tuple[type[Method], MethodParams]:
+def check_request(
+    request: RunRequest, *, max_ipc: int | None = None, max_iterations: int | None = None
+) -> tuple[type[Method], MethodParams]:
     """Everything that can be checked before any work, without decoding a registered dataset: method,
-    parameters, dataset name, ``max_per_class`` and ipc (against ``max_ipc`` and the smallest class).
+    parameters (with the operator's ``max_iterations`` ceiling), dataset name, ``max_per_class`` and ipc
+    (against the operator's ``max_ipc`` and the smallest class).
     ``request.paths=False`` (the HTTP API) accepts registered dataset and model names only, never paths.
 
     Raises :class:`InvalidRequest` listing every problem found; the CLI prints it as one line, the API as
@@ -89,6 +92,10 @@ def check_request(request: RunRequest, *, max_ipc: int | None = None) -> tuple[t
         problems += found
         if params is not None and not request.paths:
             problems += model_problems(params.model_dump())
+        iterations = getattr(params, "iterations", None)
+        if max_iterations is not None and isinstance(iterations, int) and iterations > max_iterations:
+            problems.append(problem(["params", "iterations"], f"iterations must be <= {max_iterations} on this server",
+                                    "less_than_equal"))
     else:
         problems.append(unknown_method(request.method))
     if request.max_per_class is not None and request.max_per_class < 1:

@@ -68,7 +68,7 @@ def create_job(
         alias="Idempotency-Key", min_length=1, max_length=255,
         description="retry-safe submission: same key and body -> same job")] = None,
 ) -> schemas.Job:
-    request = checked_job_request(body, settings.max_ipc)
+    request = checked_job_request(body, settings)
     try:
         job, replayed = store.create_job(owner, request, idempotency_key)
     except IdempotencyConflict as exc:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
-from app.deps import MaybeOwnerDep, MetricsDep, OwnerDep, StoreDep, WorkerSettingsDep
+from app.deps import MaybeOwnerDep, MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
 from distill import __version__
 
 router = APIRouter()
@@ -40,21 +40,26 @@ def list_datasets() -> list[schemas.DatasetInfo]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _methods() -> tuple[schemas.MethodInfo, ...]:
+@lru_cache(maxsize=4)
+def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
     from distill.methods.registry import available_methods
 
-    return tuple(
-        schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family,
-                           parameters=cls.Params.model_json_schema())
-        for name, cls in available_methods().items()
-    )
+    out = []
+    for name, cls in available_methods().items():
+        parameters = cls.Params.model_json_schema()
+        iterations = parameters.get("properties", {}).get("iterations", {})
+        for option in iterations.get("anyOf", [iterations]):  # this server's ceiling, documented
+            if option.get("type") == "integer":
+                option["maximum"] = min(option.get("maximum", max_iterations), max_iterations)
+        out.append(schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family, parameters=parameters))
+    return tuple(out)
 
 
 @router.get("/methods", response_model=list[schemas.MethodInfo], tags=["catalogue"])
-def list_methods() -> list[schemas.MethodInfo]:
-    """Methods available on this server, each with its parameters as JSON schema (defaults from its paper)."""
-    return list(_methods())
+def list_methods(settings: SettingsDep) -> list[schemas.MethodInfo]:
+    """Methods available on this server, each with its parameters as JSON schema: defaults from its paper,
+    bounds on every budget parameter ("maximum", with this server's ceiling on iterations)."""
+    return list(_methods(settings.max_iterations))
 
 
 @router.get("/models", response_model=list[schemas.ModelInfo], tags=["catalogue"])

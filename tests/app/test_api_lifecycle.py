@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -235,6 +236,10 @@ def test_jobs_that_end_leave_no_checkpoints_and_finished_ones_can_be_deleted(sta
         assert wait_for_job(client, done, stack=stack)["status"] == "succeeded"
         archive = stack.home / "artifacts" / f"{done}.tar"
         assert client.get(f"/jobs/{done}/preview.png").status_code == 200 and archive.exists()
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (archive, archive.with_name(f"{done}.preview.png")):  # item 14: the umask, not 0600
+            assert written.stat().st_mode & 0o777 == 0o666 & ~umask, oct(written.stat().st_mode)
         assert bob.delete(f"/jobs/{done}").status_code == 404  # another key's job
         wait_for_job(client, running, statuses=("running",), stack=stack)
         assert client.delete(f"/jobs/{running}").status_code == 409
