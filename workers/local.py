@@ -200,6 +200,8 @@ class Supervisor:
             if self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
                                  error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)")):
                 discard_checkpoints(self.settings, job.id)
+            self._spawn(child)  # a deliberate kill: no crash back-off before the next job
+            return
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM every worker; kill one still running after ``grace`` (default ``stop_grace_seconds``) and
