@@ -54,14 +54,28 @@ def serve(
     supervisor = Supervisor(worker_settings, count, gpus=list(range(gpus)) if gpus and count <= gpus else None)
     supervisor.start()
     log.info("serving", extra={"host": host, "port": port, "workers": count, "gpus": gpus})
+    where = f"{count} local worker{'s' if count != 1 else ''} ({f'{gpus} GPU' if gpus else 'CPU'})" if count else "no workers"
+    announce(host, port, settings, where)
     # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that would end this
     # process before the supervisor stops its workers, so catch it here and stop them below.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: log.info("stopping", extra={"signal": received}))
     try:
-        uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
+        uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
+                    timeout_graceful_shutdown=GRACEFUL_SECONDS)
     finally:
         supervisor.stop()
+
+
+GRACEFUL_SECONDS = 5  # open event streams (the page, `distill logs -f`) must not hold a shutdown; clients reconnect
+
+
+def announce(host: str, port: int, settings: ApiSettings, workers: str) -> None:
+    """One readable line on stderr (the logs on stdout are JSON): where the page and the API are."""
+    shown = "<this-host>" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    keys = "API keys required" if settings.api_keys else "no API keys (loopback only)"
+    typer.echo(f"distillery: web page {base}/  ·  API {base} (docs {base}/docs)  ·  {workers}  ·  {keys}", err=True)
 
 
 def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogOption = True) -> None:
@@ -84,7 +98,9 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
         worker_settings.load_plugins()
         with store_errors(worker_settings.resolved_database_url):
             app = create_app(settings, worker_settings)
-    uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log)
+    announce(host, port, settings, "workers run elsewhere (distill worker)")
+    uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
+                timeout_graceful_shutdown=GRACEFUL_SECONDS)
 
 
 def _bind(settings: ApiSettings, host: str | None, port: int | None) -> tuple[str, int]:

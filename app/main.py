@@ -13,18 +13,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import ApiMetrics
-from app.routes import jobs, meta
+from app.problems import (
+    ProblemResponse,
+    allowed_methods_for,
+    document_problems,
+    install_problem_handlers,
+    problem_response,
+)
+from app.routes import jobs, meta, results, stream
 from app.settings import ApiSettings, get_api_settings
+from app.web import mount_web
 from distill import __version__
-from distill.errors import DistillError
 from distill.methods.registry import available_methods
 from workers.jobs import JobStore
 from workers.logs import job_id_var
@@ -73,7 +76,7 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        response = problem_response(413, f"request body larger than {self.max_bytes} bytes")
         await response(scope, receive, send)
 
 
@@ -135,8 +138,9 @@ def storage_reason(exc: BaseException) -> str | None:
     return None
 
 
-def unavailable(reason: str) -> JSONResponse:
-    return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": "30"})
+def unavailable(reason: str, request: Request) -> ProblemResponse:
+    return problem_response(503, reason, kind="storage-unavailable", instance=request.url.path,
+                            headers={"Retry-After": "30"})
 
 
 def create_app(
@@ -167,50 +171,39 @@ def create_app(
         version=__version__,
         summary="Dataset distillation as a service: submit a job, poll it, download the distilled set.",
         lifespan=lifespan,
+        docs_url=None,  # app.web serves /docs from the package (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.worker_settings = worker_settings
     app.state.store = store
     app.state.metrics = metrics
     app.include_router(jobs.router)
+    app.include_router(stream.router)
+    app.include_router(results.router)
     app.include_router(meta.router)
-    route_table = [(route.path_regex, set(route.methods or ())) for router in (jobs.router, meta.router)
-                   for route in router.routes if isinstance(route, APIRoute)]
+    mount_web(app)
 
-    if not settings.api_keys:
-        _without_auth_in_schema(app)
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 405:
-            # Starlette names only the first route's methods; GET and POST /jobs are two routes.
-            allowed: set[str] = set()
-            for regex, methods in route_table:
-                if regex.match(request.url.path):
-                    allowed |= methods
-            if allowed:
-                headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
-                return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
-        return await http_exception_handler(request, exc)
-
-    @app.exception_handler(DistillError)
-    async def distill_error(_request: Request, exc: DistillError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    install_problem_handlers(app, allowed_methods_for(app))
 
     @app.exception_handler(SQLAlchemyError)
-    async def store_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    async def store_error(request: Request, exc: SQLAlchemyError) -> ProblemResponse:
         """The job store failed (full disk, database down): 503 with a reason, never a bare 500."""
         log.warning("job store error", exc_info=exc)
-        return unavailable(storage_reason(exc) or "the job store is unavailable; retry later")
+        return unavailable(storage_reason(exc) or "the job store is unavailable; retry later", request)
 
     @app.exception_handler(OSError)
-    async def os_error(_request: Request, exc: OSError) -> JSONResponse:
+    async def os_error(request: Request, exc: OSError) -> ProblemResponse:
         reason = storage_reason(exc)
         if reason is None:
             raise exc
         log.warning("storage error", exc_info=exc)
-        return unavailable(reason)
+        return unavailable(reason, request)
 
+    document_problems(app)
+    if not settings.api_keys:
+        _without_auth_in_schema(app)  # after document_problems: it strips the schema that function builds
     return app

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from pydantic.json_schema import JsonDict, JsonValue
 
+from distill.api_types import (  # noqa: F401 - the response shapes, shared with distill.client
+    Artifact,
+    DatasetInfo,
+    FieldError,
+    Job,
+    JobError,
+    JobEvent,
+    JobEventList,
+    JobList,
+    JobRequest,
+    JobStatus,
+    MethodInfo,
+    Problem,
+)
 from distill.data.registry import dataset_names
 from distill.methods.registry import METHODS
 from workers.settings import StorageState
-
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _enum_of(names: Callable[[], list[str]]) -> Callable[[JsonDict], None]:
@@ -45,93 +56,9 @@ class JobCreate(BaseModel):
     )
 
 
-class _UtcModel(BaseModel):
-    """Timestamps are stored as naive UTC; they leave the API with an explicit offset."""
-
-    @field_serializer("*", when_used="json")
-    def _utc(self, value: Any) -> Any:
-        if isinstance(value, datetime) and value.tzinfo is None:
-            return value.replace(tzinfo=UTC).isoformat()
-        return value
-
-
-class JobRequest(BaseModel):
-    dataset: str
-    method: str
-    ipc: int
-    params: dict[str, Any]
-    seed: int
-    max_per_class: int | None
-
-
-class JobError(BaseModel):
-    code: str = Field(description="machine-readable: invalid_request, internal_error, worker_lost, cancelled ...")
-    message: str
-
-
-class Artifact(BaseModel):
-    url: str = Field(description="download URL of the archive (tar), relative to the API root")
-    bytes: int
-    sha256: str
-    preview_url: str
-
-
-class Job(_UtcModel):
-    object: Literal["job"] = "job"
-    id: str
-    status: JobStatus
-    stage: str | None = Field(description="current stage of the method (select, encode, kmeans, archive ...)")
-    progress: float = Field(ge=0, le=1, description="fraction of the current stage done")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempts: int = Field(description="times a worker claimed the job (a lost worker's job is claimed again)")
-    cancel_requested: bool
-    request: JobRequest
-    error: JobError | None
-    artifact: Artifact | None
-
-
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Job]
-    has_more: bool
-
-
-class JobEvent(_UtcModel):
-    id: int
-    created_at: datetime
-    level: Literal["info", "warn", "error"]
-    stage: str | None
-    message: str
-    progress: float | None
-
-
-class JobEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobEvent]
-    has_more: bool
-
-
-class DatasetInfo(BaseModel):
-    name: str
-    description: str
-    num_classes: int | None = Field(description="null for an operator's ImageFolder whose files are missing")
-    channels: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
-    image_size: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
-    available: bool = Field(description="whether this server has the dataset's files; jobs need it")
-
-
 class ModelInfo(BaseModel):
     name: str = Field(description="a value for the model parameters encoder, prior, sd")
     builtin: bool = Field(description="a built-in encoder (true) or registered by the operator (false)")
-
-
-class MethodInfo(BaseModel):
-    name: str
-    summary: str
-    family: str
-    parameters: dict[str, Any] = Field(description="JSON schema of the method's parameters, with defaults")
 
 
 class Health(BaseModel):
@@ -144,7 +71,3 @@ class Health(BaseModel):
     version: str | None = None
     queued: int | None = None
     running: int | None = None
-
-
-class Problem(BaseModel):
-    detail: str

@@ -9,6 +9,8 @@ A plain tar file whose first member is ``manifest.json``:
     tensors.safetensors           exact float tensors: images, labels, soft_labels, weights, learned_lr, extras
 
 Written to a temporary name in the target folder, then renamed: a reader never sees a partial archive.
+``load_dataset(path)`` gives an archive as a torch Dataset in one call; ``preview_png`` draws the labelled grid
+the API serves as a job's preview.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -254,14 +255,106 @@ def zlib_error() -> type[BaseException]:
     return zlib.error
 
 
-def image_grid(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 10, max_per_class: int = 10) -> np.ndarray:
-    """One row per class (the first ``max_classes``), used by the HTTP preview."""
-    classes = sorted(set(labels.tolist()))[:max_classes]
-    c, h, w = images.shape[1:]
-    grid = np.ones((len(classes) * (h + 2), max_per_class * (w + 2), c), dtype=np.uint8) * 255
-    for row, label in enumerate(classes):
-        picks = images[labels == label][:max_per_class]
-        for col, image in enumerate(picks):
-            tile = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            grid[row * (h + 2) + 1 : row * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = tile
-    return grid
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Only the manifest (the first member), without reading or verifying the rest: cheap for a summary."""
+    path = Path(path)
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            member = tar.next()
+            while member is not None and member.name != MANIFEST:
+                member = tar.next()
+            handle = tar.extractfile(member) if member is not None else None
+            if handle is None:
+                raise ArchiveError(f"{path}: malformed archive, no {MANIFEST}")
+            manifest = json.loads(handle.read())
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArchiveError(f"{path}: not a readable distilled-set archive ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArchiveError(f"{path}: malformed {MANIFEST}")
+    manifest.pop("files", None)
+    return manifest
+
+
+class ArchiveDataset(torch.utils.data.Dataset):
+    """A distilled set as a torch Dataset of ``(image, label, weight, soft_label)``.
+
+    ``image`` is a float tensor in pixel scale [0, 1] (C, H, W), passed through ``transform`` if given;
+    ``weight`` is the image's weight (1.0 when the method gives none); ``soft_label`` is the archive's teacher
+    logits, or the one-hot label when it has none, so a default DataLoader collates every archive alike."""
+
+    def __init__(self, archive: Archive, transform: Any = None):
+        self.archive = archive
+        self.transform = transform
+        d = archive.distilled
+        n, k = len(d), len(archive.classes)
+        self.images = d.images.float()
+        self.labels = d.labels.long()
+        self.weights = d.weights.float() if d.weights is not None else torch.ones(n)
+        if d.soft_labels is not None:
+            self.soft_labels = d.soft_labels.float()
+        else:
+            self.soft_labels = torch.nn.functional.one_hot(self.labels, num_classes=max(k, 1)).float()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.archive.classes
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.archive.manifest
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, float, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index]), float(self.weights[index]), self.soft_labels[index]
+
+
+def load_dataset(path: Path | str, transform: Any = None, verify: bool = True) -> ArchiveDataset:
+    """Read (and verify) an archive and return it as a torch Dataset, ready for a DataLoader."""
+    return ArchiveDataset(read_archive(Path(path), verify=verify), transform=transform)
+
+
+def preview_png(archive: Archive, max_classes: int = 10, max_per_class: int = 10, tile: int = 56) -> bytes:
+    """A labelled PNG of the distilled set: one row per class with its name, each image's weight under it
+    (when the method gives weights, e.g. ``oq``'s cluster masses)."""
+    from PIL import ImageDraw, ImageFont
+
+    d = archive.distilled
+    classes = archive.classes
+    labels = d.labels.tolist()
+    present = sorted(set(labels))[:max_classes]
+    font = ImageFont.load_default()
+    names = [classes[c] if c < len(classes) else str(c) for c in present]
+    names = [name if len(name) <= 18 else name[:17] + "…" for name in names]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max([int(probe.textlength(n, font=font)) for n in names] + [10]) + 12
+    has_weights = d.weights is not None
+    caption_h = 14 if has_weights else 0
+    pad = 4
+    row_h = tile + caption_h + pad
+    columns = min(max_per_class, max(labels.count(c) for c in present)) if present else 1
+    width = label_w + columns * (tile + pad) + pad
+    height = len(present) * row_h + pad
+    canvas = Image.new("RGB", (width, max(height, 1)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, label in enumerate(present):
+        y = pad + row * row_h
+        draw.text((6, y + tile // 2 - 6), names[row], fill=(20, 20, 20), font=font)
+        picks = [i for i, lab in enumerate(labels) if lab == label][:max_per_class]
+        for col, i in enumerate(picks):
+            x = label_w + col * (tile + pad)
+            array = (d.images[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            image = Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array)
+            canvas.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+            if has_weights:
+                assert d.weights is not None
+                text = f"{float(d.weights[i]):.3g}"
+                draw.text((x + (tile - probe.textlength(text, font=font)) / 2, y + tile + 1), text, fill=(60, 60, 60),
+                          font=font)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()

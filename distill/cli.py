@@ -18,8 +18,25 @@ from typing import Annotated
 import typer
 
 from distill.errors import DistillError
+from distill.progress import ProgressLines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill image-classification datasets.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from distill import __version__
+
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Distill image-classification datasets: locally (run, eval) or on a job server (submit, jobs, logs)."""
 
 
 @contextlib.contextmanager
@@ -68,7 +85,11 @@ def run(
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
         bars = not quiet and (sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS")))
-        result = run_to_archive(request, out, show_progress_bars=bars, log=lambda message: typer.echo(message, err=True))
+        # every stage reports to the sink, bars or not (some, like oq's encode, have no bar): a line per stage
+        # change and every 30 s in a log, every 60 s beside the bars on a terminal
+        lines = None if quiet else ProgressLines("run", every=60.0 if bars else 30.0)
+        result = run_to_archive(request, out, progress=lines, show_progress_bars=bars,
+                                log=lambda message: typer.echo(message, err=True))
         timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.manifest["timings"].items())
         typer.echo(f"wrote {result.path} ({len(result.distilled)} images, sha256 {result.sha256[:16]}…; {timings})")
 
@@ -157,8 +178,11 @@ class _Bar:
         self.bar.close()
 
 
-def _progress_bar(enabled: bool) -> _Bar | None:
-    return _Bar() if enabled and (sys.stderr.isatty() or os.environ.get("DISTILL_PROGRESS")) else None
+def _progress_bar(enabled: bool) -> _Bar | ProgressLines | None:
+    """A bar on a terminal; in a log or a pipe a line per stage and every 30 s (stage, percent, ETA)."""
+    if not enabled:
+        return None
+    return _Bar() if sys.stderr.isatty() or os.environ.get("DISTILL_PROGRESS") else ProgressLines("eval")
 
 
 @app.command()

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.distillery"), description="State: database, artifacts, caches")
     fashion_mnist_dir: Path = Field(default=Path("/usr/share/datasets/fashion-mnist"), description="Debian's Fashion-MNIST")
     num_threads: int | None = Field(default=None, description="torch CPU threads; default: all cores")
+    fetch_mirror: str | None = Field(default=None, description="`distill fetch`: base URL holding NAME/FILE copies")
     datasets: dict[str, Path] = Field(
         default_factory=dict,
         description="Operator-registered ImageFolder datasets, name -> tree or tarball (relative: under data_dir); "

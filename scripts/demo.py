@@ -1,9 +1,10 @@
 """The main job end to end on the embedded default: request -> queue -> worker -> archive, over real HTTP.
 
 Starts ``distill serve`` (API + one local worker, SQLite job store under DISTILL_HOME) on a free loopback
-port, submits ``POST /jobs`` (default: the headline method ``oq`` on MNIST, IPC 10), shows the job's
-stage and progress while it runs, downloads the archive (checked against the job's sha256, written to a
-temporary name and renamed) and stops the server. ``make demo`` then runs ``distill eval`` on the archive.
+port and, through :mod:`distill.client` as any program would, submits ``POST /jobs`` (default: the headline
+method ``oq`` on MNIST, IPC 10), shows the job's stage and progress while it runs, downloads the archive
+(checked against the job's sha256, written to a temporary name and renamed) and stops the server.
+``make demo`` then runs ``distill eval`` on the archive.
 
     python scripts/demo.py --out out/mnist-oq-10.tar [--method oq] [--dataset mnist] [--ipc 10]
 """
@@ -11,7 +12,6 @@ temporary name and renamed) and stops the server. ``make demo`` then runs ``dist
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+from distill.api_types import Job
+from distill.client import ApiError, Client
 
 
 def free_port() -> int:
@@ -44,34 +47,18 @@ def wait_healthy(client: httpx.Client, server: subprocess.Popen, timeout: float 
     raise SystemExit("error: the server did not become healthy in time")
 
 
-def follow(client: httpx.Client, job_id: str, poll: float = 2.0) -> dict:
-    """Poll the job until it finishes, printing its stage and progress on one line."""
-    last = ""
-    while True:
-        job = client.get(f"/jobs/{job_id}").raise_for_status().json()
-        line = f"  {job['status']:<9} stage={job.get('stage') or '-':<10} progress={100 * (job.get('progress') or 0):5.1f} %"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(poll)
+class Follow:
+    """Prints the job's status, stage and progress on a stage change and at most every ``every`` seconds."""
 
+    def __init__(self, every: float = 15.0):
+        self.every, self.last, self.stage = every, 0.0, None
 
-def download(client: httpx.Client, job: dict, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    digest = hashlib.sha256()
-    try:
-        with client.stream("GET", job["artifact"]["url"]) as response, open(tmp, "wb") as handle:
-            response.raise_for_status()
-            for chunk in response.iter_bytes():
-                digest.update(chunk)
-                handle.write(chunk)
-        if digest.hexdigest() != job["artifact"]["sha256"]:
-            raise SystemExit("error: the downloaded archive does not match the job's sha256")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def __call__(self, job: Job) -> None:
+        now = time.monotonic()
+        stage = (job.status, job.stage)
+        if stage != self.stage or now - self.last >= self.every or job.terminal:
+            print(f"  {job.status:<9} stage={job.stage or '-':<10} progress={100 * job.progress:5.1f} %", flush=True)
+            self.stage, self.last = stage, now
 
 
 def main() -> None:
@@ -99,20 +86,23 @@ def main() -> None:
         server = subprocess.Popen([str(distill), "serve", "--port", str(port), "--no-access-log"],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
-                wait_healthy(client, server)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as raw:
+                wait_healthy(raw, server)
+            with Client(f"http://127.0.0.1:{port}", api_key="", timeout=60.0) as client:
                 request = {"dataset": args.dataset, "method": args.method, "ipc": args.ipc, "params": params,
                            "max_per_class": args.max_per_class}
-                response = client.post("/jobs", json=request)
-                if response.status_code >= 400:
-                    raise SystemExit(f"error: POST /jobs -> {response.status_code}: {response.text}")
-                job = response.json()
-                print(f"POST /jobs {json.dumps(request)} -> job {job['id']}", flush=True)
-                job = follow(client, job["id"])
-                if job["status"] != "succeeded":
-                    raise SystemExit(f"error: job {job['id']} {job['status']}: {job.get('error')}")
-                download(client, job, args.out)
-                print(f"wrote {args.out} ({job['artifact']['bytes']} bytes, sha256 {job['artifact']['sha256'][:16]}...)")
+                try:
+                    job = client.submit(args.method, args.dataset, args.ipc, params=params,
+                                        max_per_class=args.max_per_class)
+                except ApiError as exc:
+                    raise SystemExit(f"error: POST /jobs -> {exc.status}: " + "; ".join(exc.lines())) from None
+                print(f"POST /jobs {json.dumps(request)} -> job {job.id}", flush=True)
+                job = client.wait(job, on_progress=Follow(), poll=2.0)
+                if job.status != "succeeded":
+                    raise SystemExit(f"error: job {job.id} {job.status}: {job.error}")
+                client.download(job, args.out)  # resumable, sha256-checked, temporary name then rename
+                assert job.artifact is not None
+                print(f"wrote {args.out} ({job.artifact.bytes} bytes, sha256 {job.artifact.sha256[:16]}...)")
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             try:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
@@ -133,14 +132,21 @@ def delete_job(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: Worker
     return Response(status_code=204)
 
 
-@router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND})
+@router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND},
+            summary="A job's events (with Accept: text/event-stream, the live stream of GET /jobs/{id}/stream)")
 def list_events(
     job_id: JobId,
     owner: OwnerDep,
     store: StoreDep,
+    request: Request,
     after: Annotated[int | None, Query(ge=0, le=2**62, description="id of the last event already seen")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> schemas.JobEventList:
+) -> schemas.JobEventList | Response:
+    from app.routes import stream
+
+    if stream.wants_stream(request):
+        return stream.stream_response(store, job_id, owner, stream.resume_point(request.headers.get("last-event-id"),
+                                                                                after), request)
     try:
         events, has_more = store.list_events(job_id, owner, after=after, limit=limit)
     except JobNotFound:
@@ -220,14 +226,6 @@ def preview(found: ArchiveDep) -> Response:
 
 
 def render_preview(archive: Path) -> bytes:
-    from PIL import Image
+    from distill.archive import preview_png, read_archive
 
-    from distill.archive import image_grid, read_archive
-
-    loaded = read_archive(archive)
-    grid = image_grid(loaded.distilled.images, loaded.distilled.labels)
-    image = Image.fromarray(grid[:, :, 0], mode="L") if grid.shape[2] == 1 else Image.fromarray(grid)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
+    return preview_png(read_archive(archive))

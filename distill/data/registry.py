@@ -348,6 +348,9 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+STANDARD_DATASETS = tuple(DATASETS)  # read from DISTILL_DATA_DIR/<name>; a plugin may register more specs
+
+
 def dataset_names() -> list[str]:
     """Built-in datasets, then those the operator registered (``DISTILL_DATASETS`` / ``[datasets]``)."""
     return [*DATASETS, *(n for n in operator_datasets() if n not in DATASETS)]
@@ -378,7 +381,10 @@ def data_sources(name: str) -> list[Path]:
 
 
 def dataset_available(name: str) -> bool:
-    """Whether this server has the dataset's files (checked without reading them)."""
+    """Whether this server has the dataset's files (checked without reading them). A dataset a plugin added
+    to ``DATASETS`` has its own loader: the registry cannot tell, and takes the operator's word for it."""
+    if name in DATASETS and name not in STANDARD_DATASETS:
+        return True
     return any(source.exists() for source in data_sources(name))
 
 

@@ -50,7 +50,7 @@ def test_jobs_for_data_the_server_lacks_are_refused(data_stack: Stack) -> None:
         for name in ("imagenet", "cifar10"):
             response = client.post("/jobs", json={"dataset": name, "method": "random", "ipc": 1})
             assert response.status_code == 422, response.text
-            (error,) = response.json()["detail"]
+            (error,) = response.json()["errors"]
             assert error["loc"] == ["body", "dataset"]
             assert error["msg"] == f"dataset '{name}' is not available on this server; available: mnist, tiny"
         assert client.get("/jobs").json()["data"] == []
@@ -69,7 +69,7 @@ def test_an_operator_dataset_is_used_by_name(data_stack: Stack, tmp_path: Path) 
     with data_stack.client() as client:
         too_many = client.post("/jobs", json={"dataset": "tiny", "method": "random", "ipc": 5})
         assert too_many.status_code == 422
-        assert too_many.json()["detail"][0]["msg"] == "ipc 5 is larger than the smallest class of tiny (4 training images)"
+        assert too_many.json()["errors"][0]["msg"] == "ipc 5 is larger than the smallest class of tiny (4 training images)"
         created = client.post("/jobs", json={"dataset": "tiny", "method": "random", "ipc": 2})
         assert created.status_code == 202, created.text
         job = wait_for_job(client, created.json()["id"], stack=data_stack)

@@ -70,7 +70,7 @@ def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path: Path) -
         preview = client.get(artifact["preview_url"])
         assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(preview.content))
-        assert image.size[1] == 10 * 30  # one row of 28 px tiles (+2 px border) per class
+        assert image.size[1] == 4 + 10 * (56 + 4)  # one labelled row of 56 px tiles (+4 px gap) per class, no weights
 
         stages = [e["stage"] for e in events(client, job_id) if e["message"].startswith("stage ")]
         assert stages == ["select", "archive"]

@@ -38,7 +38,7 @@ def models_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def field_error(response: httpx.Response, key: str) -> str:
     assert response.status_code == 422, response.text
-    (error,) = [e for e in response.json()["detail"] if e["loc"] == ["body", "params", key]]
+    (error,) = [e for e in response.json()["errors"] if e["loc"] == ["body", "params", key]]
     return error["msg"]
 
 

@@ -1,0 +1,51 @@
+"""Progress a person can follow in a log or a pipe: one line per stage change and at most every ``every`` seconds,
+with stage, percent and an ETA for the stage (a terminal gets tqdm bars instead, where a stage has them)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+class ProgressLines:
+    """A progress sink (``(stage, fraction, message=None)``) that prints ``label: stage 45% (eta 1m20s)`` lines."""
+
+    def __init__(self, label: str, every: float = 30.0, write: Callable[[str], None] | None = None):
+        self.label, self.every = label, every
+        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.stage: str | None = None
+        self.stage_started = self.last_line = time.monotonic()
+        self.finished_stage = False
+
+    def eta(self, fraction: float) -> str:
+        elapsed = time.monotonic() - self.stage_started
+        if fraction <= 0.01 or elapsed < 1:
+            return "?"
+        return duration(elapsed * (1 - fraction) / fraction)
+
+    def __call__(self, stage: str, fraction: float, message: str | None = None) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.stage, self.stage_started, self.finished_stage = stage, now, False
+        elif fraction >= 1.0 and not self.finished_stage:
+            self.finished_stage = True
+        elif now - self.last_line < self.every:
+            return
+        self.last_line = now
+        tail = "done" if fraction >= 1.0 else f"eta {self.eta(fraction)}"
+        self.write(f"{self.label}: {stage} {100 * fraction:.0f}% ({tail})" + (f" {message}" if message else ""))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,304 @@
+"""CLI commands that talk to a job server: ``distill submit / jobs / status / logs / cancel / download``.
+
+The server comes from ``--server`` or ``DISTILL_SERVER`` (default http://127.0.0.1:8000), the key from
+``--api-key`` or ``DISTILL_API_KEY``. Rejected input prints one ``error: field: message`` line per problem and
+exits 2; an unreachable server or a failed job exits 1. ``--json`` prints the API's JSON instead of text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from distill.api_types import Job, JobEvent
+from distill.client import ApiError, Client, ClientError, ServerUnreachable, Unauthorized
+from distill.progress import duration
+
+Server = Annotated[str | None, typer.Option("--server", envvar="DISTILL_SERVER",
+                                             help="job server URL (default http://127.0.0.1:8000)")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="DISTILL_API_KEY", show_default=False,
+                                             help="API key (default: DISTILL_API_KEY)")]
+AsJson = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+JobArg = Annotated[str, typer.Argument(help="job id (job_...)")]
+
+
+@contextlib.contextmanager
+def remote_errors() -> Iterator[None]:
+    """Server problems as ``error:`` lines: exit 2 for a rejected request, 1 when the server is unreachable."""
+    try:
+        yield
+    except Unauthorized as exc:
+        typer.echo(f"error: {exc.summary} (set DISTILL_API_KEY or --api-key)", err=True)
+        raise typer.Exit(2) from None
+    except ApiError as exc:
+        for line in exc.lines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2 if exc.status < 500 else 1) from None
+    except ServerUnreachable as exc:
+        typer.echo(f"error: {exc} (is `distill serve` running? set --server or DISTILL_SERVER)", err=True)
+        raise typer.Exit(1) from None
+    except ClientError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def parse_values(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs with JSON-ish values: numbers, true/false/null and lists as JSON, anything else a string."""
+    from distill.errors import DistillError
+    from distill.methods.registry import parse_set_options
+
+    try:
+        raw = parse_set_options(pairs)
+    except DistillError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=None))
+
+
+def _age(job: Job) -> str:
+    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+    return duration(max(0.0, time.time() - created.timestamp()))
+
+
+def describe(job: Job) -> str:
+    """One line: id, status, method on dataset, stage and progress."""
+    r = job.request
+    text = f"{job.id}  {job.status:<9} {r.method} on {r.dataset}, ipc {r.ipc}"
+    if job.status == "running":
+        text += f"  stage {job.stage or '-'} {100 * job.progress:.0f}%"
+    if job.cancel_requested and not job.terminal:
+        text += "  (cancel requested)"
+    if job.error is not None:
+        text += f"  {job.error.code}: {job.error.message}"
+    return text
+
+
+class Progress:
+    """Follows a job while waiting: a bar on a terminal, else a plain line per stage change and every ``every`` s."""
+
+    def __init__(self, tty: bool | None = None, every: float = 10.0):
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.every = every
+        self.bar: Any = None
+        self.stage_key: tuple[str, str | None] | None = None
+        self.stage_started = time.monotonic()
+        self.last_line = 0.0
+
+    def eta(self, job: Job) -> str:
+        elapsed = time.monotonic() - self.stage_started
+        if job.progress <= 0.01 or elapsed < 1:
+            return "?"
+        return duration(elapsed * (1 - job.progress) / job.progress)
+
+    def __call__(self, job: Job) -> None:
+        key = (job.status, job.stage)
+        changed = key != self.stage_key
+        if changed:
+            self.stage_key = key
+            self.stage_started = time.monotonic()
+        if self.tty:
+            self._bar(job, changed)
+            return
+        now = time.monotonic()
+        if changed or job.terminal or now - self.last_line >= self.every:
+            self.last_line = now
+            typer.echo(f"{job.id} {job.status} stage={job.stage or '-'} {100 * job.progress:.0f}% eta {self.eta(job)}",
+                       err=True)
+
+    def _bar(self, job: Job, changed: bool) -> None:
+        from tqdm import tqdm
+
+        if changed and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if job.terminal:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=1000, desc=f"{job.status} {job.stage or ''}".strip(), leave=False, dynamic_ncols=True,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}", file=sys.stderr)
+        target = int(job.progress * 1000)
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _download(client: Client, job: Job, out: Path | None, quiet: bool) -> Path:
+    r = job.request
+    target = out or Path(f"{r.dataset}-{r.method}-ipc{r.ipc}-{job.id}.tar")
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=job.artifact.bytes if job.artifact else None, unit="B", unit_scale=True, leave=False,
+                   desc="download", file=sys.stderr)
+
+    def advance(done: int, _total: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        path = client.download(job, target, on_progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    return path
+
+
+def submit(
+    method: Annotated[str, typer.Argument(help="method name (GET /methods, `distill methods`)")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset registered on the server")],
+    ipc: Annotated[int, typer.Option("--ipc", help="images per class")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter KEY=VALUE (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    max_per_class: Annotated[int | None, typer.Option(help="job sees at most N training images per class")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="retry-safe: the same key returns the same job")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job until it finishes")] = False,
+    download: Annotated[Path | None, typer.Option("--download", help="download the archive here (implies --wait)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="--wait: give up after this many seconds")] = None,
+    server: Server = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Submit a distillation job to a server (optionally wait for it and download the archive)."""
+    params = parse_values(set_ or [])
+    with remote_errors(), Client(server, api_key) as client:
+        job = client.submit(method, dataset, ipc, params=params, seed=seed, max_per_class=max_per_class,
+                            idempotency_key=idempotency_key)
+        if not (wait or download):
+            _echo_json(job.model_dump(mode="json")) if as_json else typer.echo(job.id)
+            return
+        if not as_json:
+            typer.echo(f"submitted {job.id} ({method} on {dataset}, ipc {ipc})", err=True)
+        job = _wait(client, job, timeout, quiet=as_json)
+        path = None
+        if job.status == "succeeded" and download is not None:
+            path = _download(client, job, download, quiet=as_json)
+        if as_json:
+            _echo_json({**job.model_dump(mode="json"), **({"downloaded": str(path)} if path else {})})
+        else:
+            typer.echo(describe(job))
+            if path is not None:
+                typer.echo(f"wrote {path} ({job.artifact.bytes if job.artifact else 0} bytes, sha256 verified)")
+        if job.status != "succeeded":
+            raise typer.Exit(1)
+
+
+def _wait(client: Client, job: Job, timeout: float | None, quiet: bool) -> Job:
+    progress = None if quiet else Progress()
+    try:
+        return client.wait(job, timeout=timeout, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def jobs(
+    status: Annotated[str | None, typer.Option(help="only jobs in this status")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many (newest first)")] = 20,
+    server: Server = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """List your jobs on the server, newest first."""
+    with remote_errors(), Client(server, api_key) as client:
+        found = list(client.list(status=status, limit=limit))
+    if as_json:
+        _echo_json([j.model_dump(mode="json") for j in found])
+        return
+    if not found:
+        typer.echo("no jobs")
+        return
+    typer.echo(f"{'ID':<28} {'STATUS':<10} {'METHOD':<8} {'DATASET':<14} {'IPC':>4} {'PROGRESS':>8}  AGE")
+    for j in found:
+        progress = f"{100 * j.progress:.0f}%" if j.status == "running" else ("100%" if j.status == "succeeded" else "-")
+        typer.echo(f"{j.id:<28} {j.status:<10} {j.request.method:<8} {j.request.dataset:<14} {j.request.ipc:>4} "
+                   f"{progress:>8}  {_age(j)}")
+
+
+def status(job_id: JobArg, server: Server = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Show one job: status, stage, progress, error, archive."""
+    with remote_errors(), Client(server, api_key) as client:
+        job = client.get(job_id)
+    if as_json:
+        _echo_json(job.model_dump(mode="json"))
+        return
+    typer.echo(describe(job))
+    if job.artifact is not None:
+        typer.echo(f"archive: {job.artifact.bytes} bytes, sha256 {job.artifact.sha256}  (distill download {job.id})")
+
+
+def _event_line(event: JobEvent) -> str:
+    when = event.created_at.strftime("%H:%M:%S")
+    progress = f" {100 * event.progress:.0f}%" if event.progress is not None else ""
+    stage = f" [{event.stage}]" if event.stage else ""
+    return f"{when} {event.level:<5}{stage}{progress} {event.message}"
+
+
+def logs(
+    job_id: JobArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job finishes")] = False,
+    server: Server = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print a job's event log (live with --follow)."""
+    with remote_errors(), Client(server, api_key) as client:
+        for event in client.events(job_id, follow=follow):
+            typer.echo(event.model_dump_json() if as_json else _event_line(event))
+        if follow and not as_json:
+            typer.echo(describe(client.get(job_id)))
+
+
+def cancel(job_id: JobArg, server: Server = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Cancel a queued or running job."""
+    with remote_errors(), Client(server, api_key) as client:
+        job = client.cancel(job_id)
+    _echo_json(job.model_dump(mode="json")) if as_json else typer.echo(describe(job))
+
+
+def download(
+    job_id: JobArg,
+    out: Annotated[Path | None, typer.Argument(help="file to write (default DATASET-METHOD-ipcN-ID.tar)")] = None,
+    server: Server = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a finished job's archive (resumes a broken download, checks the sha256)."""
+    with remote_errors(), Client(server, api_key) as client:
+        job = client.get(job_id)
+        path = _download(client, job, out, quiet=as_json)
+    assert job.artifact is not None
+    if as_json:
+        _echo_json({"path": str(path), "bytes": job.artifact.bytes, "sha256": job.artifact.sha256})
+    else:
+        typer.echo(f"wrote {path} ({job.artifact.bytes} bytes, sha256 verified)")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (submit, jobs, status, logs, cancel, download):
+        app.command(command.__name__, rich_help_panel="Job server")(command)
