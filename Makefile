@@ -5,6 +5,8 @@ VENV ?= .venv
 # CPU hosts pin the local CPU build of torch; GPU hosts run `make setup TORCH_CONSTRAINTS=constraints/gpu.txt`
 # after installing their CUDA build of torch, which pip then keeps.
 TORCH_CONSTRAINTS ?= constraints/cpu.txt
+# FAISS comes as an extra (faiss-cpu and faiss-gpu install the same module): `gpu` with constraints/gpu.txt.
+FAISS_EXTRA ?= $(if $(findstring gpu,$(TORCH_CONSTRAINTS)),gpu,cpu)
 BIN := $(VENV)/bin
 OUT ?= out
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) scripts/setup-system.sh
 	bash scripts/setup-system.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev,$(FAISS_EXTRA)]'
 	touch $@
 
 # The main job on the embedded default: `distill serve` (API + local worker, SQLite), POST /jobs for the headline

@@ -109,6 +109,7 @@ def eval_(
     teacher_max_per_class: Annotated[int | None, typer.Option(help="softlabel: teacher sees N images/class")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 (reference-exact), bf16, or auto (bf16 on CUDA, fp32 on CPU)")] = "auto",
     full: Annotated[bool, typer.Option("--full", help="whole-dataset upper bound instead of an archive")] = False,
     dataset: Annotated[str | None, typer.Option(help="dataset for --full")] = None,
     max_per_class: Annotated[int | None, typer.Option(help="--full: train on at most N images per class")] = None,
@@ -118,13 +119,17 @@ def eval_(
     from distill.archive import read_archive
     from distill.data.registry import get_dataset
     from distill.evaluate import EvalConfig, evaluate_distilled, evaluate_full
+    from distill.precision import PRECISIONS
     from distill.runner import resolve_device, seed_everything
 
     with user_errors():
         _configure_threads()
         config = EvalConfig(protocol=protocol, model=model, runs=runs, epochs=epochs, lr=lr, batch_size=batch_size,
                             augment=augment, seed=seed, test_limit=test_limit, teacher_epochs=teacher_epochs,
-                            teacher_max_per_class=teacher_max_per_class, device=str(resolve_device(device)))
+                            teacher_max_per_class=teacher_max_per_class, device=str(resolve_device(device)),
+                            precision=precision)
+        if precision not in PRECISIONS:
+            raise DistillError(f"unknown --precision '{precision}' (use {', '.join(PRECISIONS)})")
         seed_everything(seed)
         bar = _progress_bar(not as_json)
         if full:

@@ -66,11 +66,25 @@ class ApiError(ClientError):
         self.method, self.url = method, url
         super().__init__(self.summary)
 
-    status = property(lambda self: self.problem.status)
-    title = property(lambda self: self.problem.title)
-    detail = property(lambda self: self.problem.detail)
-    errors: list[FieldError] = property(lambda self: self.problem.errors)  # type: ignore[assignment]
-    type = property(lambda self: self.problem.type)
+    @property
+    def status(self) -> int:
+        return self.problem.status
+
+    @property
+    def title(self) -> str:
+        return self.problem.title
+
+    @property
+    def detail(self) -> str | None:
+        return self.problem.detail
+
+    @property
+    def errors(self) -> list[FieldError]:
+        return self.problem.errors
+
+    @property
+    def type(self) -> str:
+        return self.problem.type
 
     @property
     def summary(self) -> str:

@@ -31,6 +31,7 @@ from distill.errors import DistillError
 from distill.files import atomic_output
 from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
+from distill.precision import autocast_context, precision_dtype
 
 PROTOCOLS = ("dc", "softlabel")
 Progress = Callable[[str, float], None]
@@ -52,6 +53,9 @@ class EvalConfig:
     teacher_epochs: int = 15
     teacher_max_per_class: int | None = None
     device: str = "cpu"
+    # fp32 (reference-exact), bf16 autocast, or auto: bf16 on CUDA GPUs with bf16, fp32 on the CPU (so the CPU
+    # numbers in docs/BENCHMARKS.md stay reproducible)
+    precision: str = "auto"
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.protocol == "dc" else 300)
@@ -99,14 +103,21 @@ def _test_indices(dataset: Dataset, limit: int | None, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500) -> float:
+def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500,
+                  precision: str = "auto") -> float:
     model.eval()
     correct = 0
     for chunk, images in dataset.test.batches(batch, indices):
         x = dataset.normalize(to_float(images).to(device))
-        pred = model(x).argmax(1).cpu()
+        with training_precision(precision, device):
+            pred = model(x).argmax(1).cpu()
         correct += int((pred == torch.from_numpy(dataset.test.labels[chunk])).sum())
     return 100.0 * correct / max(1, len(indices))
+
+
+def training_precision(precision: str, device: torch.device):
+    """The autocast context of student, teacher and test passes (see ``EvalConfig.precision``)."""
+    return autocast_context(device, precision_dtype(precision, device, "--precision", cuda_only_auto=True))
 
 
 def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
@@ -152,10 +163,11 @@ def train_student_dc(
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             x = diff_augment(x_all[idx], strategy, generator=generator)
-            loss = _weighted_loss(
-                model(x), y_all[idx], soft_all[idx] if soft_all is not None else None,
-                w_all[idx] if w_all is not None else None,
-            )
+            with training_precision(config.precision, device):
+                loss = _weighted_loss(
+                    model(x), y_all[idx], soft_all[idx] if soft_all is not None else None,
+                    w_all[idx] if w_all is not None else None,
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,9 +207,10 @@ def train_student_softlabel(
         for start in range(0, n, batch):
             idx = order[start : start + batch]
             x = diff_augment(x_all[idx], strategy, generator=generator)
-            with torch.no_grad():
-                target = F.softmax(teacher(x) / temperature, dim=1)
-            log_p = F.log_softmax(model(x) / temperature, dim=1)
+            with training_precision(config.precision, device):
+                with torch.no_grad():
+                    target = F.softmax(teacher(x).float() / temperature, dim=1)
+                log_p = F.log_softmax(model(x).float() / temperature, dim=1)
             per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
             if w_all is not None:
                 per_sample = per_sample * w_all[idx]
@@ -260,7 +273,7 @@ def evaluate_distilled(
         else:
             model = train_student_dc(distilled.images, distilled.labels, dataset, config, run_seed,
                                      soft_targets=soft, weights=weights, lr=lr, progress=run_progress)
-        accuracies.append(test_accuracy(model, dataset, device, indices))
+        accuracies.append(test_accuracy(model, dataset, device, indices, precision=config.precision))
     return EvalResult(
         dataset=dataset.name,
         model=config.model,
@@ -289,8 +302,20 @@ def train_on_split(
     lr: float = 0.01,
     augment: bool = True,
     progress: Progress | None = None,
+    precision: str = "auto",
 ) -> Classifier:
-    """Train on the (optionally capped) full training split with the DC optimiser, streaming batches."""
+    """Train on the (optionally capped) full training split with the DC optimiser, streaming batches.
+
+    Data parallel under ``accelerate launch`` / ``torchrun`` (several processes): each process takes its
+    strided share of every global batch and accelerate's DDP averages the gradients, so the global batch, the
+    schedule and the result do not depend on the process count. One process (CPU, one GPU): plain training.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    rank, world = state.process_index, state.num_processes
+    if world > 1:
+        device = state.device
     rng = np.random.default_rng(seed)
     indices = np.arange(len(dataset.train))
     if max_per_class is not None:
@@ -298,6 +323,11 @@ def train_on_split(
                                            draw_small_classes=True))
     model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    trained: nn.Module = model
+    if world > 1:
+        from accelerate import Accelerator
+
+        trained, optimizer = Accelerator(cpu=device.type == "cpu", device_placement=False).prepare(model, optimizer)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
     strategy = strategy_for(dataset.digits) if augment else "none"
@@ -306,10 +336,12 @@ def train_on_split(
     for epoch in range(epochs):
         model.train()
         order = indices[rng.permutation(len(indices))]
-        for step, (chunk, images) in enumerate(dataset.train.batches(batch_size, order)):
-            x = dataset.normalize(to_float(images).to(device))
+        for step, start in enumerate(range(0, len(order), batch_size)):
+            chunk = order[start : start + batch_size][rank::world]
+            x = dataset.normalize(to_float(dataset.train.load(chunk)).to(device))
             x = diff_augment(x, strategy, generator=generator)
-            loss = F.cross_entropy(model(x), labels_all[chunk].to(device))
+            with training_precision(precision, device):
+                loss = F.cross_entropy(trained(x), labels_all[chunk].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -331,8 +363,8 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
     for run in range(config.runs):
         model = train_on_split(dataset, config.model, epochs, config.seed * 1000 + run, device,
                                max_per_class=max_per_class, lr=config.lr or 0.01, augment=config.augment != "none",
-                               progress=progress)
-        accuracies.append(test_accuracy(model, dataset, device, indices))
+                               progress=progress, precision=config.precision)
+        accuracies.append(test_accuracy(model, dataset, device, indices, precision=config.precision))
     train_images = len(dataset.train) if max_per_class is None else int(
         np.minimum(dataset.train.counts(dataset.num_classes), max_per_class).sum())
     return EvalResult(
@@ -351,14 +383,15 @@ def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None 
     folder.mkdir(parents=True, exist_ok=True)
     cap = f"-cap{config.teacher_max_per_class}" if config.teacher_max_per_class else ""
     stem = dataset.name.replace("/", "_").replace(":", "_")
-    name = f"{stem}-{config.teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}"
+    bf16 = "-bf16" if precision_dtype(config.precision, torch.device(config.device), cuda_only_auto=True) else ""
+    name = f"{stem}-{config.teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}{bf16}"
     path = folder / f"{name}.safetensors"
     model = build_network(config.teacher_model, dataset.channels, dataset.num_classes, dataset.image_size)
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     trained = train_on_split(dataset, config.teacher_model, config.teacher_epochs, config.seed, torch.device(config.device),
-                             max_per_class=config.teacher_max_per_class, progress=progress)
+                             max_per_class=config.teacher_max_per_class, progress=progress, precision=config.precision)
     state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
     with atomic_output(path, suffix=".safetensors") as tmp:
         save_file(state, str(tmp))

@@ -190,7 +190,10 @@ def submit(
         job = client.submit(method, dataset, ipc, params=params, seed=seed, max_per_class=max_per_class,
                             idempotency_key=idempotency_key)
         if not (wait or download):
-            _echo_json(job.model_dump(mode="json")) if as_json else typer.echo(job.id)
+            if as_json:
+                _echo_json(job.model_dump(mode="json"))
+            else:
+                typer.echo(job.id)
             return
         if not as_json:
             typer.echo(f"submitted {job.id} ({method} on {dataset}, ipc {ipc})", err=True)
@@ -278,7 +281,10 @@ def cancel(job_id: JobArg, server: Server = None, api_key: ApiKey = None, as_jso
     """Cancel a queued or running job."""
     with remote_errors(), Client(server, api_key) as client:
         job = client.cancel(job_id)
-    _echo_json(job.model_dump(mode="json")) if as_json else typer.echo(describe(job))
+    if as_json:
+        _echo_json(job.model_dump(mode="json"))
+    else:
+        typer.echo(describe(job))
 
 
 def download(

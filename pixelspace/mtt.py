@@ -78,7 +78,7 @@ class TrajectoryParams(MethodParams):
         "auto", description="Arithmetic of the student's forward/backward passes in the unroll: 'fp32' as the "
         "reference; 'bf16' runs the network in bfloat16 while the parameter trajectory, the update and the "
         "matching loss stay fp32 (2.6x faster on CPUs with AVX512-BF16; measured image-gradient change 2.6 %, "
-        "far below the change between two augmentation draws); 'auto' = bf16 on such CPUs, fp32 elsewhere")
+        "far below the change between two augmentation draws); 'auto' = bf16 on such CPUs and CUDA GPUs, fp32 elsewhere")
     experts: int = Field(100, ge=1, description="Expert trajectories in the buffer (buffer.py --num_experts 100); "
                          "trained once under DISTILL_HOME/experts when missing")
     expert_train_epochs: int = Field(50, ge=1, description="Epochs per expert (buffer.py --train_epochs 50); "

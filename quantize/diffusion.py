@@ -77,8 +77,12 @@ def model_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch
     return torch.float32
 
 
-def _noise_like(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+def latent_noise(shape: tuple[int, ...], seed: int, first: int, device: torch.device) -> torch.Tensor:
+    """Noise for latents ``first .. first + shape[0] - 1``: each latent's own generator, seeded by ``seed`` and its
+    global index, so the noise does not depend on batch size or on how the set is split over GPUs."""
+    rows = [torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(int(seed) * 1_000_003 + first + i),
+                        dtype=torch.float32) for i in range(shape[0])]
+    return torch.stack(rows).to(device) if rows else torch.empty(shape, device=device)
 
 
 # ------------------------------------------------------------------------------------------- DiT prior
@@ -129,7 +133,7 @@ class LatentPrior:
         device = torch.device(device)
         try:
             transformer = DiTTransformer2DModel.from_pretrained(
-                root / "transformer", torch_dtype=model_dtype(device, dtype), low_cpu_mem_usage=False
+                root / "transformer", torch_dtype=model_dtype(device, dtype), low_cpu_mem_usage=True
             )
             scheduler_config = json.loads(sched_file.read_text())
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -194,8 +198,13 @@ def decode_with_prior(
     batch_size: int = 64,
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    first_index: int = 0,
 ) -> torch.Tensor:
     """Noise ``latents`` (N x C x h x w, encoder space) to ``strength`` and denoise them with the class prior.
+
+    Each latent's noise comes from its own generator, seeded by ``seed`` and its global index (``first_index`` +
+    its position, :func:`latent_noise`): any batch size, and a set decoded in chunks on several GPUs, get
+    exactly the images of one decode in one process.
 
     ``labels`` are class ids in [0, num_classes). Returns float32 latents in the encoder's space on the
     input's device. Strength 0 returns the input itself, unchanged.
@@ -224,7 +233,6 @@ def decode_with_prior(
     if len(img2img_timesteps(probe, steps, strength, device)) == 0 or len(latents) == 0:
         return latents
 
-    generator = torch.Generator("cpu").manual_seed(int(seed))
     model_device = next(prior.transformer.parameters()).device
     outputs = []
     total = len(latents)
@@ -233,7 +241,7 @@ def decode_with_prior(
         y = labels[start : start + batch_size].to(model_device)
         sched = make_scheduler(scheduler, prior.scheduler_config)
         timesteps = img2img_timesteps(sched, steps, strength, model_device)
-        noise = _noise_like(tuple(z0.shape), generator, model_device)
+        noise = latent_noise(tuple(z0.shape), seed, first_index + start, model_device)
         x = sched.add_noise(z0, noise, timesteps[:1])
         with torch.inference_mode():
             for i, t in enumerate(timesteps):
@@ -275,7 +283,7 @@ class StableDiffusionParts:
         device = torch.device(device)
         dtype = model_dtype(device, dtype)
         try:
-            unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, low_cpu_mem_usage=True)
             # Any: transformers' typed .to() does not accept a torch.device
             text_encoder: Any = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
@@ -320,8 +328,11 @@ def decode_with_stable_diffusion(
     batch_size: int = 16,
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    first_index: int = 0,
 ) -> torch.Tensor:
     """D4M's decode: SD img2img on prototype latents (already multiplied by the VAE scaling factor).
+
+    Noise per latent as in :func:`decode_with_prior` (seeded by ``seed`` and the latent's global index).
 
     ``class_names[i]`` is the prompt of ``latents[i]``. Returns denoised latents in the same (scaled) space.
     """
@@ -340,7 +351,6 @@ def decode_with_stable_diffusion(
     if len(img2img_timesteps(parts.make_scheduler(scheduler), steps, strength, device)) == 0:
         return latents
     model_device = next(unet.parameters()).device
-    generator = torch.Generator("cpu").manual_seed(int(seed))
     use_cfg = guidance > 1.0
     outputs = []
     total = len(latents)
@@ -355,7 +365,7 @@ def decode_with_stable_diffusion(
             context = cond
         sched = parts.make_scheduler(scheduler)
         timesteps = img2img_timesteps(sched, steps, strength, model_device)
-        noise = _noise_like(tuple(z0.shape), generator, model_device)
+        noise = latent_noise(tuple(z0.shape), seed, first_index + start, model_device)
         x = sched.add_noise(z0, noise, timesteps[:1])
         with torch.inference_mode():
             for i, t in enumerate(timesteps):

@@ -13,6 +13,10 @@
   ``km_expand*K`` latents with ``partial_fit``; the first chunk seeds by k-means++, a leftover shorter than
   a chunk is dropped (as D4M does); ``iterations`` = passes over the stream (D4M: 1).
 - ``sklearn``: ``KMeans(algorithm="lloyd")`` (reference quality).
+- ``torch``: the same k-means++ seeds and Lloyd iterations as ``faiss``, written in torch so they run on the
+  job's device (CUDA on GPU hosts, without a GPU build of faiss); stops at the first iteration whose
+  assignment repeats (a fixed point of Lloyd). Same centroids as ``faiss`` up to float rounding (see
+  :func:`torch_lloyd` for the one difference, empty clusters).
 
 Whatever the backend, the result is measured the same way: every point is assigned to its nearest centroid
 (exact search), ``counts`` are the Voronoi cell sizes, ``weights = counts / n`` and ``error`` = mean squared
@@ -26,12 +30,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from distill.errors import DistillError
 
-BACKENDS = ("faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn")
+BACKENDS = ("faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch")
 EXACT_OT_MAX_ENTRIES = 200_000  # n*K above which w2_uniform switches from the exact LP to Sinkhorn
 
 
@@ -66,7 +71,15 @@ def _check(x: np.ndarray, k: int) -> np.ndarray:
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest centroid (faiss flat L2 index) -> (assignments int64, squared distances float64)."""
-    import faiss
+    try:
+        import faiss
+    except ImportError:  # neither extra installed (kmeans_backend=torch): the same search in torch
+        import torch
+
+        points, c = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(
+            np.ascontiguousarray(centroids, dtype=np.float32))
+        nearest = ((points * points).sum(1)[:, None] - 2.0 * points @ c.T + (c * c).sum(1)[None, :]).min(1)
+        return nearest.indices.numpy().astype(np.int64), np.maximum(nearest.values.numpy().astype(np.float64), 0.0)
 
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
@@ -117,32 +130,125 @@ def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None,
 
 
 def faiss_has_gpu() -> bool:
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        return False
 
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def _faiss(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int, gpu: bool | None) -> np.ndarray:
+_GPU_RESOURCES: Any = None
+
+
+def faiss_gpu_resources() -> Any:
+    """One ``StandardGpuResources`` per process (cuBLAS handle, streams, scratch memory), reused by every class.
+
+    ``faiss.Kmeans(gpu=True)`` builds new resources on every call (``index_cpu_to_all_gpus``), which costs more
+    than clustering one 1300-point class; a Ray worker process clustering many classes keeps this one.
+    """
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        import faiss
+
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
+
+
+def _flat_index(d: int, gpu: bool) -> Any:
     import faiss
+
+    if not gpu:
+        return faiss.IndexFlatL2(d)
+    config = faiss.GpuIndexFlatConfig()
+    config.device = 0  # Ray / CUDA_VISIBLE_DEVICES give each worker its own device 0
+    return faiss.GpuIndexFlatL2(faiss_gpu_resources(), d, config)
+
+
+def _faiss(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int, gpu: bool | None) -> np.ndarray:
+    try:
+        import faiss
+    except ImportError:
+        raise DistillError("kmeans_backend=faiss needs FAISS: pip install 'distillery[cpu]' (or '[gpu]' on GPU "
+                           "hosts), or use kmeans_backend=torch") from None
 
     use_gpu = faiss_has_gpu() if gpu is None else gpu
     best, best_obj = None, math.inf
     for r in range(restarts):
         centroids, obj = kmeanspp(x, k, seed + r), math.inf
-        if iterations > 0:  # faiss stops by itself once the assignment no longer changes
-            km = faiss.Kmeans(
-                x.shape[1], k, niter=iterations, nredo=1, seed=seed + r, gpu=use_gpu, verbose=False,
-                max_points_per_centroid=max(len(x), 1), min_points_per_centroid=1,
-            )
-            obj = float(km.train(x, init_centroids=centroids))
-            assert km.centroids is not None  # set by train
-            centroids = km.centroids
+        if iterations > 0:
+            # faiss.Kmeans.train without its per-call index: the same Clustering, seeded with our k-means++
+            params = faiss.ClusteringParameters()
+            params.niter, params.nredo, params.seed, params.verbose = iterations, 1, seed + r, False
+            params.max_points_per_centroid, params.min_points_per_centroid = max(len(x), 1), 1
+            clustering = faiss.Clustering(x.shape[1], k, params)
+            faiss.copy_array_to_vector(np.ascontiguousarray(centroids).ravel(), clustering.centroids)
+            clustering.train(x, _flat_index(x.shape[1], use_gpu))
+            centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, x.shape[1])
+            stats: Any = clustering.iteration_stats  # a SWIG vector (the stubs call it a list)
+            obj = float(stats.at(stats.size() - 1).obj) if stats.size() else math.inf
         if restarts == 1:
             return np.ascontiguousarray(centroids, dtype=np.float32)
         if obj < best_obj or best is None:
             best, best_obj = np.array(centroids, dtype=np.float32), obj
     assert best is not None
     return best
+
+
+def torch_device(device: str | None = None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_lloyd(x: np.ndarray, centroids: np.ndarray, iterations: int, device: str | None = None) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from ``centroids`` on ``device`` (float32, exact squared distances by GEMM).
+
+    Each iteration assigns every point to its nearest centroid and moves each centroid to its points' mean,
+    as faiss' ``Clustering`` does; it stops early once the assignment repeats (faiss would run on and change
+    nothing). An empty cluster takes over half of the largest one, as faiss does, but deterministically: a copy
+    of the largest cluster's centroid with faiss' symmetric 1/1024 perturbation (faiss picks the cluster at
+    random). Returns (centroids, inertia of the last assignment).
+    """
+    import torch
+
+    dev = torch.device(torch_device(device))
+    points = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+    c = torch.from_numpy(np.array(centroids, dtype=np.float32)).to(dev)
+    k = c.shape[0]
+    sq_norms = (points * points).sum(1)
+    previous, inertia = None, math.inf
+    eps = 1.0 / 1024.0
+    sign = torch.ones(points.shape[1], device=dev)
+    sign[1::2] = -1.0
+    for _ in range(iterations):
+        distances = sq_norms[:, None] - 2.0 * (points @ c.T) + (c * c).sum(1)[None, :]
+        best, labels = distances.min(1)
+        inertia = float(best.clamp_min_(0.0).sum())
+        if previous is not None and torch.equal(labels, previous):
+            break
+        previous = labels
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, labels, points)
+        nonempty = counts > 0
+        c = torch.where(nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(sums.dtype), c)
+        for empty in torch.nonzero(~nonempty).flatten().tolist():
+            largest = int(torch.argmax(counts))
+            c[empty] = c[largest] * (1.0 + sign * eps)
+            c[largest] = c[largest] * (1.0 - sign * eps)
+            counts[empty] = counts[largest] // 2
+            counts[largest] -= counts[empty]
+    return c.cpu().numpy(), inertia
+
+
+def _torch(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int, device: str | None) -> np.ndarray:
+    best, best_obj = None, math.inf
+    for r in range(restarts):
+        centroids, obj = torch_lloyd(x, kmeanspp(x, k, seed + r), iterations, device)
+        if best is None or obj < best_obj:
+            best, best_obj = centroids, obj
+    assert best is not None
+    return np.ascontiguousarray(best, dtype=np.float32)
 
 
 def d4m_partial_fit(x: np.ndarray, k: int, *, seed: int, km_expand: int = 1, passes: int = 1) -> np.ndarray:
@@ -176,6 +282,7 @@ def kmeans(
     km_expand: int = 1,
     minibatch_size: int = 1024,
     gpu: bool | None = None,
+    device: str | None = None,
 ) -> KMeansResult:
     """Cluster ``x`` (n x d float32) into ``k`` centroids; see the module docstring for the backends."""
     x = _check(x, k)
@@ -186,6 +293,8 @@ def kmeans(
     start = time.perf_counter()
     if backend == "faiss":
         centroids = _faiss(x, k, iterations, restarts, seed, gpu)
+    elif backend == "torch":
+        centroids = _torch(x, k, iterations, restarts, seed, device)
     elif backend == "sklearn-partial-fit":
         centroids = d4m_partial_fit(x, k, seed=seed, km_expand=km_expand, passes=max(1, iterations))
     elif backend == "sklearn-minibatch":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +40,10 @@ CACHE_VERSION = 1
 META = "meta.json"
 COMPLETE = "complete.json"
 DEFAULT_SHARD_SIZE = 2048
+# With an executor a split is cut into at least FANOUT_SHARDS shards (each >= MIN_FANOUT_SHARD rows) so that a
+# small job still spreads over several GPUs; ImageNet's 1.28M rows make 626 shards of 2,048 anyway.
+FANOUT_SHARDS = 8
+MIN_FANOUT_SHARD = 64
 
 
 def _safe(name: str) -> str:
@@ -84,10 +89,12 @@ class SplitSpec:
 
 @lru_cache(maxsize=2)
 def _encoder(spec: EncoderSpec):
+    from distill.runner import resolve_device
     from quantize.encoders import load_encoder
 
-    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution, device=spec.device,
-                        batch_size=spec.batch_size)
+    # "auto" (a fan-out child): the GPU this process was given, else the CPU
+    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution,
+                        device=resolve_device(spec.device), batch_size=spec.batch_size)
 
 
 @lru_cache(maxsize=2)
@@ -107,13 +114,15 @@ class ShardJob:
     encoder: EncoderSpec
 
 
-def run_shard_job(job: ShardJob) -> int:
-    """Executor entry point: encode one shard in this process and write it; returns the shard number."""
+def run_shard_job(job: ShardJob) -> dict[str, Any]:
+    """Executor entry point: encode one shard in this process and write it; returns what ran where and when."""
+    start = time.time()
     folder = Path(job.folder)
     meta = json.loads((folder / META).read_text())
     order = np.asarray(meta["order"], dtype=np.int64)
     encode_shard(folder, job.shard, order[job.rows[0] : job.rows[1]], _split(job.split), _encoder(job.encoder))
-    return job.shard
+    return {"shard": job.shard, "rows": job.rows[1] - job.rows[0], "start": start, "end": time.time(),
+            "pid": os.getpid(), "host": os.uname().nodename}
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -172,6 +181,9 @@ def build_latent_cache(
         "latent_shape": list(latent_shape), "num_classes": num_classes, "class_offsets": offsets,
         "order_hash": order_hash, "shard_size": shard_size, "dtype": "float16",
     }
+    if executor is not None:  # enough shards to spread over the workers (a resumed layout keeps its own)
+        shard_size = min(shard_size, max(MIN_FANOUT_SHARD, -(-len(labels) // FANOUT_SHARDS)))
+        meta["shard_size"] = shard_size
     existing = _read_json(folder / META)
     if existing is not None:
         same = all(existing.get(k) == v for k, v in meta.items() if k != "shard_size")
@@ -193,13 +205,22 @@ def build_latent_cache(
     total = len(order)
     done = total - sum(min(shard_size, total - s * shard_size) for s in missing)
     start_time = time.perf_counter()
+    tasks: list[dict[str, Any]] = []
     if executor is not None and missing:
         jobs = [ShardJob(str(folder), s, (s * shard_size, min(total, (s + 1) * shard_size)), split_spec,
                          encoder_spec) for s in missing]
-        if check_cancelled is not None:
-            check_cancelled()
-        for _ in executor.map(run_shard_job, jobs):
-            pass
+
+        def finished(_: int, task: dict[str, Any]) -> None:
+            nonlocal done
+            done += task["rows"]
+            tasks.append(task)
+            if progress is not None:
+                progress(done / max(1, total))
+
+        if progress is not None:
+            progress(done / max(1, total))  # the stage starts now, not when the first shard is back
+        # one GPU per shard task (the executor's default); results stream back as shards finish
+        executor.map(run_shard_job, jobs, on_result=finished, check_cancelled=check_cancelled)
     elif missing:
         encoder = encoder if encoder is not None else _encoder(encoder_spec)
 
@@ -215,7 +236,7 @@ def build_latent_cache(
             encode_shard(folder, s, order[s * shard_size : (s + 1) * shard_size], split, encoder, advance)
     atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
                                     "seconds": round(time.perf_counter() - start_time, 3),
-                                    "encoded_shards": len(missing)})
+                                    "encoded_shards": len(missing), "tasks": tasks})
     if progress is not None:
         progress(1.0)
     return LatentStore(folder, meta)
@@ -238,6 +259,8 @@ def latents_for_context(ctx, encoder_name: str, *, resolution: int | None = None
     spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, str(ctx.device), batch_size)
     if encoder is None:
         encoder = _encoder(spec)
+    if ctx.executor is not None:  # shard tasks pick their own device (the GPU each is given)
+        spec = EncoderSpec(encoder_name, resolution, ctx.dataset.image_size, ctx.executor.device, batch_size)
     with ctx.timed("encode"):
         return build_latent_cache(
             ctx.train,

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 
-KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn"]
+KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 
 
 class LatentParams(MethodParams):
@@ -69,6 +69,7 @@ class LatentOQParams(LatentParams):
                                                                    "through the latent diffusion prior")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
     kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
+                                                               "torch (the same Lloyd on the job's device), "
                                                                "sklearn-minibatch, sklearn-partial-fit (D4M) or "
                                                                "sklearn (Lloyd)")
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
@@ -145,10 +146,12 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "backend": params.kmeans_backend, "km_expand": params.kmeans_expand,
         "w2_uniform": params.w2_uniform,
     } for c in range(ctx.num_classes)]
-    if ctx.executor is not None:
-        ctx.check_cancelled()
+    if ctx.executor is not None:  # CPU tasks (no GPU), streamed back with progress and cancellation
+        finished = iter(range(1, len(jobs) + 1))
         with ctx.timed("quantize"):
-            results = list(ctx.executor.map(_quantize_job, jobs))
+            results = list(ctx.executor.map(
+                _quantize_job, jobs, num_gpus=0, check_cancelled=ctx.check_cancelled,
+                on_result=lambda _i, _r: ctx.progress("quantize", next(finished) / len(jobs))))
     else:  # ctx.track times the stage
         results = [_quantize_job(job) for job in ctx.track(jobs, "quantize", total=len(jobs), every=1)]
     results.sort(key=lambda r: r["label"])
@@ -164,16 +167,58 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
     }
 
 
+DECODE_BATCHES_PER_TASK = 4  # with an executor: one decode task per 4 batches (>= 1 model load per worker)
+
+
 def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor,
                    params: LatentParams) -> torch.Tensor:
-    """Centroid latents -> [0, 1] images at the dataset's channels and size."""
+    """Centroid latents -> [0, 1] images at the dataset's channels and size.
+
+    With an executor the chunks are decoded by GPU tasks (the job's driver holds no GPU); noise is seeded per
+    batch index, so the images are those of a decode in one process.
+    """
     with ctx.timed("decode"):
-        return _decode(ctx, encoder, latents, labels, params)
+        if ctx.executor is None:
+            images = decode_chunk(encoder, latents, labels, params, device=ctx.device, seed=ctx.seed,
+                                  channels=ctx.dataset.channels, size=ctx.dataset.image_size,
+                                  class_names=ctx.dataset.classes,
+                                  progress=lambda f: ctx.progress("decode", 0.9 * f))
+        else:
+            from quantize.latent_cache import EncoderSpec
+
+            spec = EncoderSpec(params.encoder, encoder.resolution, ctx.dataset.image_size, ctx.executor.device,
+                               params.batch_size)
+            step = params.batch_size * DECODE_BATCHES_PER_TASK
+            jobs = [{"encoder": spec, "params": params, "latents": latents[i : i + step], "labels": labels[i : i + step],
+                     "first_index": i, "seed": ctx.seed, "channels": ctx.dataset.channels,
+                     "size": ctx.dataset.image_size, "class_names": list(ctx.dataset.classes)}
+                    for i in range(0, len(latents), step)]
+            finished = iter(range(1, len(jobs) + 1))
+            images = torch.cat(ctx.executor.map(
+                _decode_job, jobs, check_cancelled=ctx.check_cancelled,
+                on_result=lambda _i, _r: ctx.progress("decode", 0.9 * next(finished) / len(jobs))))
+        ctx.progress("decode", 1.0)
+        return images
 
 
-def _decode(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tensor, params: LatentParams) -> torch.Tensor:
-    sampling: dict[str, Any] = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance, "seed": ctx.seed,
-                "device": ctx.device, "progress": lambda f: ctx.progress("decode", 0.9 * f)}
+def _decode_job(job: dict[str, Any]) -> torch.Tensor:
+    """One chunk of centroids decoded in this process (picklable entry point for ``executor.map``, one GPU)."""
+    from distill.runner import resolve_device
+    from quantize.latent_cache import _encoder
+
+    spec = job["encoder"]
+    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"], device=resolve_device(spec.device),
+                        seed=job["seed"], channels=job["channels"], size=job["size"],
+                        class_names=job["class_names"], first_index=job["first_index"]).cpu()
+
+
+def decode_chunk(encoder, latents: torch.Tensor, labels: torch.Tensor, params: LatentParams, *, device: torch.device,
+                 seed: int, channels: int, size: int, class_names: list[str], first_index: int = 0,
+                 progress=None) -> torch.Tensor:
+    """Latents -> images: the diffusion prior or SD img2img first when asked, then the VAE decoder."""
+    sampling: dict[str, Any] = {"strength": params.strength, "steps": params.steps, "guidance": params.guidance,
+                                "seed": seed, "device": device, "progress": progress, "first_index": first_index,
+                                "batch_size": params.batch_size}
     if params.decode == "diffusion":
         from quantize.diffusion import decode_with_prior
 
@@ -185,22 +230,37 @@ def _decode(ctx: RunContext, encoder, latents: torch.Tensor, labels: torch.Tenso
 
         assert isinstance(params, D4MParams) and params.sd is not None  # only D4M decodes so; its validator checks sd
 
-        names = [ctx.dataset.classes[int(c)] for c in labels]
+        names = [class_names[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
-    images = encoder.decode(latents.float(), channels=ctx.dataset.channels, size=ctx.dataset.image_size)
-    ctx.progress("decode", 1.0)
-    return images
+    return encoder.decode(latents.float(), channels=channels, size=size)
 
 
 def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) -> torch.Tensor:
-    """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached)."""
-    from distill.evaluate import EvalConfig, get_teacher
+    """Logits of the evaluation teacher (``distill.evaluate.get_teacher``, trained once and cached).
 
+    With an executor the teacher is trained (or loaded) and run by one GPU task: the driver holds no GPU.
+    """
+    job = {"dataset": ctx.dataset.name, "params": params, "images": images,
+           "device": ctx.executor.device if ctx.executor is not None else str(ctx.device)}
+    if ctx.executor is None:
+        return _teacher_job(job, progress=lambda stage, f: ctx.progress("teacher", f))
+    ctx.progress("teacher", 0.0)
+    (logits,) = ctx.executor.map(_teacher_job, [job], check_cancelled=ctx.check_cancelled)
+    return logits
+
+
+def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
+    from distill.data import get_dataset
+    from distill.evaluate import EvalConfig, get_teacher
+    from distill.runner import resolve_device
+
+    params, device = job["params"], resolve_device(job["device"])
+    dataset = get_dataset(job["dataset"])
     config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
-                        teacher_max_per_class=params.teacher_max_per_class, device=str(ctx.device))
-    teacher = get_teacher(ctx.dataset, config, progress=lambda stage, f: ctx.progress("teacher", f)).to(ctx.device)
+                        teacher_max_per_class=params.teacher_max_per_class, device=str(device))
+    teacher = get_teacher(dataset, config, progress=progress).to(device)
     with torch.no_grad():
-        return torch.cat([teacher(ctx.normalize(chunk.to(ctx.device))).cpu() for chunk in images.split(256)])
+        return torch.cat([teacher(dataset.normalize(chunk.to(device))).cpu() for chunk in job["images"].split(256)])
 
 
 def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:
@@ -267,6 +327,7 @@ class LatentOptimalQuantization(Method[LatentOQParams]):
     summary: ClassVar[str] = ("Latent optimal quantization (DDOQ): encode, per-class k-means with cluster-mass "
                               "weights, decode with the VAE or a latent diffusion prior")
     family: ClassVar[str] = "latent"
+    fans_out: ClassVar[bool] = True
     Params = LatentOQParams
 
     def run(self, ctx: RunContext, params: LatentOQParams) -> DistilledSet:
@@ -278,6 +339,7 @@ class D4M(Method[D4MParams]):
     summary: ClassVar[str] = ("D4M: per-class MiniBatchKMeans prototypes of latents (streamed partial_fit), "
                               "unweighted, decoded by VAE, latent prior or SD img2img")
     family: ClassVar[str] = "latent"
+    fans_out: ClassVar[bool] = True
     Params = D4MParams
 
     def run(self, ctx: RunContext, params: D4MParams) -> DistilledSet:

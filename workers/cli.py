@@ -24,6 +24,10 @@ def worker(
     once: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
     concurrency: Annotated[int | None, typer.Option(help="Ray mode: jobs in flight (default: cluster GPUs, or 1)")] = None,
     gpus_per_job: Annotated[float | None, typer.Option(help="Ray mode: GPUs per job (default 1 with GPUs)")] = None,
+    ray_num_gpus: Annotated[float | None, typer.Option(
+        "--ray-num-gpus", help="with --ray-address local: GPUs of the local Ray (logical ones on a CPU host)")] = None,
+    ray_num_cpus: Annotated[int | None, typer.Option(
+        "--ray-num-cpus", help="with --ray-address local: CPUs of the local Ray (default: all)")] = None,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="run jobs in this process, without the supervising parent that kills a job which "
                              "ignores a cancel or a stop signal past its grace")] = False,
@@ -41,13 +45,20 @@ def worker(
     with user_errors():
         settings.check_home()
         settings.load_plugins()
+    if (ray_num_gpus is not None or ray_num_cpus is not None) and ray_address != "local":
+        typer.echo("error: --ray-num-gpus/--ray-num-cpus need --ray-address local (a cluster has its own)", err=True)
+        raise typer.Exit(2)
+    if (ray_num_gpus is not None and ray_num_gpus < 0) or (ray_num_cpus is not None and ray_num_cpus < 1):
+        typer.echo("error: --ray-num-gpus must be >= 0 and --ray-num-cpus >= 1", err=True)
+        raise typer.Exit(2)
     stop = threading.Event()
     install_stop_signals(stop)
     if ray_address:
         from workers.ray_executor import run_ray_worker
 
         run_ray_worker(settings, address=ray_address, worker_id=worker_id or new_worker_id("ray"), stop=stop,
-                       concurrency=concurrency, gpus_per_job=gpus_per_job, once=once)
+                       concurrency=concurrency, gpus_per_job=gpus_per_job, once=once, num_gpus=ray_num_gpus,
+                       num_cpus=ray_num_cpus)
     elif in_process or once:
         run_worker(settings, worker_id=worker_id, stop=stop, once=once)
         _exit_now()

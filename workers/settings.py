@@ -64,6 +64,9 @@ class WorkerSettings(BaseSettings):
     allow_hub: bool = Field(
         default=False, description="let jobs download models from the Hugging Face hub (default: offline)"
     )
+    ray_gpus_per_task: float = Field(
+        default=1.0, gt=0, le=1, description="GPU share of each Ray GPU child task (encode shard, decode batch); "
+        "0.25 runs four per GPU, each with its own JPEG-decoding process, while the loader is the bottleneck")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="modules imported at start (e.g. to register site-specific methods)"
     )

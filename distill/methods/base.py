@@ -123,11 +123,17 @@ class Executor(Protocol):
     """A fan-out engine for heavy stages (encode shards, per-class k-means): results come back in item order.
 
     ``fn`` must be picklable (an engine may run it in other processes or hosts); ``num_gpus`` None means the
-    engine's default. The job layer's Ray executor implements it; without one a method runs in-process.
+    engine's default. Results stream back as they finish: ``on_result(index, result)`` is called for each at
+    once (progress), and ``check_cancelled`` between waits (it raises ``Cancelled``; the engine then stops the
+    outstanding items). ``device`` is what items should run on ("auto": each picks the device the engine gave
+    it). The job layer's Ray executor implements it; without one a method runs in-process.
     """
 
+    device: str
+
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], *, num_gpus: float | None = None,
-            num_cpus: float = 1.0) -> list: ...
+            num_cpus: float = 1.0, on_result: Callable[[int, Any], None] | None = None,
+            check_cancelled: Callable[[], None] | None = None) -> list: ...
 
 
 class CheckpointStore:
@@ -267,6 +273,8 @@ class Method(Generic[P]):
     name: ClassVar[str]
     summary: ClassVar[str]
     family: ClassVar[str] = "baseline"
+    # True when the heavy stages go through ctx.executor (Ray then runs the job as a driver holding no GPU)
+    fans_out: ClassVar[bool] = False
     Params: type[P]
 
     def run(self, ctx: RunContext, params: P) -> DistilledSet:  # pragma: no cover - abstract

@@ -145,10 +145,11 @@ def test_real_pass_falls_back_to_eager_once_when_compilation_fails():
     assert float(real_pass(torch.ones(()))) == 2.0 and len(messages) == 1 and "no C++ compiler" in messages[0]
 
 
-def test_compile_wanted_auto_only_for_long_cpu_runs():
+def test_compile_wanted_auto_only_for_long_runs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_wanted("auto", cpu, 1000) and not compile_wanted("auto", cpu, 10)
-    assert not compile_wanted("auto", cuda, 1000)
+    assert compile_wanted("auto", cuda, 1000) and not compile_wanted("auto", cuda, 10)  # CUDA: same rule
+    assert not compile_wanted("auto", torch.device("meta"), 1000)
     assert compile_wanted("on", cpu, 1) and not compile_wanted("off", cpu, 1000)
     with pytest.raises(DistillError):
         compile_wanted("sometimes", cpu, 10)

@@ -89,8 +89,12 @@ def test_batching_does_not_change_the_result_per_seed(dit_dir, centroids):
     z, y = centroids
     a = decode_with_prior(z, y, dit_dir, strength=0.5, steps=6, guidance=2.0, seed=0, batch_size=64)
     b = decode_with_prior(z, y, dit_dir, strength=0.5, steps=6, guidance=2.0, seed=0, batch_size=2)
-    # noise is drawn in batch order from one generator, so the draws are the same sequence
+    # each latent's noise comes from its own (seed, index) generator, whatever the batch
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # and a chunk decoded elsewhere (another GPU task) with its first global index gets the same latents
+    c = decode_with_prior(z[2:], y[2:], dit_dir, strength=0.5, steps=6, guidance=2.0, seed=0, batch_size=2,
+                          first_index=2)
+    torch.testing.assert_close(a[2:], c, rtol=1e-4, atol=1e-4)
 
 
 def test_guidance_and_labels_change_the_result(dit_dir, centroids):

@@ -89,3 +89,33 @@ def test_kmeans_errors(latents):
         kmeans(latents[0], 2, backend="nope")
     with pytest.raises(DistillError, match="km_expand"):
         kmeans(latents[0][:12], 5, backend="sklearn-partial-fit", km_expand=3)
+
+
+def test_torch_lloyd_gives_the_faiss_result(latents):
+    """Same k-means++ seeds, same Lloyd iterations: the torch backend (the GPU path, here on the CPU) reproduces
+    faiss' centroids to float rounding. Tolerance: identical assignments, centroids within 1e-4 (measured
+    2.4e-7), W2 within 1e-5 relative (measured <= 6e-8, also at 1300 x 4096, K = 100)."""
+    for c in (0, 3, 7):
+        for k in (2, 10):
+            ref = kmeans(latents[c], k, seed=c, backend="faiss")
+            got = kmeans(latents[c], k, seed=c, backend="torch", device="cpu")
+            np.testing.assert_array_equal(got.assignments, ref.assignments)
+            np.testing.assert_allclose(got.centroids, ref.centroids, atol=1e-4)
+            assert got.error == pytest.approx(ref.error, rel=1e-5)
+
+
+def test_torch_lloyd_refills_empty_clusters():
+    x = np.repeat(np.eye(3, 4, dtype=np.float32), 5, axis=0)  # 3 distinct points, 4 clusters: one starts empty
+    result = kmeans(x, 4, seed=0, backend="torch", device="cpu")
+    assert result.counts.sum() == 15 and np.isfinite(result.centroids).all()
+    assert result.error == pytest.approx(0.0, abs=1e-5)
+
+
+def test_without_faiss_the_torch_backend_works_and_faiss_says_what_to_install(latents, monkeypatch):
+    with_faiss = kmeans(latents[5], 4, seed=1, backend="torch", device="cpu")
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # neither the cpu nor the gpu extra installed
+    without = kmeans(latents[5], 4, seed=1, backend="torch", device="cpu")
+    np.testing.assert_array_equal(without.assignments, with_faiss.assignments)
+    assert without.error == pytest.approx(with_faiss.error, rel=1e-5)
+    with pytest.raises(DistillError, match=r"distillery\[cpu\]"):
+        kmeans(latents[5], 4, backend="faiss")

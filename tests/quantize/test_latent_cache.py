@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,15 +98,27 @@ def test_killed_encode_resumes_from_the_last_complete_shard(small):
 
 
 class InProcessExecutor:
-    """The executor protocol (``map(fn, items)``) run in this process: exercises the picklable shard jobs."""
+    """The executor protocol (``distill.methods.base.Executor``) run in this process: exercises the picklable
+    shard jobs, the streamed results and the "auto" device of the children."""
+
+    device = "auto"
 
     def __init__(self):
         self.items = 0
+        self.reported: list[int] = []
 
-    def map(self, fn, items):
+    def map(self, fn, items, *, num_gpus=None, num_cpus=1.0, on_result=None, check_cancelled=None):
         items = list(items)
         self.items += len(items)
-        return [fn(item) for item in items]
+        results = []
+        for i, item in enumerate(items):
+            if check_cancelled is not None:
+                check_cancelled()
+            results.append(fn(item))
+            if on_result is not None:
+                on_result(i, results[-1])
+                self.reported.append(i)
+        return results
 
 
 def test_executor_path_encodes_the_same_latents(mnist):
@@ -113,7 +127,9 @@ def test_executor_path_encodes_the_same_latents(mnist):
     executor = InProcessExecutor()
     ctx = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3, executor=executor)
     store = latents_for_context(ctx, "taef2", resolution=32, batch_size=8, shard_size=8)
-    assert executor.items == 4 and len(store) == 30
+    assert executor.items == 4 and len(store) == 30 and executor.reported == [0, 1, 2, 3]
+    tasks = json.loads((store.folder / COMPLETE).read_text())["tasks"]
+    assert sorted(t["shard"] for t in tasks) == [0, 1, 2, 3] and all(t["end"] >= t["start"] for t in tasks)
     assert store.folder.name == "mnist-taef2-32-max3-s3"
     ctx_local = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3)
     direct = load_encoder("taef2", resolution=32).encode(ctx_local.class_images(5))

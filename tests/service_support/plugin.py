@@ -54,6 +54,7 @@ class FanoutSelection(Method):
     name = "fanout-test"
     summary = "random selection fanned out per class over ctx.executor (service tests only)"
     family = "baseline"
+    fans_out = True
     Params = MethodParams
 
     def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
