@@ -19,20 +19,33 @@ def owner_of(key: str) -> str:
     return "key_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def current_owner(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> str:
+def _owner_of_key(request: Request, scheme: str, presented: str) -> str | None:
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_OWNER
-    if credentials is not None and credentials.scheme.lower() == "bearer":
-        presented = credentials.credentials.encode()
-        # Compare against every key (no early exit) so timing says nothing about which key matched.
-        matched = None
-        for key in keys:
-            if secrets.compare_digest(presented, key.encode()):
-                matched = key
-        if matched is not None:
-            return owner_of(matched)
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
-                        headers={"WWW-Authenticate": "Bearer"})
+    if scheme.lower() != "bearer":
+        return None
+    # Compare against every key (no early exit) so timing says nothing about which key matched.
+    matched = None
+    for key in keys:
+        if secrets.compare_digest(presented.encode(), key.encode()):
+            matched = key
+    return owner_of(matched) if matched is not None else None
+
+
+def optional_owner(request: Request) -> str | None:
+    """The caller's owner id, or None without a valid key (when keys are configured). Reads the header itself,
+    so routes using it (/healthz) do not declare Bearer auth as required in the OpenAPI schema."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return _owner_of_key(request, scheme, presented.strip())
+
+
+def current_owner(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    scheme, presented = (credentials.scheme, credentials.credentials) if credentials else ("", "")
+    owner = _owner_of_key(request, scheme, presented)
+    if owner is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return owner

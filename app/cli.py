@@ -36,6 +36,7 @@ def serve(
     import uvicorn
 
     from app.main import create_app
+    from workers.db import store_errors
     from workers.local import Supervisor, local_gpu_count
     from workers.logs import UVICORN_LOG_CONFIG, configure_logging
 
@@ -44,8 +45,10 @@ def serve(
     from distill.cli import user_errors  # not at import time: distill.cli imports this module
 
     with user_errors():
+        worker_settings.check_home()
         worker_settings.load_plugins()
-        app = create_app(settings, worker_settings)  # migrates the store before any worker starts
+        with store_errors(worker_settings.resolved_database_url):
+            app = create_app(settings, worker_settings)  # migrates the store before any worker starts
     gpus = local_gpu_count()
     count = workers if workers >= 0 else max(1, gpus)
     supervisor = Supervisor(worker_settings, count, gpus=list(range(gpus)) if gpus and count <= gpus else None)
@@ -83,6 +86,7 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
     import uvicorn
 
     from app.main import create_app
+    from workers.db import store_errors
     from workers.logs import UVICORN_LOG_CONFIG, configure_logging
 
     configure_logging()
@@ -90,8 +94,10 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
     from distill.cli import user_errors  # not at import time: distill.cli imports this module
 
     with user_errors():
+        worker_settings.check_home()
         worker_settings.load_plugins()
-        app = create_app(settings, worker_settings)
+        with store_errors(worker_settings.resolved_database_url):
+            app = create_app(settings, worker_settings)
     announce(host, port, settings, "workers run elsewhere (distill worker)")
     uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
                 timeout_graceful_shutdown=GRACEFUL_SECONDS)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.auth import current_owner
+from app.auth import current_owner, optional_owner
 from app.metrics import ApiMetrics
 from app.settings import ApiSettings
 from workers.jobs import JobStore
@@ -39,3 +39,4 @@ SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 WorkerSettingsDep = Annotated[WorkerSettings, Depends(get_worker_settings)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 OwnerDep = Annotated[str, Depends(current_owner)]
+MaybeOwnerDep = Annotated[str | None, Depends(optional_owner)]

@@ -5,16 +5,25 @@ Run it with ``distill serve`` (API + local workers) or ``distill api`` (API only
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import ApiMetrics
-from app.problems import allowed_methods_for, document_problems, install_problem_handlers, problem_response
+from app.problems import (
+    ProblemResponse,
+    allowed_methods_for,
+    document_problems,
+    install_problem_handlers,
+    problem_response,
+)
 from app.routes import jobs, meta, results, stream
 from app.settings import ApiSettings, get_api_settings
 from app.web import mount_web
@@ -103,6 +112,37 @@ class Observe:
             job_id_var.reset(token)
 
 
+def _without_auth_in_schema(app: FastAPI) -> None:
+    """No API keys configured (loopback only): the OpenAPI schema must not declare Bearer auth on any route.
+    The schema is generated here, once every route is in, and kept (FastAPI serves ``app.openapi_schema``)."""
+    schema: dict[str, Any] = app.openapi()
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.pop("security", None)
+    schema.get("components", {}).pop("securitySchemes", None)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_reason(exc: BaseException) -> str | None:
+    """What a client is told about a storage failure (no paths), or None when it is not one."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).lower()
+    if (isinstance(cause, OSError) and cause.errno in NO_SPACE) or "disk is full" in text or "no space" in text:
+        return "the server is out of storage space; retry later"
+    if isinstance(cause, OSError) and cause.errno == errno.EROFS:
+        return "the server's storage is read-only; retry later"
+    if isinstance(exc, SQLAlchemyError) and ("disk i/o" in text or "readonly" in text):
+        return "the job store cannot write; retry later"
+    return None
+
+
+def unavailable(reason: str, request: Request) -> ProblemResponse:
+    return problem_response(503, reason, kind="storage-unavailable", instance=request.url.path,
+                            headers={"Retry-After": "30"})
+
+
 def create_app(
     settings: ApiSettings | None = None,
     worker_settings: WorkerSettings | None = None,
@@ -148,5 +188,22 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     install_problem_handlers(app, allowed_methods_for(app))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def store_error(request: Request, exc: SQLAlchemyError) -> ProblemResponse:
+        """The job store failed (full disk, database down): 503 with a reason, never a bare 500."""
+        log.warning("job store error", exc_info=exc)
+        return unavailable(storage_reason(exc) or "the job store is unavailable; retry later", request)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> ProblemResponse:
+        reason = storage_reason(exc)
+        if reason is None:
+            raise exc
+        log.warning("storage error", exc_info=exc)
+        return unavailable(reason, request)
+
     document_problems(app)
+    if not settings.api_keys:
+        _without_auth_in_schema(app)  # after document_problems: it strips the schema that function builds
     return app

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
-from pydantic.json_schema import JsonDict
+from pydantic.json_schema import JsonDict, JsonValue
 
 from distill.api_types import (  # noqa: F401 - the response shapes, shared with distill.client
     Artifact,
@@ -22,15 +22,17 @@ from distill.api_types import (  # noqa: F401 - the response shapes, shared with
     MethodInfo,
     Problem,
 )
-from distill.data.registry import DATASETS
+from distill.data.registry import dataset_names
 from distill.methods.registry import METHODS
+from workers.settings import StorageState
 
 
-def _enum_of(registry: dict[str, Any]) -> Callable[[JsonDict], None]:
-    """The names registered when the schema is generated (plugins may add methods after this module loads)."""
+def _enum_of(names: Callable[[], list[str]]) -> Callable[[JsonDict], None]:
+    """The names registered when the schema is generated (plugins and settings add them after this module loads)."""
 
     def extra(schema: JsonDict) -> None:
-        schema["enum"] = list(registry)
+        values: list[JsonValue] = list(names())
+        schema["enum"] = values
 
     return extra
 
@@ -42,9 +44,9 @@ class JobCreate(BaseModel):
         "examples": [{"dataset": "mnist", "method": "random", "ipc": 10, "params": {}, "seed": 0}]
     })
 
-    dataset: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(DATASETS),
+    dataset: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(dataset_names),
                          description="a dataset registered on the server (GET /datasets); names only, never paths")
-    method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(METHODS),
+    method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(lambda: list(METHODS)),
                         description="a registered method (GET /methods)")
     ipc: StrictInt = Field(ge=1, le=10_000, description="images per class; at most the smallest class size")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (GET /methods schema)")
@@ -54,9 +56,18 @@ class JobCreate(BaseModel):
     )
 
 
+class ModelInfo(BaseModel):
+    name: str = Field(description="a value for the model parameters encoder, prior, sd")
+    builtin: bool = Field(description="a built-in encoder (true) or registered by the operator (false)")
+
+
 class Health(BaseModel):
+    """Without an API key (when keys are configured) only ``status``: liveness, nothing about other keys' jobs."""
+
     status: Literal["ok", "degraded"]
-    database: Literal["ok", "unreachable"]
-    version: str
+    database: Literal["ok", "unreachable"] | None = None
+    storage: StorageState | None = Field(
+        default=None, description="DISTILL_HOME: free space above DISTILL_MIN_FREE_BYTES and a test write succeeds")
+    version: str | None = None
     queued: int | None = None
     running: int | None = None

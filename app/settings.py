@@ -27,6 +27,9 @@ class ApiSettings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="largest accepted request body")
     max_ipc: int = Field(default=1000, ge=1, description="upper bound on ipc accepted by the API")
+    max_iterations: int = Field(
+        default=100_000, ge=1, description="upper bound on every method's iterations accepted by the API (GET /methods)"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

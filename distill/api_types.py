@@ -94,9 +94,10 @@ class JobEventList(BaseModel):
 class DatasetInfo(BaseModel):
     name: str
     description: str
-    num_classes: int
-    channels: int
-    image_size: int
+    num_classes: int | None = Field(description="null for an operator's ImageFolder whose files are missing")
+    channels: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
+    image_size: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
+    available: bool = Field(True, description="whether this server has the dataset's files; jobs need it")
 
 
 class MethodInfo(BaseModel):

@@ -82,6 +82,8 @@ def run(
     from distill.runner import RunRequest, run_to_archive
 
     with user_errors():
+        if out.is_dir():
+            raise DistillError(f"--out {out} is a directory: give the archive's file name (e.g. {out / 'set.tar'})")
         _configure_threads()
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
@@ -148,7 +150,7 @@ def eval_(
         else:
             if archive is None:
                 raise DistillError("give an ARCHIVE (or --full --dataset NAME)")
-            loaded = read_archive(archive)
+            loaded = read_archive(_archive_file(archive))
             ds = get_dataset(loaded.dataset)
             if list(ds.classes) != list(loaded.classes):
                 raise DistillError(f"{archive}: class order differs from dataset {ds.name}")
@@ -171,6 +173,12 @@ def eval_(
             if result.control is not None and result.gain is not None:
                 typer.echo(f"control, random real ipc {control_ipc}: {result.control.accuracy_mean:.2f} ± "
                            f"{result.control.accuracy_std:.2f} %; gain {result.gain:+.2f} points")
+
+
+def _archive_file(path: Path) -> Path:
+    if path.is_dir():
+        raise DistillError(f"{path} is a directory, not an archive (a .tar written by `distill run`)")
+    return path
 
 
 class _Bar:
@@ -198,16 +206,21 @@ def _progress_bar(enabled: bool) -> _Bar | ProgressLines | None:
 
 @app.command()
 def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the registered datasets (plus imagefolder:PATH)."""
-    from distill.data.registry import DATASETS
+    """List the registered datasets (plus imagefolder:PATH) and whether their files are here."""
+    from distill.data.registry import DATASETS, dataset_available, operator_datasets
 
     rows = [{"name": s.name, "description": s.description, "channels": s.channels, "image_size": s.image_size,
-             "num_classes": s.num_classes} for s in DATASETS.values()]
+             "num_classes": s.num_classes, "available": dataset_available(s.name)} for s in DATASETS.values()]
+    rows += [{"name": name, "description": f"ImageFolder {source} (registered)", "channels": None, "image_size": None,
+              "num_classes": None, "available": dataset_available(name)}
+             for name, source in operator_datasets().items() if name not in DATASETS]
     if as_json:
         typer.echo(json.dumps(rows))
         return
     for r in rows:
-        typer.echo(f"{r['name']:<14} {r['num_classes']:>5} classes  {r['channels']}x{r['image_size']}px  {r['description']}")
+        shape = f"{r['num_classes']:>5} classes  {r['channels']}x{r['image_size']}px" if r["num_classes"] else " " * 24
+        here = "" if r["available"] else "  (not on this machine)"
+        typer.echo(f"{r['name']:<14} {shape}  {r['description']}{here}")
     typer.echo(f"{'imagefolder:PATH':<14} any ImageFolder tree or tarball (train/ + val/ or test/)")
 
 
@@ -235,7 +248,7 @@ def verify(archive: Annotated[Path, typer.Argument(help="archive to check")]) ->
     from distill.archive import read_archive
 
     with user_errors():
-        loaded = read_archive(archive)
+        loaded = read_archive(_archive_file(archive))
         m = loaded.manifest
         typer.echo(f"ok: {m['method']} on {m['dataset']['name']}, ipc {m['ipc']}, {m['num_images']} images, "
                    f"seed {m['seed']}, code {m['code_version']}")

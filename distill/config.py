@@ -6,10 +6,11 @@ Nothing in the code knows where data or weights live on a given machine: it asks
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +28,9 @@ def _config_file() -> Path | None:
     return candidate if candidate.exists() else None
 
 
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # a registered dataset or model name: never a path
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
 
@@ -38,6 +42,24 @@ class Settings(BaseSettings):
     fetch_mirror: str | None = Field(default=None, description="`distill fetch`: base URL holding NAME/FILE copies")
     loader_workers: int | None = Field(default=None, ge=0, description="image decode processes of the streaming "
                                        "loader; default: the cores available; 0 = in-process")
+    datasets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Operator-registered ImageFolder datasets, name -> tree or tarball (relative: under data_dir); "
+                    "requests (HTTP and CLI) name them like the built-in datasets",
+    )
+    models: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Operator-registered models, name -> directory (relative: under weights_dir); HTTP clients "
+                    "name models (encoder, prior, sd) only from these and the built-in encoders",
+    )
+
+    @field_validator("datasets", "models")
+    @classmethod
+    def _plain_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        bad = [name for name in value if not NAME.match(name)]
+        if bad:
+            raise ValueError(f"names must match {NAME.pattern}: {', '.join(bad)}")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -17,10 +17,21 @@ import numpy as np
 import torch
 
 from distill.archive import build_manifest, write_archive
-from distill.data.registry import DATASETS, Dataset, check_ipc, get_dataset, ipc_problems, smallest_class, unknown_dataset
+from distill.data.registry import (
+    Dataset,
+    check_ipc,
+    dataset_available,
+    dataset_names,
+    get_dataset,
+    ipc_problems,
+    smallest_class,
+    unavailable_dataset,
+    unknown_dataset,
+)
 from distill.errors import DistillError, InvalidRequest, Problem, problem
-from distill.methods.base import CheckpointStore, DistilledSet, Method, MethodParams, ProgressSink, RunContext
+from distill.methods.base import CheckpointStore, DistilledSet, Executor, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
+from distill.models import model_problems, resolve_models
 
 
 @dataclass
@@ -32,6 +43,7 @@ class RunRequest:
     seed: int = 0
     max_per_class: int | None = None
     device: str = "auto"
+    paths: bool = True  # False for requests from the HTTP API: registered dataset and model names only
 
 
 @dataclass
@@ -61,11 +73,12 @@ def seed_everything(seed: int) -> None:
 
 
 def check_request(
-    request: RunRequest, *, max_ipc: int | None = None, paths: bool = True
+    request: RunRequest, *, max_ipc: int | None = None, max_iterations: int | None = None
 ) -> tuple[type[Method], MethodParams]:
     """Everything that can be checked before any work, without decoding a registered dataset: method,
-    parameters, dataset name, ``max_per_class`` and ipc (against ``max_ipc`` and the smallest class).
-    ``paths=False`` (the HTTP API) accepts registered dataset names only, never ``imagefolder:PATH``.
+    parameters (with the operator's ``max_iterations`` ceiling), dataset name, ``max_per_class`` and ipc
+    (against the operator's ``max_ipc`` and the smallest class).
+    ``request.paths=False`` (the HTTP API) accepts registered dataset and model names only, never paths.
 
     Raises :class:`InvalidRequest` listing every problem found; the CLI prints it as one line, the API as
     422 field errors. A method whose code cannot be imported raises :class:`MethodUnavailable`.
@@ -77,23 +90,34 @@ def check_request(
         method_cls = get_method(request.method)
         params, found = param_problems(method_cls, request.params)
         problems += found
+        if params is not None and not request.paths:
+            problems += model_problems(params.model_dump())
+        iterations = getattr(params, "iterations", None)
+        if max_iterations is not None and isinstance(iterations, int) and iterations > max_iterations:
+            problems.append(problem(["params", "iterations"], f"iterations must be <= {max_iterations} on this server",
+                                    "less_than_equal"))
     else:
         problems.append(unknown_method(request.method))
     if request.max_per_class is not None and request.max_per_class < 1:
         problems.append(problem(["max_per_class"], f"max_per_class must be >= 1 (got {request.max_per_class})",
                                 "greater_than_equal"))
-    known_dataset = request.dataset in DATASETS or (paths and request.dataset.startswith("imagefolder:"))
+    registered = request.dataset in dataset_names()
+    known_dataset = registered or (request.paths and request.dataset.startswith("imagefolder:"))
     if not known_dataset:
-        problems.append(unknown_dataset(request.dataset, paths))
+        problems.append(unknown_dataset(request.dataset, request.paths))
+    elif not request.paths and not dataset_available(request.dataset):
+        problems.append(unavailable_dataset(request.dataset))
+        known_dataset = False
     if max_ipc is not None and request.ipc > max_ipc:
         problems.append(problem(["ipc"], f"ipc must be <= {max_ipc} on this server", "less_than_equal"))
     elif request.ipc < 1:
         problems.append(problem(["ipc"], f"ipc must be >= 1 (got {request.ipc})", "greater_than_equal"))
-    elif request.dataset in DATASETS or (known_dataset and not problems):  # imagefolder:PATH is read: only if needed
+    elif known_dataset and (registered or not problems):  # imagefolder:PATH is read: only if needed
         try:
             smallest = smallest_class(request.dataset)
-        except DistillError as exc:
-            problems.append(problem(["dataset"], str(exc), "value_error.dataset_unavailable"))
+        except DistillError as exc:  # files that cannot be listed: the CLI says where, the API does not
+            problems.append(problem(["dataset"], str(exc), "value_error.dataset_unavailable") if request.paths
+                            else unavailable_dataset(request.dataset))
         else:
             problems += ipc_problems(request.dataset, smallest, request.ipc, request.max_per_class)
     if problems:
@@ -119,7 +143,7 @@ def run_to_archive(
     is_cancelled: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = lambda message: None,
     show_progress_bars: bool = False,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> RunResult:
     method_cls, params, dataset = validate_request(request)
     device = resolve_device(request.device)
@@ -138,7 +162,9 @@ def run_to_archive(
         executor=executor,
     )
     start = time.perf_counter()
-    distilled = method_cls().run(ctx, params)
+    # The method loads models from directories; the manifest keeps the names the request gave.
+    loaded = params.model_copy(update=resolve_models(params.model_dump(), paths=request.paths))
+    distilled = method_cls().run(ctx, loaded)
     ctx.timings["total"] = time.perf_counter() - start
     _check_output(distilled, dataset.num_classes, request.ipc)
     manifest = build_manifest(

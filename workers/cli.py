@@ -6,6 +6,9 @@ runs the same commands (the supervisor of ``distill serve`` starts its worker pr
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
 from typing import Annotated
 
@@ -25,9 +28,14 @@ def worker(
         "--ray-num-gpus", help="with --ray-address local: GPUs of the local Ray (logical ones on a CPU host)")] = None,
     ray_num_cpus: Annotated[int | None, typer.Option(
         "--ray-num-cpus", help="with --ray-address local: CPUs of the local Ray (default: all)")] = None,
+    in_process: Annotated[bool, typer.Option(
+        "--in-process", help="run jobs in this process, without the supervising parent that kills a job which "
+                             "ignores a cancel or a stop signal past its grace")] = False,
 ) -> None:
-    """Claim queued jobs from the job store and run them (here, or as Ray tasks with --ray-address)."""
-    from workers.local import install_stop_signals, new_worker_id, run_worker
+    """Claim queued jobs from the job store and run them (in a supervised child process, or as Ray tasks with
+    --ray-address)."""
+    from workers.db import store_errors
+    from workers.local import Supervisor, install_stop_signals, new_worker_id, run_worker
     from workers.logs import configure_logging
 
     configure_logging()
@@ -35,6 +43,7 @@ def worker(
     from distill.cli import user_errors  # not at import time: distill.cli imports this module
 
     with user_errors():
+        settings.check_home()
         settings.load_plugins()
     if (ray_num_gpus is not None or ray_num_cpus is not None) and ray_address != "local":
         typer.echo("error: --ray-num-gpus/--ray-num-cpus need --ray-address local (a cluster has its own)", err=True)
@@ -50,8 +59,26 @@ def worker(
         run_ray_worker(settings, address=ray_address, worker_id=worker_id or new_worker_id("ray"), stop=stop,
                        concurrency=concurrency, gpus_per_job=gpus_per_job, once=once, num_gpus=ray_num_gpus,
                        num_cpus=ray_num_cpus)
-    else:
+    elif in_process or once:
         run_worker(settings, worker_id=worker_id, stop=stop, once=once)
+        _exit_now()
+    else:
+        with user_errors(), store_errors(settings.resolved_database_url):
+            supervisor = Supervisor(settings, 1, worker_ids=[worker_id] if worker_id else None)
+        supervisor.start()
+        while not stop.wait(0.5):
+            pass
+        supervisor.stop()
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """Exit without the interpreter's teardown of torch and the rest (seconds of CPU on a busy host, which a
+    stop signal would otherwise wait for): the job is handed back, the store disposed, the logs flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def migrate() -> None:

@@ -17,7 +17,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from distill.errors import DistillError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -63,6 +66,17 @@ def _disable_pysqlite_autobegin(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _no_autobegin(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+
+
+@contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """At start-up, a job store that cannot be opened or migrated is one clear error (the CLI prints it)."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        target = make_url(url).render_as_string(hide_password=True)
+        raise DistillError(f"cannot open the job store {target}: {' '.join(str(reason).split())[:300]}") from None
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -9,14 +9,17 @@ after its worker died resumes from its last completed stage.
 from __future__ import annotations
 
 import logging
-import shutil
+import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
+from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
-from workers.jobs import JobStore, Lease
+from distill.methods.base import Executor
+from distill.models import registered_models
+from workers.janitor import discard_checkpoints
+from workers.jobs import HeartbeatResult, JobStore, Lease
 from workers.logs import job_context
 from workers.models import Job
 from workers.settings import WorkerSettings
@@ -30,13 +33,41 @@ def artifact_name(job_id: str) -> str:
     return f"{job_id}.tar"
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~$<-])/[^\s'\"()\[\],:;]+")
+
+
+def redact_paths(text: str) -> str:
+    """Job errors and events reach HTTP clients: no path of this server in them. The configured folders
+    become their setting's name, registered models their name, and any other absolute path ``<path>``."""
+    core = get_core_settings()
+    named: list[tuple[Path | None, str]] = [
+        (core.weights_dir, "$DISTILL_WEIGHTS_DIR"), (core.data_dir, "$DISTILL_DATA_DIR"), (core.home, "$DISTILL_HOME"),
+        (core.fashion_mnist_dir, "$DISTILL_FASHION_MNIST_DIR"),
+    ]
+    try:
+        named += [(folder, f"<model {name}>") for name, folder in registered_models().items()]
+    except DistillError:
+        pass
+    replacements: dict[str, str] = {}
+    for folder, label in named:
+        if folder is None:
+            continue
+        for form in (folder.expanduser(), folder.expanduser().resolve()):
+            if str(form) != "/":
+                replacements.setdefault(str(form).rstrip("/"), label)
+    for prefix in sorted(replacements, key=len, reverse=True):  # the longest (most specific) first
+        text = text.replace(prefix, replacements[prefix])
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
 class _JobControl:
     """Shared state between the method's thread (progress, cancel checks) and the heartbeat thread."""
 
-    def __init__(self, store: JobStore, lease: Lease, heartbeat_seconds: float, stop_flag: threading.Event | None):
+    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings, stop_flag: threading.Event | None):
         self.store = store
         self.lease = lease
-        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_seconds = settings.heartbeat_seconds
+        self.cancel_poll_seconds = min(settings.cancel_poll_seconds, settings.heartbeat_seconds)
         self.stop_flag = stop_flag
         self.stage: str | None = None
         self.fraction = 0.0
@@ -56,8 +87,18 @@ class _JobControl:
         self._thread.join(timeout=10)
 
     def _beat(self) -> None:
-        while not self._done.wait(self.heartbeat_seconds):
-            self._write(force=True)
+        """Heartbeat every ``heartbeat_seconds``; in between, read the cancel flag every ``cancel_poll_seconds``
+        (a cheap read), so a cancel reaches the job within about a second whatever the heartbeat period."""
+        next_beat = time.monotonic() + self.heartbeat_seconds
+        while not self._done.wait(self.cancel_poll_seconds):
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_seconds
+                self._write(force=True)
+                continue
+            try:
+                self._record(self.store.lease_state(self.lease))
+            except Exception:  # a database hiccup: the next poll or beat retries
+                log.debug("cancel poll failed", exc_info=True)
 
     def _write(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -71,6 +112,9 @@ class _JobControl:
         except Exception:  # a database hiccup must not kill the job; the next beat retries
             log.warning("heartbeat failed", exc_info=True)
             return
+        self._record(result)
+
+    def _record(self, result: HeartbeatResult) -> None:
         self.cancel_requested = self.cancel_requested or result.cancel_requested
         if not result.held and not self.lost:
             self.lost = True
@@ -94,7 +138,7 @@ class _JobControl:
 
     def _event(self, message: str, stage: str | None, fraction: float) -> None:
         try:
-            self.store.add_event(self.lease.job_id, message, stage=stage, progress=fraction)
+            self.store.add_event(self.lease.job_id, redact_paths(message), stage=stage, progress=fraction)
         except Exception:  # an event lost to a database hiccup must not fail an hour-long job
             log.warning("could not record event", exc_info=True, extra={"event": message})
 
@@ -108,14 +152,14 @@ def execute_job(
     lease: Lease,
     settings: WorkerSettings,
     *,
-    executor: Any = None,  # anything with map(fn, items, *, num_gpus, num_cpus), e.g. RayExecutor
+    executor: Executor | None = None,
     stop_flag: threading.Event | None = None,
 ) -> str:
     """Run a claimed job to its end and record the outcome. Returns the final status (or 'lost'/'released')."""
     from distill.runner import RunRequest, run_to_archive
 
     with job_context(job.id):
-        control = _JobControl(store, lease, settings.heartbeat_seconds, stop_flag)
+        control = _JobControl(store, lease, settings, stop_flag)
         checkpoint_dir = settings.job_dir(job.id) / "checkpoints"
         resumed = sorted(p.stem for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.exists() else []
         log.info("job started", extra={"attempt": lease.attempt, "method": job.method, "dataset": job.dataset})
@@ -123,29 +167,34 @@ def execute_job(
             control.log(f"resuming attempt {lease.attempt} from checkpoints: {', '.join(resumed)}")
         out = settings.artifact_path(artifact_name(job.id))
         request = RunRequest(dataset=job.dataset, method=job.method, ipc=job.ipc, params=dict(job.params or {}),
-                             seed=job.seed, max_per_class=job.max_per_class, device=settings.device)
+                             seed=job.seed, max_per_class=job.max_per_class, device=settings.device, paths=False)
         control.start()
         started = time.perf_counter()
         try:
             result = run_to_archive(request, out, progress=control.progress, checkpoint_dir=checkpoint_dir,
                                     is_cancelled=control.is_cancelled, log=control.log, executor=executor)
         except Cancelled:
-            return _stopped(store, lease, control, stop_flag)
+            outcome = _stopped(store, lease, control, stop_flag)
+            if outcome == "cancelled":
+                discard_checkpoints(settings, job.id)
+            return outcome
         except DistillError as exc:
             control.stop()
-            store.finish(lease, "failed", error=(exc.code, str(exc)))
+            if store.finish(lease, "failed", error=(exc.code, redact_paths(str(exc)))):
+                discard_checkpoints(settings, job.id)
             log.warning("job failed", extra={"error": str(exc)})
             return "failed"
         except Exception as exc:  # a bug or a resource problem: record it, keep the worker alive
             control.stop()
             log.exception("job crashed")
-            store.finish(lease, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
+            if store.finish(lease, "failed", error=("internal_error", redact_paths(f"{type(exc).__name__}: {exc}"))):
+                discard_checkpoints(settings, job.id)
             return "failed"
         control.stop()
         size = Path(result.path).stat().st_size
         timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
         if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
-            shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
+            discard_checkpoints(settings, job.id)
             log.info("job succeeded", extra={"bytes": size, "sha256": result.sha256,
                                             "seconds": round(time.perf_counter() - started, 3)})
             return "succeeded"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Engine, Update, and_, case, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, Delete, Engine, Update, and_, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -53,8 +53,8 @@ class HeartbeatResult:
     cancel_requested: bool
 
 
-def _updated(session: Session, statement: Update) -> int:
-    """Run an UPDATE and return how many rows it changed."""
+def _updated(session: Session, statement: Update | Delete) -> int:
+    """Run an UPDATE or DELETE and return how many rows it changed."""
     return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
@@ -220,6 +220,32 @@ class JobStore:
             raise InvalidState(f"job already {job.status}")
         return job
 
+    def delete_job(self, job_id: str, owner: str | None = None) -> Job:
+        """Remove a finished job and its events from the store (the caller removes its files)."""
+        job = self.get_job(job_id, owner)
+        if job.status not in TERMINAL:
+            raise InvalidState(f"job is {job.status}: cancel it first")
+        with self.write() as session:
+            session.execute(delete(JobEvent).where(JobEvent.job_id == job.id))
+            if not _updated(session, delete(Job).where(Job.id == job.id, Job.status.in_(TERMINAL))):
+                raise InvalidState("job changed meanwhile")
+        return job
+
+    def statuses(self, job_ids: list[str]) -> dict[str, str]:
+        with self.read() as session:
+            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+        return {job_id: status for job_id, status in rows}
+
+    def expired_artifacts(self, before: datetime) -> list[Job]:
+        with self.read() as session:
+            return list(session.scalars(select(Job).where(Job.status == "succeeded", Job.finished_at < before,
+                                                          Job.artifact_path.is_not(None))))
+
+    def forget_artifact(self, job_id: str, reason: str) -> None:
+        with self.write() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(artifact_path=None))
+            session.add(JobEvent(job_id=job_id, created_at=utcnow(), level="info", message=reason))
+
     def list_events(self, job_id: str, owner: str | None, *, after: int | None = None,
                     limit: int = 100) -> tuple[list[JobEvent], bool]:
         self.get_job(job_id, owner)
@@ -288,6 +314,16 @@ class JobStore:
             held = _updated(session, update(Job).where(self._held(lease)).values(**values))
             cancel = session.scalar(select(Job.cancel_requested_at).where(Job.id == lease.job_id))
         return HeartbeatResult(held=bool(held), cancel_requested=cancel is not None)
+
+    def lease_state(self, lease: Lease) -> HeartbeatResult:
+        """Whether the lease still holds and a cancel was requested, read without writing (between heartbeats)."""
+        with self.read() as session:
+            row = session.execute(select(Job.status, Job.worker_id, Job.attempts, Job.cancel_requested_at)
+                                  .where(Job.id == lease.job_id)).first()
+        if row is None:
+            return HeartbeatResult(held=False, cancel_requested=False)
+        held = row.status == "running" and row.worker_id == lease.worker_id and row.attempts == lease.attempt
+        return HeartbeatResult(held=held, cancel_requested=row.cancel_requested_at is not None)
 
     def add_event(self, job_id: str, message: str, *, level: str = "info", stage: str | None = None,
                   progress: float | None = None) -> None:

@@ -19,11 +19,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from distill.methods.base import Executor
+from workers.janitor import discard_checkpoints, sweep_files
 from workers.jobs import JobStore, Lease
 from workers.logs import worker_id_var
+from workers.models import Job, utcnow
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("distill.worker")
+
+SWEEP_FILES_SECONDS = 60.0
 
 
 def new_worker_id(tag: str = "cpu") -> str:
@@ -37,18 +42,20 @@ def run_worker(
     stop: threading.Event | None = None,
     once: bool = False,
     max_jobs: int | None = None,
-    executor: Any = None,
+    executor: Executor | None = None,
 ) -> int:
     """Claim and run jobs until ``stop`` is set (or after one idle poll with ``once``). Returns jobs run."""
     stop = stop or threading.Event()
     worker_id = worker_id or new_worker_id()
     worker_id_var.set(worker_id)
+    settings.apply_hub_policy()
     store = JobStore.from_settings(settings)
     # Import torch and the job code before claiming, not while holding a lease.
     from workers.execution import execute_job
 
     log.info("worker started", extra={"database": store.engine.url.render_as_string(hide_password=True)})
     ran = 0
+    next_sweep = 0.0
     supervisor = int(os.environ.get("DISTILL_SUPERVISOR_PID", "0"))
     if supervisor:
         threading.Thread(target=_watch_parent, args=(supervisor, stop), name="parent-watch", daemon=True).start()
@@ -62,6 +69,12 @@ def run_worker(
         if claimed is None:
             if once:
                 break
+            if time.monotonic() >= next_sweep:  # idle: tidy the files of finished jobs
+                next_sweep = time.monotonic() + SWEEP_FILES_SECONDS
+                try:
+                    sweep_files(store, settings)
+                except Exception:
+                    log.warning("file sweep failed", exc_info=True)
             stop.wait(settings.poll_seconds)
             continue
         job, lease = claimed
@@ -114,20 +127,23 @@ def local_gpu_count() -> int:
 
 
 class Supervisor:
-    """Keeps N worker processes alive (``python -m workers worker``), one pinned to each GPU.
+    """Keeps N worker processes alive (``python -m workers worker --in-process``), one pinned to each GPU;
+    behind ``distill serve`` and a standalone ``distill worker``.
 
-    It also enforces cancellation: a worker whose job ignores a cancel for ``cancel_grace_seconds`` is killed
-    and restarted, and the job is recorded as cancelled.
+    It also enforces cancellation and shutdown: a worker whose job ignores a cancel for ``cancel_grace_seconds``
+    is killed and restarted, and the job is recorded as cancelled; on :meth:`stop`, a worker that has not
+    handed its job back within ``stop_grace_seconds`` is killed and its job re-queued at once.
     """
 
     def __init__(self, settings: WorkerSettings, count: int, gpus: list[int] | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, worker_ids: list[str] | None = None):
         self.settings = settings
         self.children = [_Child(i, gpus[i] if gpus else None) for i in range(count)]
+        self.worker_ids = worker_ids
         self.extra_args = extra_args or []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
-        self.store: JobStore | None = None
+        self.store = JobStore.from_settings(settings)
 
     def start(self) -> None:
         for child in self.children:
@@ -135,18 +151,21 @@ class Supervisor:
         self._thread.start()
 
     def _spawn(self, child: _Child) -> None:
-        tag = f"gpu{child.gpu}" if child.gpu is not None else f"cpu{child.index}"
-        child.worker_id = f"{socket.gethostname()}:{tag}:{uuid.uuid4().hex[:6]}"
+        if self.worker_ids:
+            child.worker_id = self.worker_ids[child.index]
+        else:
+            tag = f"gpu{child.gpu}" if child.gpu is not None else f"cpu{child.index}"
+            child.worker_id = f"{socket.gethostname()}:{tag}:{uuid.uuid4().hex[:6]}"
         env = dict(os.environ, DISTILL_SUPERVISOR_PID=str(os.getpid()))
         if child.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(child.gpu)
-        command = [sys.executable, "-m", "workers", "worker", "--worker-id", child.worker_id, *self.extra_args]
+        command = [sys.executable, "-m", "workers", "worker", "--in-process", "--worker-id", child.worker_id,
+                   *self.extra_args]
         child.process = subprocess.Popen(command, env=env)
         child.started = time.monotonic()
         log.info("worker process started", extra={"pid": child.process.pid, "child_worker": child.worker_id})
 
     def _watch(self) -> None:
-        self.store = JobStore.from_settings(self.settings, migrate_schema=False)
         while not self._stop.wait(1.0):
             for child in self.children:
                 if child.process is None:
@@ -164,11 +183,11 @@ class Supervisor:
                 except Exception:
                     log.warning("cancel enforcement failed", exc_info=True)
 
-    def _enforce_cancel(self, child: _Child) -> None:
-        assert self.store is not None
-        from workers.models import utcnow
+    def _running_jobs(self, child: _Child) -> list[Job]:
+        return [job for job in self.store.running_jobs_of(child.worker_id) if job.worker_id == child.worker_id]
 
-        for job in self.store.running_jobs_of(child.worker_id):
+    def _enforce_cancel(self, child: _Child) -> None:
+        for job in self._running_jobs(child):
             if job.cancel_requested_at is None:
                 continue
             waited = (utcnow() - job.cancel_requested_at).total_seconds()
@@ -178,17 +197,23 @@ class Supervisor:
             assert child.process is not None
             child.process.kill()
             child.process.wait(timeout=30)
-            self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
-                              error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)"))
+            if self.store.finish(Lease(job.id, job.worker_id or "", job.attempts), "cancelled",
+                                 error=("cancelled", f"cancelled (worker killed after {waited:.0f} s grace)")):
+                discard_checkpoints(self.settings, job.id)
+            self._spawn(child)  # a deliberate kill: no crash back-off before the next job
+            return
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM every worker; kill one still running after ``grace`` (default ``stop_grace_seconds``) and
+        hand its job back to the queue (the attempt is not counted: the job was stopped, not lost)."""
+        grace = self.settings.stop_grace_seconds if grace is None else grace
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=timeout)  # no restart can race with the shutdown below
+            self._thread.join(timeout=30)  # no restart can race with the shutdown below
         for child in self.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + grace
         for child in self.children:
             if child.process is None:
                 continue
@@ -197,5 +222,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
-        if self.store is not None:
-            self.store.engine.dispose()
+                for job in self._running_jobs(child):
+                    self.store.release(Lease(job.id, child.worker_id, job.attempts),
+                                       f"worker killed {grace:g} s after its stop signal; job re-queued")
+                    log.warning("worker killed after the stop grace; job re-queued", extra={"job_id": job.id})
+        self.store.engine.dispose()

@@ -35,7 +35,7 @@ log = logging.getLogger("distill.worker.ray")
 # Settings a Ray task needs to reach the same job store as the driver (data and home come from the node).
 _PASSED_ENV = ("DISTILL_DATABASE_URL", "DATABASE_URL", "DISTILL_DB_SCHEMA", "DISTILL_MAX_ATTEMPTS",
                "DISTILL_LEASE_SECONDS", "DISTILL_HEARTBEAT_SECONDS", "DISTILL_DEVICE", "DISTILL_PLUGINS",
-               "DISTILL_RAY_GPUS_PER_TASK")
+               "DISTILL_ALLOW_HUB", "DISTILL_MODELS", "DISTILL_RAY_GPUS_PER_TASK")
 _prepared = False
 
 
@@ -131,6 +131,7 @@ def _job_task(job_id: str, lease: tuple[str, str, int], driver: bool) -> str:
 
     configure_logging()
     settings = get_worker_settings()
+    settings.apply_hub_policy()
     settings.load_plugins()
     worker_id_var.set(lease[1])
     store = JobStore.from_settings(settings, migrate_schema=False)

@@ -15,6 +15,7 @@ from app import schemas
 from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
+from workers.janitor import discard_job_files
 from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
 from workers.models import Job
 
@@ -28,7 +29,7 @@ UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missi
 
 def to_schema(job: Job) -> schemas.Job:
     artifact = None
-    if job.status == "succeeded" and job.artifact_sha256:
+    if job.status == "succeeded" and job.artifact_path and job.artifact_sha256:
         artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
                                     sha256=job.artifact_sha256, preview_url=f"/jobs/{job.id}/preview.png")
     error = schemas.JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -50,7 +51,9 @@ def _find(store: JobStore, job_id: str, owner: str) -> Job:
 @router.post(
     "/jobs", status_code=202, response_model=schemas.Job,
     responses={**UNAUTHORIZED, 400: {"model": schemas.Problem, "description": "body is not UTF-8 JSON"},
-               413: {"model": schemas.Problem, "description": "request body too large"}},
+               409: {"model": schemas.Problem, "description": "the Idempotency-Key was used with another body"},
+               413: {"model": schemas.Problem, "description": "request body too large"},
+               503: {"model": schemas.Problem, "description": "the job store cannot take the job now (e.g. disk full)"}},
     summary="Submit a distillation job",
 )
 def create_job(
@@ -64,12 +67,11 @@ def create_job(
         alias="Idempotency-Key", min_length=1, max_length=255,
         description="retry-safe submission: same key and body -> same job")] = None,
 ) -> schemas.Job:
-    request = checked_job_request(body, settings.max_ipc)
+    request = checked_job_request(body, settings)
     try:
         job, replayed = store.create_job(owner, request, idempotency_key)
     except IdempotencyConflict as exc:
-        raise RequestValidationError([{"loc": ["header", "Idempotency-Key"], "msg": str(exc),
-                                       "type": "value_error.idempotency_conflict"}]) from None
+        raise HTTPException(409, str(exc)) from None
     if not replayed:
         metrics.submitted.labels(job.method).inc()
     response.headers["Location"] = f"/jobs/{job.id}"
@@ -114,6 +116,22 @@ def cancel_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
         raise HTTPException(409, str(exc)) from None
 
 
+@router.delete(
+    "/jobs/{job_id}", status_code=204, response_class=Response,
+    responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "job not finished"}},
+    summary="Delete a finished job, its events and its archive",
+)
+def delete_job(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> Response:
+    try:
+        job = store.delete_job(job_id, owner)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+    except InvalidState as exc:
+        raise HTTPException(409, str(exc)) from None
+    discard_job_files(settings, job.id, job.artifact_path)
+    return Response(status_code=204)
+
+
 @router.get("/jobs/{job_id}/events", response_model=schemas.JobEventList, responses={**UNAUTHORIZED, **NOT_FOUND},
             summary="A job's events (with Accept: text/event-stream, the live stream of GET /jobs/{id}/stream)")
 def list_events(
@@ -149,8 +167,10 @@ ARTIFACT_RESPONSES: Responses = {
 def finished_archive(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> tuple[Job, Path]:
     """Dependency of the download routes: the caller's succeeded job and its archive on disk (409/410 otherwise)."""
     job = _find(store, job_id, owner)
-    if job.status != "succeeded" or not job.artifact_path:
+    if job.status != "succeeded":
         raise HTTPException(409, f"job is {job.status}: no archive")
+    if not job.artifact_path:
+        raise HTTPException(410, "the archive was removed (retention policy)")
     path = settings.artifact_path(job.artifact_path)
     if not path.is_file():
         raise HTTPException(410, "the archive is no longer in storage")
@@ -164,22 +184,32 @@ ArchiveDep = Annotated[tuple[Job, Path], Depends(finished_archive)]
     "/jobs/{job_id}/artifact", response_class=FileResponse, responses={
         200: {"content": {"application/x-tar": {}}, "description": "the archive (Range requests supported)"},
         206: {"content": {"application/x-tar": {}}, "description": "part of the archive"},
+        304: {"description": "not modified: If-None-Match named the archive's ETag"},
         416: {"description": "range not satisfiable"},
         **ARTIFACT_RESPONSES,
     },
     summary="Download the distilled-set archive",
 )
-def download_artifact(found: ArchiveDep) -> FileResponse:
+def download_artifact(
+    found: ArchiveDep,
+    if_none_match: Annotated[str | None, Header(max_length=4096, description="ETags already held: 304 if one matches")] = None,
+) -> Response:
     job, path = found
     sha = job.artifact_sha256 or ""
+    etag = f'"{sha}"'
+    cache = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=cache)
     digest = base64.b64encode(bytes.fromhex(sha)).decode()
     filename = f"{job.dataset}-{job.method}-ipc{job.ipc}-{job.id}.tar"
-    return FileResponse(path, media_type="application/x-tar", filename=filename, headers={
-        "Repr-Digest": f"sha-256=:{digest}:",
-        "X-Checksum-Sha256": sha,
-        "ETag": f'"{sha}"',
-        "Cache-Control": "private, max-age=3600",
-    })
+    return FileResponse(path, media_type="application/x-tar", filename=filename,
+                        headers={"Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": sha, **cache})
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): ``*`` or a list of (possibly weak) entity tags, compared weakly."""
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.get(

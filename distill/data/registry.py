@@ -423,8 +423,44 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+STANDARD_DATASETS = tuple(DATASETS)  # read from DISTILL_DATA_DIR/<name>; a plugin may register more specs
+
+
 def dataset_names() -> list[str]:
-    return list(DATASETS)
+    """Built-in datasets, then those the operator registered (``DISTILL_DATASETS`` / ``[datasets]``)."""
+    return [*DATASETS, *(n for n in operator_datasets() if n not in DATASETS)]
+
+
+def operator_datasets() -> dict[str, Path]:
+    """Operator-registered ImageFolder datasets: name -> tree or tarball (relative paths under the data folder)."""
+    settings = get_settings()
+    out = {}
+    for name, source in settings.datasets.items():
+        source = source.expanduser()
+        if not source.is_absolute():
+            source = _data_dir() / source
+        out[name] = source
+    return out
+
+
+def data_sources(name: str) -> list[Path]:
+    """Where the registry reads a dataset from (the first that exists): ``DISTILL_DATA_DIR/<name>`` for the
+    built-in ones (Fashion-MNIST also from Debian's package), the registered path for an operator's."""
+    settings = get_settings()
+    if name in settings.datasets and name not in DATASETS:
+        return [operator_datasets()[name]]
+    sources = [settings.data_dir.expanduser() / name] if settings.data_dir is not None else []
+    if name == "fashion-mnist":
+        sources.append(settings.fashion_mnist_dir)
+    return sources
+
+
+def dataset_available(name: str) -> bool:
+    """Whether this server has the dataset's files (checked without reading them). A dataset a plugin added
+    to ``DATASETS`` has its own loader: the registry cannot tell, and takes the operator's word for it."""
+    if name in DATASETS and name not in STANDARD_DATASETS:
+        return True
+    return any(source.exists() for source in data_sources(name))
 
 
 @lru_cache(maxsize=8)
@@ -440,13 +476,22 @@ def get_dataset(name: str) -> Dataset:
                 raise DistillError(f"imagefolder resolution must be between 8 and 1024 px, got {size}")
         return _imagefolder_dataset(name, Path(spec).expanduser(), explicit_size=size)
     if name not in DATASETS:
+        operator = operator_datasets()
+        if name in operator:
+            return _imagefolder_dataset(name, operator[name])
         raise InvalidRequest([unknown_dataset(name)])
     return DATASETS[name].loader()
 
 
 def unknown_dataset(name: str, paths: bool = True) -> Problem:
-    known = ", ".join(DATASETS) + (" or imagefolder:PATH" if paths else "")
+    known = ", ".join(dataset_names()) + (" or imagefolder:PATH" if paths else "")
     return problem(["dataset"], f"unknown dataset '{name}'; known: {known}", "value_error.unknown_dataset")
+
+
+def unavailable_dataset(name: str) -> Problem:
+    available = [n for n in dataset_names() if dataset_available(n)]
+    return problem(["dataset"], f"dataset '{name}' is not available on this server; available: "
+                                f"{', '.join(available) or 'none'}", "value_error.dataset_unavailable")
 
 
 def smallest_class(name: str) -> int:
@@ -456,8 +501,22 @@ def smallest_class(name: str) -> int:
     spec = DATASETS.get(name)
     if spec is not None and spec.smallest_class is not None:
         return spec.smallest_class
+    operator = operator_datasets()
+    if name in operator and name not in DATASETS:
+        return min(imagefolder_class_counts(operator[name]))
     dataset = get_dataset(name)
     return int(dataset.train.counts(dataset.num_classes).min())
+
+
+@lru_cache(maxsize=32)
+def imagefolder_class_counts(source: Path) -> tuple[int, ...]:
+    """Training images per class of an ImageFolder tree or tarball, from its file listing (no image decoded)."""
+    if not source.exists():
+        raise DistillError(f"missing data: {source}")
+    folder = readers.unpack_once(source, get_settings().cache_dir) if source.is_file() else source
+    root = readers.locate_imagefolder_root(folder)
+    classes, _files, labels = readers.list_imagefolder(root / "train")
+    return tuple(int(c) for c in np.bincount(labels, minlength=len(classes)))
 
 
 def ipc_problems(dataset: str, smallest: int, ipc: int, max_per_class: int | None = None) -> list[Problem]:

@@ -8,7 +8,7 @@ goes, where checkpoints live, which device is used and how cancellation is signa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +16,63 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from distill.data.registry import Dataset, Split, as_pixels
 from distill.data.sampling import run_train_split
 from distill.errors import Cancelled, DistillError
 from distill.files import atomic_output
 
+CHECK_SECONDS = 0.5  # RunContext.track: the longest time between two cancellation checks (besides one item)
+
+
+# Upper bounds of the budget parameters, by name, for every method that has them (a method's Params may
+# lower or add bounds in its own ``budget_limits``). Generous for GPU hosts, but finite: a request cannot ask
+# for 10**12 iterations. Shown as "maximum" in each method's JSON schema (GET /methods, distill methods --json).
+BUDGET_LIMITS: dict[str, int] = {
+    "iterations": 1_000_000,
+    **dict.fromkeys(("epochs", "teacher_epochs", "expert_train_epochs", "distill_epochs", "decay_epochs",
+                     "expert_epochs", "max_start_epoch", "min_start_epoch", "current_max_start_epoch",
+                     "expansion_end_epoch", "syn_steps", "distill_steps", "outer_loop", "inner_loop"), 10_000),
+    **dict.fromkeys(("experts", "label_experts", "num_bins"), 10_000),
+    **dict.fromkeys(("batch_size", "batch_real", "batch_train", "batch_syn", "real_chunk"), 100_000),
+    "teacher_max_per_class": 1_000_000,
+    "steps": 1000,
+    "restarts": 100,
+    "km_expand": 64,
+    "resolution": 4096,
+}
+
+
+def _document_limits(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    limits: dict[str, int] = model.limits() if issubclass(model, MethodParams) else {}
+    for name, prop in schema.get("properties", {}).items():
+        if name in limits:
+            for option in prop.get("anyOf", [prop]):
+                if option.get("type") == "integer":
+                    option["maximum"] = min(limits[name], option.get("maximum", limits[name]))
+
 
 class MethodParams(BaseModel):
-    """Base for each method's parameters. Unknown keys are rejected; ``iterations`` is the budget knob."""
+    """Base for each method's parameters. Unknown keys are rejected; ``iterations`` is the budget knob. Every
+    budget parameter has an upper bound (:data:`BUDGET_LIMITS`, ``budget_limits``), floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              json_schema_extra=_document_limits)
+    budget_limits: ClassVar[dict[str, int]] = {}
+
+    @classmethod
+    def limits(cls) -> dict[str, int]:
+        return {**BUDGET_LIMITS, **cls.budget_limits}
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _within_budget(cls, value: Any, info: ValidationInfo) -> Any:
+        limit = cls.limits().get(info.field_name or "")
+        if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": limit})
+        return value
 
 
 @dataclass
@@ -209,19 +254,25 @@ class RunContext:
 
     def track(self, items: Iterable, stage: str, total: int | None = None, every: int | None = None,
               done: int = 0) -> Iterator:
-        """Yield ``items`` with progress (``done`` of ``total`` already finished), a CLI bar and cancellation checks."""
-        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
-        every = every or max(1, (total or 100) // 100)
+        """Iterate ``items`` (``done`` of ``total`` already finished), checking for cancellation and reporting
+        progress before an item whenever ``CHECK_SECONDS`` have passed since the last check (and before every
+        ``every``-th item, when given): a cancel is noticed within about one item's time plus ``CHECK_SECONDS``,
+        however many items there are."""
+        if total is None and isinstance(items, Sized):
+            total = len(items)
         bar = None
         if self.show_progress_bars:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=done, desc=stage, leave=False, dynamic_ncols=True)
         self.progress(stage, done / total if total else 0.0)
+        last_check = -float("inf")
         with self.timed(stage):
             try:
                 for i, item in enumerate(items):
-                    if i % every == 0:
+                    now = time.monotonic()
+                    if now - last_check >= CHECK_SECONDS or (every is not None and i % every == 0):
+                        last_check = now
                         self.check_cancelled()
                         if total:
                             self.progress(stage, (done + i) / total)

@@ -21,7 +21,7 @@ GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "max_per
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("svc-inputs")
-    stack = Stack(home, "sqlite", service_env(home, "sqlite"))
+    stack = Stack(home, "sqlite", service_env(home, "sqlite", DISTILL_MAX_ITERATIONS="50000"))
     try:
         stack.start_api()
         yield stack
@@ -50,6 +50,12 @@ BAD_BODIES = [
     ({**GOOD, "max_per_class": 0}, ["body", "max_per_class"]),
     ({**GOOD, "surprise": 1}, ["body", "surprise"]),
     ({k: v for k, v in GOOD.items() if k != "method"}, ["body", "method"]),
+    # Budgets are bounded (issue 13 item 3): per method, and by the operator's ceiling on iterations.
+    ({**GOOD, "method": "dm", "params": {"iterations": 10**12}}, ["body", "params", "iterations"]),
+    ({**GOOD, "method": "dm", "params": {"iterations": 60_000}}, ["body", "params", "iterations"]),
+    ({**GOOD, "method": "mtt", "params": {"syn_steps": 10**9}}, ["body", "params", "syn_steps"]),
+    ({**GOOD, "method": "herding", "params": {"teacher_epochs": 10**7}}, ["body", "params", "teacher_epochs"]),
+    ({**GOOD, "method": "oq", "params": {"steps": 10**6}}, ["body", "params", "steps"]),
 ]
 
 
@@ -97,7 +103,20 @@ def test_other_bad_requests(api: Stack) -> None:
         assert client.get(f"/jobs/{job_id}/events", params={"after": -1}).status_code == 422
         assert client.get(f"/jobs/{job_id}/artifact").status_code == 409  # queued: no archive yet
         assert client.get(f"/jobs/{job_id}/preview.png").status_code == 409
-        assert client.delete(f"/jobs/{job_id}").status_code == 405
+        assert client.delete(f"/jobs/{job_id}").status_code == 409  # queued: cancel it first
+        assert client.put(f"/jobs/{job_id}").status_code == 405
+
+
+def test_non_finite_floats_are_refused(api: Stack) -> None:
+    """Issue 13 item 4: 1e400 parses as infinity; it is a 422, never stored as Infinity."""
+    with api.client() as client:
+        before = _count(client)
+        for raw in (b"1e400", b"-1e400"):
+            body = b'{"dataset": "mnist", "method": "dm", "ipc": 1, "max_per_class": 10, "params": {"lr_img": ' + raw + b"}}"
+            response = client.post("/jobs", content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 422, response.text
+            assert ["body", "params", "lr_img"] in [e["loc"] for e in response.json()["errors"]]
+        assert _count(client) == before
 
 
 def test_catalogue(api: Stack) -> None:
@@ -110,6 +129,8 @@ def test_catalogue(api: Stack) -> None:
         herding = methods["herding"]["parameters"]
         assert herding["properties"]["batch_size"]["default"] == 500
         assert herding["additionalProperties"] is False
+        assert methods["dm"]["parameters"]["properties"]["iterations"]["maximum"] == 50_000  # the operator's ceiling
+        assert herding["properties"]["teacher_epochs"]["maximum"] == 10_000
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(api: Stack, tmp_path: Path) -> None:
@@ -145,7 +166,7 @@ def test_the_cores_problems_are_the_apis_field_errors(api: Stack) -> None:
     params = {"bogus": 1, "batch_size": "x"}
     body = {"dataset": "mnist", "method": "herding", "ipc": 6, "max_per_class": 5, "params": params}
     with pytest.raises(InvalidRequest) as core:
-        check_request(RunRequest("mnist", "herding", 6, params, max_per_class=5), max_ipc=1000, paths=False)
+        check_request(RunRequest("mnist", "herding", 6, params, max_per_class=5, paths=False), max_ipc=1000)
     assert len(core.value.problems) == 3
     with api.client() as client:
         response = client.post("/jobs", json=body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,12 @@ def test_end_to_end_download_verify_and_evaluate(stack: Stack, tmp_path: Path) -
         assert len(body) == artifact["bytes"] == int(download.headers["content-length"])
         digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
         assert download.headers["repr-digest"] == f"sha-256=:{digest}:"
+
+        etag = download.headers["etag"]
+        assert etag == f'"{sha}"'
+        cached = client.get(artifact["url"], headers={"If-None-Match": f'"other", W/{etag}'})
+        assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag
+        assert client.get(artifact["url"], headers={"If-None-Match": '"other"'}).status_code == 200
 
         part = client.get(artifact["url"], headers={"Range": "bytes=100-199"})
         assert part.status_code == 206 and part.content == body[100:200]
@@ -183,7 +190,8 @@ def test_idempotency_and_listing(stack: Stack) -> None:
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
         other = client.post("/jobs", json={**QUICK, "seed": 99}, headers={"Idempotency-Key": key})
-        assert other.status_code == 422 and other.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert other.status_code == 409, other.text  # the key was used with another body
+        assert other.json()["detail"] == "Idempotency-Key was already used with a different request body"
 
         ids = [client.post("/jobs", json=QUICK).json()["id"] for _ in range(3)]
         page = client.get("/jobs", params={"limit": 2}).json()
@@ -206,3 +214,38 @@ def test_idempotency_and_listing(stack: Stack) -> None:
         assert 'distill_job_stage_seconds_count{stage="select"}' in metrics
         health = client.get("/healthz").json()
         assert health["status"] == "ok" and health["database"] == "ok"
+
+
+def test_jobs_that_end_leave_no_checkpoints_and_finished_ones_can_be_deleted(stack: Stack) -> None:
+    """Issue 13 item 7: failed and cancelled jobs leave nothing under DISTILL_HOME/jobs; DELETE removes a
+    finished job with its archive."""
+    with stack.client() as client, stack.client(KEY_B) as bob:
+        failed = client.post("/jobs", json={**QUICK, "method": "fail-test"}).json()["id"]
+        assert wait_for_job(client, failed, stack=stack)["status"] == "failed"
+        cancelled = client.post("/jobs", json=slow_job(iterations=200)).json()["id"]
+        wait_until(lambda: (stack.home / "jobs" / cancelled / "checkpoints" / "pick.pt").exists(), timeout=60,
+                   what="the checkpoint")
+        client.post(f"/jobs/{cancelled}/cancel").raise_for_status()
+        assert wait_for_job(client, cancelled, stack=stack)["status"] == "cancelled"
+        for job_id in (failed, cancelled):
+            wait_until(lambda job_id=job_id: not (stack.home / "jobs" / job_id).exists(), timeout=10,
+                       what=f"{job_id}'s checkpoints to go")
+
+        done = client.post("/jobs", json=QUICK).json()["id"]
+        running = client.post("/jobs", json=slow_job(iterations=100)).json()["id"]
+        assert wait_for_job(client, done, stack=stack)["status"] == "succeeded"
+        archive = stack.home / "artifacts" / f"{done}.tar"
+        assert client.get(f"/jobs/{done}/preview.png").status_code == 200 and archive.exists()
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (archive, archive.with_name(f"{done}.preview.png")):  # item 14: the umask, not 0600
+            assert written.stat().st_mode & 0o777 == 0o666 & ~umask, oct(written.stat().st_mode)
+        assert bob.delete(f"/jobs/{done}").status_code == 404  # another key's job
+        wait_for_job(client, running, statuses=("running",), stack=stack)
+        assert client.delete(f"/jobs/{running}").status_code == 409
+        assert client.delete(f"/jobs/{done}").status_code == 204
+        assert client.get(f"/jobs/{done}").status_code == 404 and client.delete(f"/jobs/{done}").status_code == 404
+        assert not archive.exists() and not archive.with_name(f"{done}.preview.png").exists()
+        client.post(f"/jobs/{running}/cancel")
+        wait_for_job(client, running, stack=stack)
+        assert client.delete(f"/jobs/{failed}").status_code == 204

@@ -53,7 +53,8 @@ def test_serve_runs_jobs_and_enforces_cancel(tmp_path: Path) -> None:
         serve.stop(timeout=30)
     assert serve.process is not None and serve.process.returncode is not None
     log = serve.log_path.read_text()
-    assert '"msg": "worker process exited; restarting"' in log
+    assert '"msg": "job ignored its cancel; killing its worker"' in log
+    assert log.count('"msg": "worker process started"') == 2  # restarted at once after the kill
     assert '"msg": "job released (worker shutting down)"' in log
 
     from workers.jobs import make_store

@@ -149,3 +149,16 @@ def test_a_command_module_that_fails_to_load_is_reported(tmp_path: Path):
         "(ModuleNotFoundError: No module named 'no_such_module_xyz')"]
     for command in ("run", "serve", "api", "worker", "prior", "experts"):
         assert command in proc.stdout
+
+
+def test_existing_directories_are_one_error_line(tmp_path: Path):
+    """`--out DIRECTORY` and `verify DIRECTORY` (issue 13 item 11): one `error:` line and exit 2, no traceback."""
+    result = invoke("run", "random", "-d", "mnist", "--ipc", 1, "--max-per-class", 5, "-o", tmp_path)
+    assert result.exit_code == 2
+    example = tmp_path / "set.tar"
+    assert result.output.strip() == f"error: --out {tmp_path} is a directory: give the archive's file name (e.g. {example})"
+    assert list(tmp_path.iterdir()) == []
+    for command in ("verify", "eval"):
+        result = invoke(command, tmp_path)
+        assert result.exit_code == 2
+        assert result.output.strip() == f"error: {tmp_path} is a directory, not an archive (a .tar written by `distill run`)"

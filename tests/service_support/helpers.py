@@ -133,13 +133,15 @@ class Stack:
         if self.api.process is not None and self.api.process.poll() is not None:
             raise RuntimeError(f"API exited with {self.api.process.returncode}:\n{self.api.tail()}")
         try:
-            return httpx.get(self.base_url + "/healthz", timeout=2).status_code == 200
+            return httpx.get(self.base_url + "/healthz", timeout=2).status_code in (200, 503)  # up (maybe degraded)
         except httpx.HTTPError:
             return False
 
-    def start_worker(self, name: str | None = None) -> Proc:
+    def start_worker(self, name: str | None = None, supervised: bool = False) -> Proc:
+        """``distill worker``; by default ``--in-process`` (the process that runs the job: tests kill it)."""
         name = name or f"test-worker-{len(self.workers)}"
-        proc = Proc(["worker", "--worker-id", name], self.env, self.home / f"{name}.log").start()
+        args = ["worker", "--worker-id", name, *([] if supervised else ["--in-process"])]
+        proc = Proc(args, self.env, self.home / f"{name}.log").start()
         self.workers.append(proc)
         return proc
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from distill.methods.registry import METHODS
 
@@ -74,5 +75,19 @@ class FanoutSelection(Method):
             "run_pid": os.getpid()})
 
 
+class FailingSelection(Method):
+    """Checkpoints a stage, then fails as a bad request would (a job that ends without success)."""
+
+    name = "fail-test"
+    summary = "checkpoints a stage, then fails (service tests only)"
+    family = "baseline"
+    Params = MethodParams
+
+    def run(self, ctx: RunContext, params: MethodParams) -> DistilledSet:
+        ctx.checkpoints.stage("pick", lambda: {"pid": os.getpid()})
+        raise DistillError("deliberate failure after a checkpoint")
+
+
 METHODS.setdefault("slow-test", f"{__name__}:SlowSelection")
+METHODS.setdefault("fail-test", f"{__name__}:FailingSelection")
 METHODS.setdefault("fanout-test", f"{__name__}:FanoutSelection")

@@ -7,13 +7,19 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from service_support.helpers import BACKENDS, POSTGRES_URL, drop_schema
+from sqlalchemy import update
 
+from distill.config import reload_settings
 from workers.db import make_engine, migrate
+from workers.janitor import sweep_files
 from workers.jobs import JobStore
+from workers.models import Job, utcnow
+from workers.settings import WorkerSettings
 
 REQUEST = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "seed": 0, "max_per_class": None}
 
@@ -99,3 +105,35 @@ def test_release_on_shutdown_does_not_count_an_attempt(store: JobStore) -> None:
     assert store.release(claimed[1], "shutting down")
     again = store.claim("w2")
     assert again is not None and again[0].id == job.id and again[1].attempt == 1
+
+
+def test_retention_removes_old_archives_and_orphaned_checkpoints(store: JobStore, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 item 7: after DISTILL_RETENTION_DAYS a finished job's archive goes (the job stays, its
+    download is then 410); checkpoint folders of jobs that ended, or that the store does not know, go too."""
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    reload_settings()
+    settings = WorkerSettings(retention_days=1)
+    old, _ = store.create_job("owner", REQUEST)
+    new, _ = store.create_job("owner", {**REQUEST, "seed": 1})
+    running, _ = store.create_job("owner", {**REQUEST, "seed": 2})
+    for job in (old, new):
+        claimed = store.claim("w")
+        assert claimed is not None
+        settings.artifact_path(f"{job.id}.tar").write_bytes(b"archive")
+        assert store.finish(claimed[1], "succeeded", artifact=(f"{job.id}.tar", 7, "0" * 64))
+    assert store.claim("w") is not None
+    with store.write() as session:  # the first finished two days ago
+        session.execute(update(Job).where(Job.id == old.id).values(finished_at=utcnow() - timedelta(days=2)))
+    for job_id in (old.id, running.id, "job_unknown"):
+        (settings.job_dir(job_id) / "checkpoints").mkdir(parents=True)
+    try:
+        assert sweep_files(store, settings) == 3  # old's folder and archive, the unknown folder
+        assert not settings.artifact_path(f"{old.id}.tar").exists() and settings.artifact_path(f"{new.id}.tar").exists()
+        assert store.get_job(old.id).artifact_path is None and store.get_job(new.id).artifact_path is not None
+        assert not settings.job_dir(old.id).exists() and not settings.job_dir("job_unknown").exists()
+        assert settings.job_dir(running.id).exists()  # still running: its checkpoints stay
+        assert sweep_files(store, settings) == 0
+    finally:
+        monkeypatch.undo()
+        reload_settings()
