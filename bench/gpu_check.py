@@ -356,7 +356,9 @@ def section_service(table: Table, sizes: Sizes, device: Any, work: Path) -> None
            "GPU_CHECK_SYNTHETIC_ROOT": str(root), "GPU_CHECK_SYNTHETIC_CLASSES": str(sizes.service_classes),
            "GPU_CHECK_SYNTHETIC_PX": str(px), "DISTILL_PLUGINS": "gpu_check", "DISTILL_POLL_SECONDS": "0.2",
            "DISTILL_HEARTBEAT_SECONDS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0",
+           # over HTTP a model parameter names a registered model, never a path (the operator's registry)
+           "DISTILL_MODELS": json.dumps({"gpu-check-vae": str(vae_dir)})}
     env.pop("DISTILL_API_KEYS", None)
     port = free_port()
     # The API validates dataset names against the registry when it is imported: register first, then start it.
@@ -366,7 +368,7 @@ def section_service(table: Table, sizes: Sizes, device: Any, work: Path) -> None
     if sizes.service_gpus:
         worker_cmd += ["--ray-num-gpus", str(sizes.service_gpus)]
     request = {"dataset": SYNTHETIC, "method": "oq", "ipc": sizes.service_ipc, "seed": 0,
-               "params": {"encoder": str(vae_dir), "resolution": sizes.service_px, "w2_uniform": False,
+               "params": {"encoder": "gpu-check-vae", "resolution": sizes.service_px, "w2_uniform": False,
                           "batch_size": 64 if sizes.service_px >= 224 else 4}}
     with process(api_cmd, env, work / "api.log") as api, process(worker_cmd, env, work / "worker.log") as worker:
         base = f"http://127.0.0.1:{port}"
