@@ -352,7 +352,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         if params.decode != "nearest":
             return decode_latents(ctx, encoder, quant["centroids"], quant["labels"], params)
         with ctx.timed("decode"):
-            return ctx.train.load(np.concatenate(quant["members"])).float().div_(255.0)
+            return ctx.train.load(np.concatenate(quant["members"]))  # the real images, uint8 as stored
 
     images = ctx.checkpoints.stage("decode", decode)
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
