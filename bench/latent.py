@@ -107,19 +107,20 @@ def accuracy(args: argparse.Namespace) -> None:
     teacher = ({"labels": "teacher", "teacher_epochs": args.teacher_epochs,
                 "teacher_max_per_class": args.teacher_max_per_class} if args.protocol == "softlabel" else {})
     extra = dict(item.split("=", 1) for item in args.set)  # --set KEY=VALUE for every latent variant
+    raw = {"latent_norm": "none", **teacher}  # oq variants name every choice (--set overrides)
     settings = [  # (key for --only, label, method, parameters, images seen per class)
         ("random", "random (full train split)", "random", {}, None),
         ("herding-seen", "herding (the same images seen as oq)", "herding", {}, args.max_per_class),
-        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {"decode": "vae", "w2_uniform": False, **teacher},
+        ("oq", "oq (faiss, weighted, VAE decode)", "oq", {**raw, "decode": "vae", "w2_uniform": False},
          args.max_per_class),
-        ("oq-unweighted", "oq, weighted=false", "oq", {"decode": "vae", "weighted": False, "w2_uniform": False, **teacher},
+        ("oq-unweighted", "oq, weighted=false", "oq", {**raw, "decode": "vae", "weighted": False, "w2_uniform": False},
          args.max_per_class),
         ("d4m", "d4m (partial_fit stream, VAE decode)", "d4m", {"w2_uniform": False, **teacher}, args.max_per_class),
-        ("oq-nearest", "oq, decode=nearest (weighted)", "oq", {"decode": "nearest", **teacher}, args.max_per_class),
+        ("oq-nearest", "oq, decode=nearest (weighted)", "oq", {**raw, "decode": "nearest"}, args.max_per_class),
         ("oq-nearest-unweighted", "oq, decode=nearest, weighted=false", "oq",
-         {"decode": "nearest", "weighted": False, "w2_uniform": False, **teacher}, args.max_per_class),
+         {**raw, "decode": "nearest", "weighted": False, "w2_uniform": False}, args.max_per_class),
         ("oq-nearest-sqrt", "oq, decode=nearest, weight_power=0.5", "oq",
-         {"decode": "nearest", "weight_power": 0.5, "w2_uniform": False, **teacher}, args.max_per_class),
+         {**raw, "decode": "nearest", "weight_power": 0.5, "w2_uniform": False}, args.max_per_class),
     ]
     print(f"protocol {args.protocol}" + (f", teacher {args.teacher_epochs} epochs on "
           f"{args.teacher_max_per_class or 'all'} images/class" if args.protocol == "softlabel" else ""))

@@ -142,17 +142,17 @@ def test_nearest_decode_takes_each_cells_w2_best_member(tmp_path: Path, mnist_st
     from distill.data import get_dataset
     from distill.methods.base import RunContext
 
-    request = RunRequest("mnist", "oq", 3, {"decode": "nearest"}, seed=0, max_per_class=50)
+    request = RunRequest("mnist", "oq", 3, {"decode": "nearest", "latent_norm": "none"}, seed=0, max_per_class=50)
     result = run_to_archive(request, tmp_path / "n.tar")
     d, metrics = result.distilled, result.manifest["metrics"]
-    vae = run_to_archive(RunRequest("mnist", "oq", 3, {"decode": "vae"}, seed=0, max_per_class=50),
+    vae = run_to_archive(RunRequest("mnist", "oq", 3, {"decode": "vae", "latent_norm": "none"}, seed=0, max_per_class=50),
                          tmp_path / "v.tar").distilled
     # same quantizer (centroids, masses) as the VAE decode; only the images differ
     assert torch.equal(d.extras["latents"], vae.extras["latents"]) and torch.equal(d.weights, vae.weights)
     # the images are the real training images the archive names, exactly
     train = RunContext(dataset=get_dataset("mnist"), ipc=3, seed=0, max_per_class=50).train
     sources = d.extras["source_indices"].numpy()
-    assert torch.equal(d.images, train.load(sources).float() / 255.0)
+    assert d.images.dtype == torch.uint8 and torch.equal(d.images, train.load(sources))
     assert (train.labels[sources] == d.labels.numpy()).all()
     # each is the member of its cell nearest the centroid
     for c in range(10):
@@ -173,10 +173,11 @@ def test_instance_normalised_quantization(tmp_path: Path, mnist_store):
     near = run_to_archive(RunRequest("mnist", "oq", 2, base, max_per_class=50), tmp_path / "n.tar").distilled
     vae = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae"}, max_per_class=50),
                          tmp_path / "v.tar").distilled
-    plain = run_to_archive(RunRequest("mnist", "oq", 2, {"w2_uniform": False, "decode": "vae"}, max_per_class=50),
+    plain = run_to_archive(RunRequest("mnist", "oq", 2, {"w2_uniform": False, "decode": "vae", "latent_norm": "none"},
+                                      max_per_class=50),
                            tmp_path / "p.tar").distilled
     assert torch.equal(near.weights, vae.weights) and not torch.equal(near.weights, plain.weights)
     # the centroids are mapped back to latents (the cells' average offset and gain): they decode to digits
     assert vae.extras["latents"].shape == (20, 32, 8, 8)
     torch.testing.assert_close(vae.extras["latents"].mean(), plain.extras["latents"].mean(), atol=0.05, rtol=0.1)
-    assert float(vae.images.min()) >= 0 and float(vae.images.max()) <= 1
+    assert vae.images.dtype == torch.uint8 and near.images.dtype == torch.uint8
