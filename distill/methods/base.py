@@ -301,6 +301,7 @@ class RunContext:
         :meth:`steps`. An exception inside an iteration saves nothing (that iteration's state is partial).
         """
         name = f"{stage}-loop"
+        every = every or 1  # a cancel between two iterations is saved at once: check before each one (a flag read)
         start = 0
         if self.checkpoints.has(name):
             saved = self.checkpoints.load(name)
