@@ -11,7 +11,7 @@ PY="${PYTHON:-.venv/bin/python}"
   echo
   "$PY" bench/baselines.py --table-only --results bench/results/baselines.jsonl
   cat docs/bench-parts/01-baselines-notes.md
-  for part in latent diffusion pixel-dc-dm pixel-mtt service; do
+  for part in latent diffusion pixel-dc-dm pixel-mtt service scale; do
     echo
     sed -E 's/^(#+) /\1# /' "docs/bench-parts/$part.md"
   done
