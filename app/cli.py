@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.settings import LOOPBACK_HOSTS, ApiSettings, get_api_settings
-from workers.settings import get_worker_settings
+from workers.settings import WorkerSettings, get_worker_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("distill.serve")
 
@@ -35,20 +38,10 @@ def serve(
 
     import uvicorn
 
-    from app.main import create_app
-    from workers.db import store_errors
     from workers.local import Supervisor, local_gpu_count
-    from workers.logs import UVICORN_LOG_CONFIG, configure_logging
+    from workers.logs import UVICORN_LOG_CONFIG
 
-    configure_logging()
-    worker_settings = get_worker_settings()
-    from distill.cli import user_errors  # not at import time: distill.cli imports this module
-
-    with user_errors():
-        worker_settings.check_home()
-        worker_settings.load_plugins()
-        with store_errors(worker_settings.resolved_database_url):
-            app = create_app(settings, worker_settings)  # migrates the store before any worker starts
+    app, worker_settings = _build_app(settings)  # migrates the store before any worker starts
     gpus = local_gpu_count()
     count = workers if workers >= 0 else max(1, gpus)
     supervisor = Supervisor(worker_settings, count, gpus=list(range(gpus)) if gpus and count <= gpus else None)
@@ -85,19 +78,9 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
 
     import uvicorn
 
-    from app.main import create_app
-    from workers.db import store_errors
-    from workers.logs import UVICORN_LOG_CONFIG, configure_logging
+    from workers.logs import UVICORN_LOG_CONFIG
 
-    configure_logging()
-    worker_settings = get_worker_settings()
-    from distill.cli import user_errors  # not at import time: distill.cli imports this module
-
-    with user_errors():
-        worker_settings.check_home()
-        worker_settings.load_plugins()
-        with store_errors(worker_settings.resolved_database_url):
-            app = create_app(settings, worker_settings)
+    app, _ = _build_app(settings)
     announce(host, port, settings, "workers run elsewhere (distill worker)")
     uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
                 timeout_graceful_shutdown=GRACEFUL_SECONDS)
@@ -123,3 +106,21 @@ def main() -> None:
     cli = typer.Typer(add_completion=False, no_args_is_help=True, help="distillery HTTP API")
     register(cli)
     cli()
+
+
+def _build_app(settings: ApiSettings) -> tuple[FastAPI, WorkerSettings]:
+    """Logging, a writable home, plugins and the migrated store, then the app: what serve and api share.
+    Problems are one ``error:`` line and exit 2."""
+    from app.main import create_app
+    from distill.cli import user_errors  # not at import time: distill.cli imports this module
+    from workers.db import store_errors
+    from workers.logs import configure_logging
+
+    configure_logging()
+    worker_settings = get_worker_settings()
+    with user_errors():
+        worker_settings.check_home()
+        worker_settings.load_plugins()
+        with store_errors(worker_settings.resolved_database_url):
+            app = create_app(settings, worker_settings)
+    return app, worker_settings
