@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -14,29 +15,20 @@ from workers.jobs import JobStore
 from workers.settings import WorkerSettings
 
 
-def get_store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.store
-    return store
+def _app_state(attribute: str) -> Callable[[Request], Any]:
+    """A dependency returning ``app.state.<attribute>``, set once by :func:`app.main.create_app`; the alias
+    below says its type."""
+
+    def dependency(request: Request) -> Any:
+        return getattr(request.app.state, attribute)
+
+    dependency.__name__ = f"get_{attribute}"
+    return dependency
 
 
-def get_settings(request: Request) -> ApiSettings:
-    settings: ApiSettings = request.app.state.settings
-    return settings
-
-
-def get_worker_settings(request: Request) -> WorkerSettings:
-    settings: WorkerSettings = request.app.state.worker_settings
-    return settings
-
-
-def get_metrics(request: Request) -> ApiMetrics:
-    metrics: ApiMetrics = request.app.state.metrics
-    return metrics
-
-
-StoreDep = Annotated[JobStore, Depends(get_store)]
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
-WorkerSettingsDep = Annotated[WorkerSettings, Depends(get_worker_settings)]
-MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+StoreDep = Annotated[JobStore, Depends(_app_state("store"))]
+SettingsDep = Annotated[ApiSettings, Depends(_app_state("settings"))]
+WorkerSettingsDep = Annotated[WorkerSettings, Depends(_app_state("worker_settings"))]
+MetricsDep = Annotated[ApiMetrics, Depends(_app_state("metrics"))]
 OwnerDep = Annotated[str, Depends(current_owner)]
 MaybeOwnerDep = Annotated[str | None, Depends(optional_owner)]

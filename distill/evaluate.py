@@ -200,6 +200,14 @@ def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
     return per_sample.mean()
 
 
+def _fresh_student(dataset: Dataset, config: EvalConfig, run_seed: int) -> tuple[Classifier, str, torch.device]:
+    """The student of one run (dc and softlabel): the configured network (``auto`` resolved), seeded, on the device."""
+    device = torch.device(config.device)
+    model_name = resolve_model(config.model, dataset.image_size)
+    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    return model, model_name, device
+
+
 def train_student_dc(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -213,10 +221,8 @@ def train_student_dc(
     progress: Progress | None = None,
 ) -> Classifier:
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation."""
-    device = torch.device(config.device)
+    model, model_name, device = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
-    model_name = resolve_model(config.model, dataset.image_size)
-    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True),
                       config.batch_size)
@@ -263,10 +269,8 @@ def train_student_softlabel(
     progress: Progress | None = None,
 ) -> Classifier:
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine."""
-    device = torch.device(config.device)
+    model, model_name, device = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
-    model_name = resolve_model(config.model, dataset.image_size)
-    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch

@@ -24,19 +24,9 @@ from torch import nn
 
 from distill.augment import diff_augment
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
-from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_autocast_dtype
+from pixelspace.precision import REAL_PRECISION_HELP, autocast_context
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
-from pixelspace.realpool import RealPool
-from pixelspace.synthetic import (
-    LoopState,
-    draw_seed,
-    fresh_network,
-    has_batchnorm,
-    learnable_images,
-    matching_result,
-    network_iterations,
-    resolve_strategy,
-)
+from pixelspace.synthetic import draw_seed, fresh_network, has_batchnorm, matching_setup, network_iterations
 
 
 class DMParams(MethodParams):
@@ -105,27 +95,21 @@ class DistributionMatching(Method[DMParams]):
 
     def run(self, ctx: RunContext, params: DMParams) -> DistilledSet:
         ds = ctx.dataset
-        strategy = resolve_strategy(params.dsa_strategy, ds.digits)
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
-        generator = ctx.generator(13)
-        real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
-        pool = RealPool(ctx)
-        image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, lr_img)
+        setup = matching_setup(ctx, params, 13, lr_img)
         real_embed = None
         if compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)
-            real_embed = RealPass(real_embed_pass(template, real_dtype), compile=True, log=ctx.log)
-        losses: list[float] = []
-        state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
-        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
+            real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log)
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state):
             for p in net.parameters():
                 p.requires_grad_(False)
-            real = pool.sample_all(params.batch_real, generator)
-            syn = image_syn.view(ds.num_classes, ctx.ipc, *image_syn.shape[1:])
-            if strategy != "none":
-                seeds = [draw_seed(generator) for _ in range(ds.num_classes)]
-                real = torch.stack([diff_augment(real[c], strategy, seed=s) for c, s in enumerate(seeds)])
-                syn = torch.stack([diff_augment(syn[c], strategy, seed=s) for c, s in enumerate(seeds)])
+            real = setup.pool.sample_all(params.batch_real, setup.generator)
+            syn = setup.image_syn.view(ds.num_classes, ctx.ipc, *setup.image_syn.shape[1:])
+            if setup.strategy != "none":
+                seeds = [draw_seed(setup.generator) for _ in range(ds.num_classes)]
+                real = torch.stack([diff_augment(real[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
+                syn = torch.stack([diff_augment(syn[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
             if has_batchnorm(net):
                 # Reference BN branch: one forward over all classes (BN statistics mix classes).
                 embed = embed_fn(net)
@@ -133,11 +117,11 @@ class DistributionMatching(Method[DMParams]):
                 feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(ds.num_classes, ctx.ipc, -1)
                 loss = ((feats_real.mean(1) - feats_syn.mean(1)) ** 2).sum()
             else:
-                loss = dm_loss_batched(net, real, syn, params.real_chunk, real_dtype, real_embed)
-            optimizer_img.zero_grad(set_to_none=True)
+                loss = dm_loss_batched(net, real, syn, params.real_chunk, setup.real_dtype, real_embed)
+            setup.optimizer_img.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer_img.step()
-            losses.append(float(loss.detach()) / ds.num_classes)
+            setup.optimizer_img.step()
+            setup.losses.append(float(loss.detach()) / ds.num_classes)
             if it % 100 == 0:
-                ctx.log(f"dm iteration {it}: loss {losses[-1]:.4f}")
-        return matching_result(ctx, image_syn, label_syn, losses, real_dtype, strategy, lr_img=lr_img)
+                ctx.log(f"dm iteration {it}: loss {setup.losses[-1]:.4f}")
+        return setup.result(ctx, lr_img=lr_img)

@@ -29,19 +29,9 @@ from distill.augment import diff_augment
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.gradients import class_chunk_for, detached_params, match_distance, per_class_gradients
-from pixelspace.precision import REAL_PRECISION_HELP, real_autocast_dtype
+from pixelspace.precision import REAL_PRECISION_HELP
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, real_ce_pass
-from pixelspace.realpool import RealPool
-from pixelspace.synthetic import (
-    LoopState,
-    draw_seed,
-    fresh_network,
-    has_batchnorm,
-    learnable_images,
-    matching_result,
-    network_iterations,
-    resolve_strategy,
-)
+from pixelspace.synthetic import draw_seed, fresh_network, has_batchnorm, matching_setup, network_iterations
 
 BN_SIZE_PER_CLASS = 16  # the reference's BNSizePC
 
@@ -187,48 +177,41 @@ class DatasetCondensation(Method[GradientMatchingParams]):
 
     def run(self, ctx: RunContext, params: GradientMatchingParams) -> DistilledSet:
         ds = ctx.dataset
-        strategy = resolve_strategy(params.dsa_strategy, ds.digits)
         ref_outer, ref_inner = get_loops(ctx.ipc)
         outer = params.outer_loop or ref_outer
         inner = ref_inner if params.inner_loop is None else params.inner_loop
-        generator = ctx.generator(11)
-        real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
-        pool = RealPool(ctx)
-        image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, params.lr_img)
+        setup = matching_setup(ctx, params, 11, params.lr_img)
         real_loss = None
         if params.real_strategy == "loop" and compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)
             template.train(not has_batchnorm(template))  # BN networks match in eval mode
-            real_loss = RealPass(real_ce_pass(template, real_dtype), compile=True, log=ctx.log)
-        losses: list[float] = []
-        state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
-        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, state):
+            real_loss = RealPass(real_ce_pass(template, setup.real_dtype), compile=True, log=ctx.log)
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state):
             optimizer_net = torch.optim.SGD(net.parameters(), lr=params.lr_net)
             loss_avg = 0.0
             for ol in range(outer):
                 if has_batchnorm(net):
                     with torch.no_grad():
                         net.train()
-                        net(torch.cat([pool.sample(c, BN_SIZE_PER_CLASS, generator) for c in range(ds.num_classes)]))
+                        net(torch.cat([setup.pool.sample(c, BN_SIZE_PER_CLASS, setup.generator) for c in range(ds.num_classes)]))
                     net.eval()  # freeze mu/sigma (the reference sets only the BN layers to eval; ConvNet has no dropout)
-                real = pool.sample_all(params.batch_real, generator)
-                syn = image_syn.view(ds.num_classes, ctx.ipc, *image_syn.shape[1:])
-                real, syn = _augment_classes(real, syn, strategy, generator)
-                loss = matching_loss_batched(net, real, syn, params.dis_metric, params.real_chunk, real_dtype,
+                real = setup.pool.sample_all(params.batch_real, setup.generator)
+                syn = setup.image_syn.view(ds.num_classes, ctx.ipc, *setup.image_syn.shape[1:])
+                real, syn = _augment_classes(real, syn, setup.strategy, setup.generator)
+                loss = matching_loss_batched(net, real, syn, params.dis_metric, params.real_chunk, setup.real_dtype,
                                              params.real_strategy, real_loss)
-                optimizer_img.zero_grad(set_to_none=True)
+                setup.optimizer_img.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer_img.step()
+                setup.optimizer_img.step()
                 loss_avg += float(loss.detach())
                 if ol == outer - 1:
                     break
-                train_network_epochs(net, optimizer_net, image_syn.detach().clone(), label_syn, inner,
-                                     params.batch_train, strategy, generator)
-            losses.append(loss_avg / (ds.num_classes * outer))
+                train_network_epochs(net, optimizer_net, setup.image_syn.detach().clone(), setup.label_syn, inner,
+                                     params.batch_train, setup.strategy, setup.generator)
+            setup.losses.append(loss_avg / (ds.num_classes * outer))
             if it % 50 == 0:
-                ctx.log(f"{self.name} iteration {it}: loss {losses[-1]:.4f}")
-        return matching_result(ctx, image_syn, label_syn, losses, real_dtype, strategy,
-                               outer_loop=outer, inner_loop=inner)
+                ctx.log(f"{self.name} iteration {it}: loss {setup.losses[-1]:.4f}")
+        return setup.result(ctx, outer_loop=outer, inner_loop=inner)
 
 
 class SiameseAugmentedCondensation(DatasetCondensation):

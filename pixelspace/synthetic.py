@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from distill.augment import strategy_for
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, MethodParams, RunContext
 from distill.nets import build_network
+from pixelspace.precision import real_autocast_dtype
 from pixelspace.realpool import RealPool
 
 
@@ -78,26 +80,6 @@ def to_pixel(ctx: RunContext, images: torch.Tensor) -> torch.Tensor:
     return ctx.dataset.denormalize(images.detach()).cpu()
 
 
-def matching_result(
-    ctx: RunContext, image_syn: torch.Tensor, label_syn: torch.Tensor, losses: list[float],
-    real_dtype: torch.dtype | None, strategy: str, **metrics,
-) -> DistilledSet:
-    """The DistilledSet every image-optimising method returns: pixel-scale images, loss curve, common metrics."""
-    return DistilledSet(
-        images=to_pixel(ctx, image_syn),
-        labels=label_syn.cpu(),
-        extras={"loss_curve": torch.tensor(losses)},
-        metrics={
-            "final_loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None,
-            **metrics,
-            "dsa_strategy": strategy,
-            "real_precision": str(real_dtype or torch.float32).replace("torch.", ""),
-            "space": "normalised during optimisation, pixel scale in the archive",
-        },
-    )
-
-
 def image_optimizer(images: torch.Tensor, lr: float, momentum: float = 0.5) -> torch.optim.SGD:
     """The references' image optimiser: SGD with momentum 0.5 on the synthetic images."""
     return torch.optim.SGD([images], lr=lr, momentum=momentum)
@@ -154,3 +136,61 @@ def network_iterations(ctx: RunContext, method: str, params: MethodParams, itera
         net = fresh_network(model, ctx, seed=ctx.seed * 1_000_003 + it)
         net.train()
         yield it, net
+
+
+class MatchingParams(Protocol):
+    """The parameters DC, DSA and DM share (read-only here, so each method's own Literal types fit)."""
+
+    @property
+    def init(self) -> str: ...
+
+    @property
+    def dsa_strategy(self) -> str: ...
+
+    @property
+    def real_precision(self) -> str: ...
+
+
+@dataclass
+class MatchingSetup:
+    """What DC, DSA and DM hold from their set-up (:func:`matching_setup`) to their result."""
+
+    strategy: str
+    generator: torch.Generator
+    real_dtype: torch.dtype | None
+    pool: RealPool
+    image_syn: torch.Tensor
+    label_syn: torch.Tensor
+    optimizer_img: torch.optim.SGD
+    losses: list[float]
+    state: LoopState
+
+    def result(self, ctx: RunContext, **metrics) -> DistilledSet:
+        """The DistilledSet every image-optimising method returns: pixel-scale images, loss curve, common metrics."""
+        losses = self.losses
+        return DistilledSet(
+            images=to_pixel(ctx, self.image_syn),
+            labels=self.label_syn.cpu(),
+            extras={"loss_curve": torch.tensor(losses)},
+            metrics={
+                "final_loss": losses[-1] if losses else None,
+                "first_loss": losses[0] if losses else None,
+                **metrics,
+                "dsa_strategy": self.strategy,
+                "real_precision": str(self.real_dtype or torch.float32).replace("torch.", ""),
+                "space": "normalised during optimisation, pixel scale in the archive",
+            },
+        )
+
+
+def matching_setup(ctx: RunContext, params: MatchingParams, stream: int, lr_img: float) -> MatchingSetup:
+    """The common start of DC, DSA and DM: DSA strategy, the sampling generator of ``stream``, real-side dtype,
+    real pool, learnable images with their optimiser, and the checkpointable loop state over them."""
+    strategy = resolve_strategy(params.dsa_strategy, ctx.dataset.digits)
+    generator = ctx.generator(stream)
+    real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
+    pool = RealPool(ctx)
+    image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, lr_img)
+    losses: list[float] = []
+    state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
+    return MatchingSetup(strategy, generator, real_dtype, pool, image_syn, label_syn, optimizer_img, losses, state)

@@ -1,10 +1,14 @@
 """Test configuration: real data from DISTILL_DATA_DIR / DISTILL_WEIGHTS_DIR (CI points them at ../shared),
-and a fresh DISTILL_HOME per test session so caches never leak between runs."""
+a fresh DISTILL_HOME per test session so caches never leak between runs, and the shared fixtures (real datasets,
+the synthetic ImageNet-shaped folder writer)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -37,3 +41,15 @@ def cifar10():
     from distill.data import get_dataset
 
     return get_dataset("cifar10")
+
+
+@pytest.fixture(scope="session")
+def synthetic_imagenet() -> ModuleType:
+    """bench/synthetic_imagenet.py as a module (registered, so its process pool can pickle its functions)."""
+    if "synthetic_imagenet" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("synthetic_imagenet", REPO / "bench" / "synthetic_imagenet.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["synthetic_imagenet"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["synthetic_imagenet"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from service_support.helpers import Stack, service_env, wait_for_job
+from service_support.helpers import Stack, service_env, started_stack, wait_for_job
 
 
 def write_imagefolder(root: Path, per_class: dict[str, int]) -> None:
@@ -36,13 +36,8 @@ def data_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     write_imagefolder(data / "tiny-folder", {"cats": 4, "dogs": 6})
     env = service_env(home, "sqlite", DISTILL_DATA_DIR=str(data), DISTILL_DATASETS=json.dumps({"tiny": "tiny-folder"}),
                       DISTILL_FASHION_MNIST_DIR=str(home / "no-fashion"))
-    stack = Stack(home, "sqlite", env)
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with started_stack(home, "sqlite", env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_jobs_for_data_the_server_lacks_are_refused(data_stack: Stack) -> None:

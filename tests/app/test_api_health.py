@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support.helpers import KEY_A, Stack, service_env
+from service_support.helpers import KEY_A, Stack, service_env, started_stack
 
 GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "max_per_class": 10}
 
@@ -18,12 +18,8 @@ GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "max_per_class": 10}
 @pytest.fixture
 def api(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     extra = getattr(request, "param", {})
-    stack = Stack(tmp_path, "sqlite", service_env(tmp_path, "sqlite", **extra))
-    try:
-        stack.start_api()
+    with started_stack(tmp_path, "sqlite", service_env(tmp_path, "sqlite", **extra), workers=0) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_a_store_that_cannot_write_is_503_with_a_reason(api: Stack) -> None:

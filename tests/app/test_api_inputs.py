@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support.helpers import KEY_A, KEY_B, Proc, Stack, service_env, wait_until
+from service_support.helpers import KEY_A, KEY_B, Proc, Stack, service_env, started_stack, wait_until
 
 GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "max_per_class": 10}
 
@@ -21,12 +21,8 @@ GOOD = {"dataset": "mnist", "method": "random", "ipc": 1, "params": {}, "max_per
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("svc-inputs")
-    stack = Stack(home, "sqlite", service_env(home, "sqlite", DISTILL_MAX_ITERATIONS="50000"))
-    try:
-        stack.start_api()
+    with started_stack(home, "sqlite", service_env(home, "sqlite", DISTILL_MAX_ITERATIONS="50000"), workers=0) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 BAD_BODIES = [

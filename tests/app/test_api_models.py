@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_support.helpers import Stack, service_env, wait_for_job
+from service_support.helpers import Stack, service_env, started_stack, wait_for_job
 
 OQ = {"dataset": "mnist", "method": "oq", "ipc": 1, "max_per_class": 5}
 
@@ -27,13 +27,8 @@ def models_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (weights / "pickled" / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     env = service_env(home, "sqlite", DISTILL_WEIGHTS_DIR=str(weights),
                       DISTILL_MODELS=json.dumps({"tiny-dit": "priors/tiny-dit", "pickled": "pickled"}))
-    stack = Stack(home, "sqlite", env)
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with started_stack(home, "sqlite", env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def field_error(response: httpx.Response, key: str) -> str:

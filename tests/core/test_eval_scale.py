@@ -4,7 +4,6 @@ and a torchvision-format ResNet-18 checkpoint loads as a teacher."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -17,17 +16,7 @@ import torch
 from distill.evaluate import EvalConfig, activation_bytes, batch_for, get_teacher, resolve_model
 from distill.nets import ResNet18, torchvision_resnet18_key
 
-REPO = Path(__file__).resolve().parents[2]
 PEAK_RSS_BOUND_GB = 3.0  # the stated bound: torch + ResNet-18 at 224 px + one bounded batch, not the test split
-
-
-def _synthetic():
-    if "synthetic_imagenet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("synthetic_imagenet", REPO / "bench" / "synthetic_imagenet.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["synthetic_imagenet"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["synthetic_imagenet"]
 
 
 def _distill(*args: str) -> subprocess.CompletedProcess:
@@ -36,9 +25,9 @@ def _distill(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_eval_224px_archive_within_memory_bound(tmp_path: Path):
+def test_eval_224px_archive_within_memory_bound(tmp_path: Path, synthetic_imagenet):
     root = tmp_path / "inet"
-    _synthetic().generate(root, classes=3, per_class=3, val_per_class=12, seed=0, workers=1, size_scale=0.6, quiet=True)
+    synthetic_imagenet.generate(root, classes=3, per_class=3, val_per_class=12, seed=0, workers=1, size_scale=0.6, quiet=True)
     dataset = f"imagefolder:{root}@224"
     archive = tmp_path / "r.tar"
     run = _distill("run", "random", "--dataset", dataset, "--ipc", "2", "--out", str(archive), "--quiet")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +14,11 @@ from distill.data.loader import ImageStream
 from distill.data.registry import ArraySplit, FileSplit, imagenet_wnids_and_names
 from distill.errors import DistillError
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _synthetic():
-    """bench/synthetic_imagenet.py as a module (registered, so its process pool can pickle its functions)."""
-    if "synthetic_imagenet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("synthetic_imagenet", REPO / "bench" / "synthetic_imagenet.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["synthetic_imagenet"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["synthetic_imagenet"]
-
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> Path:
+def synthetic_root(tmp_path_factory, synthetic_imagenet) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "imagenet"
-    _synthetic().generate(out, classes=3, per_class=6, val_per_class=2, seed=1, workers=2, size_scale=0.3, quiet=True)
+    synthetic_imagenet.generate(out, classes=3, per_class=6, val_per_class=2, seed=1, workers=2, size_scale=0.3, quiet=True)
     return out
 
 
@@ -41,7 +27,7 @@ def _file_split(root: Path, size: int = 32) -> FileSplit:
     return FileSplit(root / "train", files, labels, size, 3)
 
 
-def test_synthetic_layout_and_determinism(synthetic_root: Path, tmp_path: Path):
+def test_synthetic_layout_and_determinism(synthetic_root: Path, tmp_path: Path, synthetic_imagenet):
     wnids = imagenet_wnids_and_names()[0][:3]
     assert sorted(p.name for p in (synthetic_root / "train").iterdir()) == wnids
     assert sorted(p.name for p in (synthetic_root / "val").iterdir()) == wnids
@@ -52,24 +38,23 @@ def test_synthetic_layout_and_determinism(synthetic_root: Path, tmp_path: Path):
             assert img.format == "JPEG"
     assert not list(synthetic_root.rglob("*.tmp"))
     again = tmp_path / "again"
-    _synthetic().generate(again, classes=3, per_class=6, val_per_class=2, seed=1, workers=1, size_scale=0.3, quiet=True)
+    synthetic_imagenet.generate(again, classes=3, per_class=6, val_per_class=2, seed=1, workers=1, size_scale=0.3, quiet=True)
     for path in synthetic_root.rglob("*.JPEG"):
         assert (again / path.relative_to(synthetic_root)).read_bytes() == path.read_bytes()
-    other = _synthetic().make_image(2, "train", 0, 0, 0.3)[0]
+    other = synthetic_imagenet.make_image(2, "train", 0, 0, 0.3)[0]
     assert other != (synthetic_root / "train" / wnids[0] / f"{wnids[0]}_00000.JPEG").read_bytes()
 
 
-def test_synthetic_full_size_modes_and_class_structure():
-    synth = _synthetic()
+def test_synthetic_full_size_modes_and_class_structure(synthetic_imagenet):
     sizes = set()
     for i in range(6):
-        with Image.open(io.BytesIO(synth.make_image(0, "train", 0, i, 1.0)[0])) as img:
+        with Image.open(io.BytesIO(synthetic_imagenet.make_image(0, "train", 0, i, 1.0)[0])) as img:
             sizes.add(img.size)
     assert sizes & {(500, 375), (375, 500), (500, 333)}
-    draws = [synth.make_image(0, "train", 0, i, 0.05)[1] for i in range(400)]
+    draws = [synthetic_imagenet.make_image(0, "train", 0, i, 0.05)[1] for i in range(400)]
     assert {"RGB", "L", "CMYK"} <= set(draws) and draws.count("RGB") > 370
     # class means differ far more than images within a class: a student has something to learn
-    means = [[np.asarray(Image.open(io.BytesIO(synth.make_image(0, "train", c, i, 0.2)[0])).convert("RGB"),
+    means = [[np.asarray(Image.open(io.BytesIO(synthetic_imagenet.make_image(0, "train", c, i, 0.2)[0])).convert("RGB"),
                          dtype=np.float64).mean((0, 1)) for i in range(4)] for c in range(3)]
     within = np.mean([np.std(m, axis=0).mean() for m in means])
     between = np.std([np.mean(m, axis=0) for m in means], axis=0).mean()

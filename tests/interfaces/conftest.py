@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_support.helpers import free_port
 
 KEY = "interfaces-test-key"
 OTHER_KEY = "interfaces-other-key"
 QUICK = {"method": "random", "dataset": "mnist", "ipc": 2, "max_per_class": 20}
 # A job that runs long enough to watch (and to cancel): DM with few iterations, no compilation.
 SLOW_PARAMS = {"iterations": 100_000, "compile_real": "off", "batch_real": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -49,16 +43,6 @@ class Server:
         distill = Path(sys.executable).with_name("distill")
         return subprocess.run([str(distill), *args], env=full, capture_output=True, text=True, timeout=timeout,
                               cwd=self.home)
-
-
-def wait_until(predicate, timeout: float = 60, interval: float = 0.2):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:

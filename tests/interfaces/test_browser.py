@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_support.helpers import wait_until
 
 from distill.archive import read_archive
 from distill.client import Client
 
-from .conftest import KEY, Server, wait_until
+from .conftest import KEY, Server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency")
 from selenium.webdriver.common.by import By  # noqa: E402

@@ -6,10 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from service_support.helpers import wait_until
+
 from distill.archive import read_archive
 from distill.client import Client
 
-from .conftest import KEY, SLOW_PARAMS, Server, wait_until
+from .conftest import KEY, SLOW_PARAMS, Server
 
 
 def test_submit_wait_download_then_inspect(server: Server, tmp_path: Path) -> None:

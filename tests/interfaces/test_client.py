@@ -7,11 +7,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from service_support.helpers import wait_until
 
 from distill.archive import load_dataset, read_archive
 from distill.client import ChecksumMismatch, Client, InvalidRequest, NotFound, Unauthorized
 
-from .conftest import KEY, OTHER_KEY, QUICK, SLOW_PARAMS, Server, wait_until
+from .conftest import KEY, OTHER_KEY, QUICK, SLOW_PARAMS, Server
 
 
 @pytest.fixture()

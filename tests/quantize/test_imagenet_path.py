@@ -4,9 +4,8 @@ resolution, pre-flight rejection and lazy --max-per-class samples."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,6 @@ from distill.data.loader import ImageStream
 from distill.errors import DistillError
 from distill.methods.base import RunContext
 from distill.runner import RunRequest, run_to_archive
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _synthetic():
-    if "synthetic_imagenet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("synthetic_imagenet", REPO / "bench" / "synthetic_imagenet.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["synthetic_imagenet"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["synthetic_imagenet"]
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +34,20 @@ def sd_shaped_vae(tmp_path_factory) -> Path:
     return folder
 
 
-def _tree(root: Path, classes: int = 3, per_class: int = 5, size: float = 0.8) -> Path:
-    _synthetic().generate(root, classes=classes, per_class=per_class, val_per_class=2, seed=0, workers=1,
-                          size_scale=size, quiet=True)
-    return root
+@pytest.fixture
+def tree(synthetic_imagenet) -> Callable[..., Path]:
+    """Writes a small synthetic ImageNet-shaped folder at a given root and returns the root."""
+
+    def make(root: Path, classes: int = 3, per_class: int = 5, size: float = 0.8) -> Path:
+        synthetic_imagenet.generate(root, classes=classes, per_class=per_class, val_per_class=2, seed=0, workers=1,
+                                    size_scale=size, quiet=True)
+        return root
+
+    return make
 
 
-def test_oq_imagefolder_256_policy_skips_bad_files(tmp_path: Path, sd_shaped_vae: Path):
-    root = _tree(tmp_path / "inet")  # files >= 266 px on the short side
+def test_oq_imagefolder_256_policy_skips_bad_files(tmp_path: Path, sd_shaped_vae: Path, tree):
+    root = tree(tmp_path / "inet")  # files >= 266 px on the short side
     first = sorted((root / "train").iterdir())[0]
     good = sorted(first.glob("*.JPEG"))[0].read_bytes()
     (first / "zz_truncated.JPEG").write_bytes(good[: len(good) // 3])
@@ -95,21 +89,21 @@ def test_changed_folder_is_reindexed(tmp_path: Path):
     assert int(after.train.load([0]).max()) == 0 and int(before.train.load([0]).max()) > 0
 
 
-def test_explicit_resolution_and_bad_layout(tmp_path: Path):
-    root = _tree(tmp_path / "t", classes=2, per_class=3, size=0.2)
+def test_explicit_resolution_and_bad_layout(tmp_path: Path, tree):
+    root = tree(tmp_path / "t", classes=2, per_class=3, size=0.2)
     registry.get_dataset.cache_clear()
     ds = registry.get_dataset(f"imagefolder:{root}@24")
     assert ds.image_size == 24 and ds.describe()["image_size_from"] == "explicit (@SIZE)"
     assert ds.train.load([0]).shape == (1, 3, 24, 24)
-    bad = _tree(tmp_path / "bad", classes=2, per_class=2, size=0.2)
+    bad = tree(tmp_path / "bad", classes=2, per_class=2, size=0.2)
     for f in sorted((bad / "train").iterdir())[1].iterdir():
         f.unlink()
     with pytest.raises(DistillError, match="without images"):
         registry.get_dataset(f"imagefolder:{bad}")
 
 
-def test_max_per_class_is_a_lazy_view(tmp_path: Path):
-    root = _tree(tmp_path / "lazy", classes=2, per_class=4, size=0.5)
+def test_max_per_class_is_a_lazy_view(tmp_path: Path, tree):
+    root = tree(tmp_path / "lazy", classes=2, per_class=4, size=0.5)
     registry.get_dataset.cache_clear()
     ds = registry.get_dataset(f"imagefolder:{root}")
     ctx = RunContext(dataset=ds, ipc=1, seed=0, max_per_class=2)

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -161,6 +162,22 @@ class Stack:
             self.api.stop()
 
 
+@contextmanager
+def started_stack(home: Path, backend: str, env: dict[str, str], workers: int = 1, supervised: bool = False
+                  ) -> Iterator[Stack]:
+    """A Stack with ``workers`` workers and the API started; on exit all stopped and a PostgreSQL schema dropped."""
+    stack = Stack(home, backend, env)
+    try:
+        for _ in range(workers):
+            stack.start_worker(supervised=supervised)
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()
+        if backend == "postgres":
+            drop_schema(env["DISTILL_DB_SCHEMA"])
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.1, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,13 +204,5 @@ def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = 
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """API + one worker, per backend, shared by the tests of a module."""
     home = tmp_path_factory.mktemp(f"svc-{request.param}")
-    env = service_env(home, request.param)
-    stack = Stack(home, request.param, env)
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with started_stack(home, request.param, service_env(home, request.param)) as stack:
         yield stack
-    finally:
-        stack.stop()
-        if request.param == "postgres":
-            drop_schema(env["DISTILL_DB_SCHEMA"])

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from service_support.helpers import BACKENDS, Stack, drop_schema, service_env, wait_for_job, wait_until
+from service_support.helpers import BACKENDS, Stack, service_env, started_stack, wait_for_job, wait_until
 
 from workers.jobs import make_store
 
@@ -25,15 +25,8 @@ def split(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     home = tmp_path_factory.mktemp(f"split-{request.param}")
     env = service_env(home, request.param, DISTILL_HEARTBEAT_SECONDS="5", DISTILL_LEASE_SECONDS="30",
                       DISTILL_CANCEL_GRACE_SECONDS="2", DISTILL_STOP_GRACE_SECONDS="2")
-    stack = Stack(home, request.param, env)
-    try:
-        stack.start_worker(supervised=True)
-        stack.start_api()
+    with started_stack(home, request.param, env, supervised=True) as stack:
         yield stack
-    finally:
-        stack.stop()
-        if request.param == "postgres":
-            drop_schema(env["DISTILL_DB_SCHEMA"])
 
 
 def running_stage(client: httpx.Client, job_id: str) -> None:
