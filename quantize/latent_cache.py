@@ -16,7 +16,8 @@ Images are decoded by the streaming loader (:class:`distill.data.loader.ImageStr
 and resize ahead while this process runs the encoder), one stream over all missing shards.
 
 Rows are ordered by class (stable), so a class is one contiguous row range and :meth:`LatentStore.class_latents`
-reads only the shards it spans (ImageNet-size caches never need to fit in memory). A killed encode resumes
+reads only the shards it spans (ImageNet-size caches never need to fit in memory); :meth:`LatentStore.take`
+gathers arbitrary rows through memory-mapped shards (prior training streams its mini-batches that way). A killed encode resumes
 by encoding only the missing shards. With an executor (``executor.map(fn, items)``, e.g. Ray) the missing
 shards are encoded by workers, each rebuilding the split and the encoder from small picklable specs.
 """
@@ -120,6 +121,29 @@ class ShardJob:
     rows: tuple[int, int]
     split: SplitSpec
     encoder: EncoderSpec
+
+
+SAFETENSORS_DTYPES: dict[str, Any] = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+                                      "I32": np.int32, "U8": np.uint8}
+
+
+def shard_array(path: Path, key: str) -> np.ndarray:
+    """One tensor of a shard, memory-mapped read-only: only the rows indexed are ever read.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range, then the raw little-endian data; ``safe_open`` can only slice, not gather rows.
+    """
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    info = header[key]
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise DistillError(f"{path}: tensor {key} has dtype {info['dtype']}, which cannot be memory-mapped here")
+    start, stop = info["data_offsets"]
+    shape = tuple(int(v) for v in info["shape"])
+    if stop == start:
+        return np.zeros(shape, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    return np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + length + start, shape=shape)
 
 
 def read_order(folder: Path) -> np.ndarray:
@@ -388,6 +412,7 @@ class LatentStore:
         complete = _read_json(folder / COMPLETE) or {}
         self.skipped: dict[str, str] = complete.get("skipped", {})  # split index -> "file: reason"
         self.valid_counts: list[int] | None = complete.get("valid_counts")
+        self._maps: dict[str, list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.meta["images"])
@@ -442,6 +467,39 @@ class LatentStore:
         """Indices into the (run's) training split of one class's (valid) rows."""
         return self._select(self.offsets[label], self.offsets[label + 1], "indices").numpy()
 
+    def _arrays(self, key: str) -> list[np.ndarray]:
+        if key not in self._maps:
+            shards = max(1, -(-len(self) // self.shard_size))
+            paths = [shard_path(self.folder, s) for s in range(shards)]
+            for path in paths:
+                if not path.exists():
+                    raise DistillError(f"latent cache {self.folder} is missing {path.name}: delete the folder")
+            self._maps[key] = [shard_array(path, key) for path in paths]
+        return self._maps[key]
+
+    def take(self, rows: np.ndarray, key: str = "latents") -> np.ndarray:
+        """Cache rows ``rows`` (any order, repeats allowed) of one stored tensor, as stored (latents: fp16), read
+        through memory-mapped shards: only those rows are read, so memory is bounded by ``len(rows)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arrays = self._arrays(key)
+        shard, local = np.divmod(rows, self.shard_size)
+        out = np.empty((len(rows), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for s in np.unique(shard).tolist():
+            hit = shard == s
+            out[hit] = arrays[s][local[hit]]
+        return out
+
+    def column(self, key: str) -> np.ndarray:
+        """A small per-row tensor (``labels``, ``indices``, ``valid``) of every row, in memory."""
+        return np.concatenate([np.asarray(a) for a in self._arrays(key)])
+
+    def latent_rows(self) -> LatentRows:
+        """The valid latents and their labels as a row source for streaming (prior training): only the rows a
+        batch draws are read, never the whole cache."""
+        labels = self.column("labels")
+        rows = np.flatnonzero(self.column("valid")) if self.skipped else np.arange(len(self), dtype=np.int64)
+        return LatentRows(self, rows, labels[rows])
+
     def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every valid latent (float32) and label, class-ordered (small datasets: prior training)."""
         return self._select(0, len(self), "latents").float(), self._select(0, len(self), "labels")
@@ -451,6 +509,24 @@ class LatentStore:
             "folder": str(self.folder), "skipped_images": len(self.skipped)}
 
 
-__all__ = ["EncoderSpec", "LatentStore", "ShardJob", "SplitSpec", "build_latent_cache", "cache_folder",
+class LatentRows:
+    """The valid latent rows of a store as an array-like of shape N x C x h x w (fp16, as stored): indexing with
+    an integer array or a slice reads just those rows through the memory-mapped shards."""
+
+    def __init__(self, store: LatentStore, rows: np.ndarray, labels: np.ndarray):
+        self.store, self.rows, self.labels = store, rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.store.latent_shape)
+
+    def __getitem__(self, index: np.ndarray | slice) -> np.ndarray:
+        return self.store.take(self.rows[index])
+
+
+__all__ = ["EncoderSpec", "LatentRows", "LatentStore", "ShardJob", "SplitSpec", "build_latent_cache", "cache_folder",
            "latents_for_context", "latents_for_dataset", "open_store",
            "run_shard_job"]

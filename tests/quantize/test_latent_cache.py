@@ -134,3 +134,14 @@ def test_executor_path_encodes_the_same_latents(mnist):
     ctx_local = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3)
     direct = load_encoder("taef2", resolution=32).encode(ctx_local.class_images(5))
     torch.testing.assert_close(store.class_latents(5), direct.half().float())
+
+
+def test_latent_rows_read_through_memory_mapped_shards(small):
+    split, encoder = small
+    store = _build(split, encoder, "unit-a")
+    latents, labels = store.all_latents()
+    rows = store.latent_rows()
+    assert rows.shape == tuple(latents.shape) and np.array_equal(rows.labels, labels.numpy())
+    pick = np.array([35, 0, 9, 9, 17])  # across shards, unsorted, repeated
+    assert torch.equal(torch.from_numpy(rows[pick]).float(), latents[pick])
+    assert torch.equal(torch.from_numpy(rows[3:20]).float(), latents[3:20])
