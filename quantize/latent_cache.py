@@ -12,6 +12,9 @@ Layout: ``<cache_dir>/latents/<dataset>-<encoder>-<resolution>[-max<M>-s<seed>]/
   renamed, so an existing shard is complete.
 - ``complete.json``: the completion marker, written last, with the valid rows per class and the skipped files.
 
+A ``--max-per-class`` sample of a split whose full cache (same dataset, encoder, resolution) is complete takes
+its rows from that cache (:func:`copy_from_full_cache`): nothing is decoded or encoded again.
+
 Images are decoded by the streaming loader (:class:`distill.data.loader.ImageStream`: worker processes decode
 and resize ahead while this process runs the encoder), one stream over all missing shards.
 
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from distill.config import get_settings
-from distill.data.registry import Split, split_at_size
+from distill.data.registry import Split, SubsetSplit, split_at_size
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import Executor
@@ -253,9 +256,8 @@ def build_latent_cache(
     folder = cache_folder(split_spec.dataset, encoder_key, encoder_spec.resolution, split_spec.max_per_class,
                           split_spec.seed)
     labels = np.asarray(split.labels, dtype=np.int64)
-    order = np.argsort(labels, kind="stable")
+    order, order_hash = _class_order(labels)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))]).tolist()
-    order_hash = hashlib.sha256(order.tobytes() + labels.tobytes()).hexdigest()[:16]
     meta = {
         "version": CACHE_VERSION, "dataset": split_spec.dataset, "encoder": encoder_spec.name,
         "encoder_key": encoder_key, "resolution": encoder_spec.resolution, "images": len(labels),
@@ -288,7 +290,13 @@ def build_latent_cache(
     done = total - sum(min(shard_size, total - s * shard_size) for s in missing)
     start_time = time.perf_counter()
     tasks: list[dict[str, Any]] = []
-    if executor is not None and missing:
+    full = _full_cache_for(split, meta) if missing else None
+    if full is not None:
+        assert isinstance(split, SubsetSplit)  # _full_cache_for checked it
+        log(f"latent cache {folder.name}: taking the sample's rows from the complete {full.folder.name} "
+            "(nothing decoded or encoded)")
+        copy_from_full_cache(folder, {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}, split, full)
+    elif executor is not None and missing:
         jobs = [ShardJob(str(folder), s, (s * shard_size, min(total, (s + 1) * shard_size)), split_spec,
                          encoder_spec) for s in missing]
 
@@ -320,11 +328,56 @@ def build_latent_cache(
             + ", ".join(list(skipped.values())[:5]) + (" ..." if len(skipped) > 5 else ""))
     atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
                                     "seconds": round(time.perf_counter() - start_time, 3),
-                                    "encoded_shards": len(missing), "tasks": tasks, "valid_counts": valid_counts,
+                                    "encoded_shards": 0 if full is not None else len(missing),
+                                    "copied_from": full.folder.name if full is not None else None,
+                                    "tasks": tasks, "valid_counts": valid_counts,
                                     "skipped": skipped})
     if progress is not None:
         progress(1.0)
     return LatentStore(folder, meta)
+
+
+def _class_order(labels: np.ndarray) -> tuple[np.ndarray, str]:
+    """Cache row order of a split (class-sorted, stable) and its hash (the meta's ``order_hash``)."""
+    order = np.argsort(labels, kind="stable")
+    return order, hashlib.sha256(order.tobytes() + labels.tobytes()).hexdigest()[:16]
+
+
+def _full_cache_for(split: Split, meta: dict[str, Any]) -> LatentStore | None:
+    """For a --max-per-class sample (a view of the full split), the complete cache of the *full* split with the
+    same dataset, encoder and resolution, when there is one: the sample's latents are rows of it."""
+    if not isinstance(split, SubsetSplit):
+        return None
+    full = open_store(cache_folder(meta["dataset"], meta["encoder_key"], int(meta["resolution"])))
+    if full is None:
+        return None
+    parent_labels = np.asarray(split.parent.labels, dtype=np.int64)
+    keys = ("version", "dataset", "encoder_key", "resolution", "latent_shape", "num_classes")
+    if any(full.meta.get(k) != meta[k] for k in keys) or full.meta.get("images") != len(parent_labels):
+        return None
+    return full if full.meta.get("order_hash") == _class_order(parent_labels)[1] else None
+
+
+def copy_from_full_cache(folder: Path, shards: dict[int, np.ndarray], split: SubsetSplit,
+                         full: LatentStore) -> dict[int, str]:
+    """Write the sample's shards ``{shard: sample split indices}`` from the full split's cache rows (read through
+    memory-mapped shards, one sample shard at a time): nothing is decoded or encoded. Images the full cache
+    could not decode stay invalid here, with their reason. Returns ``{sample index: "file: reason"}``."""
+    full_order = read_order(full.folder)  # full row -> full split index
+    row_of = np.empty(len(full_order), dtype=np.int64)
+    row_of[np.asarray(full_order)] = np.arange(len(full_order))
+    labels = np.asarray(split.labels)
+    skipped_all: dict[int, str] = {}
+    for shard, indices in shards.items():
+        indices = np.asarray(indices, dtype=np.int64)
+        parents = split.index[indices]
+        rows = row_of[parents]
+        valid = full.take(rows, "valid")
+        bad = {int(i): full.skipped.get(str(int(p)), "not decoded in the full-split cache")
+               for i, p, v in zip(indices.tolist(), parents.tolist(), valid.tolist(), strict=True) if not v}
+        _write_shard(folder, shard, indices, labels[indices], torch.from_numpy(full.take(rows)), valid, bad)
+        skipped_all.update(bad)
+    return skipped_all
 
 
 def _survey_shards(folder: Path, num_shards: int, num_classes: int) -> tuple[list[int], dict[str, str]]:
