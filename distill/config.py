@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     fetch_mirror: str | None = Field(default=None, description="`distill fetch`: base URL holding NAME/FILE copies")
     loader_workers: int | None = Field(default=None, ge=0, description="image decode processes of the streaming "
                                        "loader; default: the cores available; 0 = in-process")
+    realpool_cache_bytes: int = Field(default=4 * 2**30, ge=0, description="pixel-space methods: decoded real "
+                                      "training images kept in RAM, in bytes. A (capped) training split that fits is "
+                                      "loaded whole at the start; a larger one (ImageNet) is read per batch through "
+                                      "the split's loader, with an LRU of recently drawn images of this size")
     datasets: dict[str, Path] = Field(
         default_factory=dict,
         description="Operator-registered ImageFolder datasets, name -> tree or tarball (relative: under data_dir); "

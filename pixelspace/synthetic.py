@@ -59,7 +59,7 @@ def init_synthetic(
         for c in range(ds.num_classes):
             if pool.count(c) < ipc:
                 raise DistillError(f"init 'real' needs {ipc} images of class {c}; it has {pool.count(c)}")
-            picks.append(pool._normalise(pool.by_class[c][np.sort(rng.choice(pool.count(c), size=ipc, replace=False))]))
+            picks.append(pool._normalise(pool.images(c, np.sort(rng.choice(pool.count(c), size=ipc, replace=False)))))
         images = torch.cat(picks)
     else:
         raise DistillError(f"unknown init '{init}' (use 'noise' or 'real')")

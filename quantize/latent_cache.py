@@ -12,11 +12,15 @@ Layout: ``<cache_dir>/latents/<dataset>-<encoder>-<resolution>[-max<M>-s<seed>]/
   renamed, so an existing shard is complete.
 - ``complete.json``: the completion marker, written last, with the valid rows per class and the skipped files.
 
+A ``--max-per-class`` sample of a split whose full cache (same dataset, encoder, resolution) is complete takes
+its rows from that cache (:func:`copy_from_full_cache`): nothing is decoded or encoded again.
+
 Images are decoded by the streaming loader (:class:`distill.data.loader.ImageStream`: worker processes decode
 and resize ahead while this process runs the encoder), one stream over all missing shards.
 
 Rows are ordered by class (stable), so a class is one contiguous row range and :meth:`LatentStore.class_latents`
-reads only the shards it spans (ImageNet-size caches never need to fit in memory). A killed encode resumes
+reads only the shards it spans (ImageNet-size caches never need to fit in memory); :meth:`LatentStore.take`
+gathers arbitrary rows through memory-mapped shards (prior training streams its mini-batches that way). A killed encode resumes
 by encoding only the missing shards. With an executor (``executor.map(fn, items)``, e.g. Ray) the missing
 shards are encoded by workers, each rebuilding the split and the encoder from small picklable specs.
 """
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 
 from distill.config import get_settings
-from distill.data.registry import Split, split_at_size
+from distill.data.registry import Split, SubsetSplit, split_at_size
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import Executor
@@ -120,6 +124,29 @@ class ShardJob:
     rows: tuple[int, int]
     split: SplitSpec
     encoder: EncoderSpec
+
+
+SAFETENSORS_DTYPES: dict[str, Any] = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+                                      "I32": np.int32, "U8": np.uint8}
+
+
+def shard_array(path: Path, key: str) -> np.ndarray:
+    """One tensor of a shard, memory-mapped read-only: only the rows indexed are ever read.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range, then the raw little-endian data; ``safe_open`` can only slice, not gather rows.
+    """
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    info = header[key]
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise DistillError(f"{path}: tensor {key} has dtype {info['dtype']}, which cannot be memory-mapped here")
+    start, stop = info["data_offsets"]
+    shape = tuple(int(v) for v in info["shape"])
+    if stop == start:
+        return np.zeros(shape, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    return np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + length + start, shape=shape)
 
 
 def read_order(folder: Path) -> np.ndarray:
@@ -229,9 +256,8 @@ def build_latent_cache(
     folder = cache_folder(split_spec.dataset, encoder_key, encoder_spec.resolution, split_spec.max_per_class,
                           split_spec.seed)
     labels = np.asarray(split.labels, dtype=np.int64)
-    order = np.argsort(labels, kind="stable")
+    order, order_hash = _class_order(labels)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))]).tolist()
-    order_hash = hashlib.sha256(order.tobytes() + labels.tobytes()).hexdigest()[:16]
     meta = {
         "version": CACHE_VERSION, "dataset": split_spec.dataset, "encoder": encoder_spec.name,
         "encoder_key": encoder_key, "resolution": encoder_spec.resolution, "images": len(labels),
@@ -264,7 +290,13 @@ def build_latent_cache(
     done = total - sum(min(shard_size, total - s * shard_size) for s in missing)
     start_time = time.perf_counter()
     tasks: list[dict[str, Any]] = []
-    if executor is not None and missing:
+    full = _full_cache_for(split, meta) if missing else None
+    if full is not None:
+        assert isinstance(split, SubsetSplit)  # _full_cache_for checked it
+        log(f"latent cache {folder.name}: taking the sample's rows from the complete {full.folder.name} "
+            "(nothing decoded or encoded)")
+        copy_from_full_cache(folder, {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}, split, full)
+    elif executor is not None and missing:
         jobs = [ShardJob(str(folder), s, (s * shard_size, min(total, (s + 1) * shard_size)), split_spec,
                          encoder_spec) for s in missing]
 
@@ -296,11 +328,56 @@ def build_latent_cache(
             + ", ".join(list(skipped.values())[:5]) + (" ..." if len(skipped) > 5 else ""))
     atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
                                     "seconds": round(time.perf_counter() - start_time, 3),
-                                    "encoded_shards": len(missing), "tasks": tasks, "valid_counts": valid_counts,
+                                    "encoded_shards": 0 if full is not None else len(missing),
+                                    "copied_from": full.folder.name if full is not None else None,
+                                    "tasks": tasks, "valid_counts": valid_counts,
                                     "skipped": skipped})
     if progress is not None:
         progress(1.0)
     return LatentStore(folder, meta)
+
+
+def _class_order(labels: np.ndarray) -> tuple[np.ndarray, str]:
+    """Cache row order of a split (class-sorted, stable) and its hash (the meta's ``order_hash``)."""
+    order = np.argsort(labels, kind="stable")
+    return order, hashlib.sha256(order.tobytes() + labels.tobytes()).hexdigest()[:16]
+
+
+def _full_cache_for(split: Split, meta: dict[str, Any]) -> LatentStore | None:
+    """For a --max-per-class sample (a view of the full split), the complete cache of the *full* split with the
+    same dataset, encoder and resolution, when there is one: the sample's latents are rows of it."""
+    if not isinstance(split, SubsetSplit):
+        return None
+    full = open_store(cache_folder(meta["dataset"], meta["encoder_key"], int(meta["resolution"])))
+    if full is None:
+        return None
+    parent_labels = np.asarray(split.parent.labels, dtype=np.int64)
+    keys = ("version", "dataset", "encoder_key", "resolution", "latent_shape", "num_classes")
+    if any(full.meta.get(k) != meta[k] for k in keys) or full.meta.get("images") != len(parent_labels):
+        return None
+    return full if full.meta.get("order_hash") == _class_order(parent_labels)[1] else None
+
+
+def copy_from_full_cache(folder: Path, shards: dict[int, np.ndarray], split: SubsetSplit,
+                         full: LatentStore) -> dict[int, str]:
+    """Write the sample's shards ``{shard: sample split indices}`` from the full split's cache rows (read through
+    memory-mapped shards, one sample shard at a time): nothing is decoded or encoded. Images the full cache
+    could not decode stay invalid here, with their reason. Returns ``{sample index: "file: reason"}``."""
+    full_order = read_order(full.folder)  # full row -> full split index
+    row_of = np.empty(len(full_order), dtype=np.int64)
+    row_of[np.asarray(full_order)] = np.arange(len(full_order))
+    labels = np.asarray(split.labels)
+    skipped_all: dict[int, str] = {}
+    for shard, indices in shards.items():
+        indices = np.asarray(indices, dtype=np.int64)
+        parents = split.index[indices]
+        rows = row_of[parents]
+        valid = full.take(rows, "valid")
+        bad = {int(i): full.skipped.get(str(int(p)), "not decoded in the full-split cache")
+               for i, p, v in zip(indices.tolist(), parents.tolist(), valid.tolist(), strict=True) if not v}
+        _write_shard(folder, shard, indices, labels[indices], torch.from_numpy(full.take(rows)), valid, bad)
+        skipped_all.update(bad)
+    return skipped_all
 
 
 def _survey_shards(folder: Path, num_shards: int, num_classes: int) -> tuple[list[int], dict[str, str]]:
@@ -388,6 +465,7 @@ class LatentStore:
         complete = _read_json(folder / COMPLETE) or {}
         self.skipped: dict[str, str] = complete.get("skipped", {})  # split index -> "file: reason"
         self.valid_counts: list[int] | None = complete.get("valid_counts")
+        self._maps: dict[str, list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.meta["images"])
@@ -442,6 +520,39 @@ class LatentStore:
         """Indices into the (run's) training split of one class's (valid) rows."""
         return self._select(self.offsets[label], self.offsets[label + 1], "indices").numpy()
 
+    def _arrays(self, key: str) -> list[np.ndarray]:
+        if key not in self._maps:
+            shards = max(1, -(-len(self) // self.shard_size))
+            paths = [shard_path(self.folder, s) for s in range(shards)]
+            for path in paths:
+                if not path.exists():
+                    raise DistillError(f"latent cache {self.folder} is missing {path.name}: delete the folder")
+            self._maps[key] = [shard_array(path, key) for path in paths]
+        return self._maps[key]
+
+    def take(self, rows: np.ndarray, key: str = "latents") -> np.ndarray:
+        """Cache rows ``rows`` (any order, repeats allowed) of one stored tensor, as stored (latents: fp16), read
+        through memory-mapped shards: only those rows are read, so memory is bounded by ``len(rows)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arrays = self._arrays(key)
+        shard, local = np.divmod(rows, self.shard_size)
+        out = np.empty((len(rows), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for s in np.unique(shard).tolist():
+            hit = shard == s
+            out[hit] = arrays[s][local[hit]]
+        return out
+
+    def column(self, key: str) -> np.ndarray:
+        """A small per-row tensor (``labels``, ``indices``, ``valid``) of every row, in memory."""
+        return np.concatenate([np.asarray(a) for a in self._arrays(key)])
+
+    def latent_rows(self) -> LatentRows:
+        """The valid latents and their labels as a row source for streaming (prior training): only the rows a
+        batch draws are read, never the whole cache."""
+        labels = self.column("labels")
+        rows = np.flatnonzero(self.column("valid")) if self.skipped else np.arange(len(self), dtype=np.int64)
+        return LatentRows(self, rows, labels[rows])
+
     def all_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every valid latent (float32) and label, class-ordered (small datasets: prior training)."""
         return self._select(0, len(self), "latents").float(), self._select(0, len(self), "labels")
@@ -451,6 +562,24 @@ class LatentStore:
             "folder": str(self.folder), "skipped_images": len(self.skipped)}
 
 
-__all__ = ["EncoderSpec", "LatentStore", "ShardJob", "SplitSpec", "build_latent_cache", "cache_folder",
+class LatentRows:
+    """The valid latent rows of a store as an array-like of shape N x C x h x w (fp16, as stored): indexing with
+    an integer array or a slice reads just those rows through the memory-mapped shards."""
+
+    def __init__(self, store: LatentStore, rows: np.ndarray, labels: np.ndarray):
+        self.store, self.rows, self.labels = store, rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.store.latent_shape)
+
+    def __getitem__(self, index: np.ndarray | slice) -> np.ndarray:
+        return self.store.take(self.rows[index])
+
+
+__all__ = ["EncoderSpec", "LatentRows", "LatentStore", "ShardJob", "SplitSpec", "build_latent_cache", "cache_folder",
            "latents_for_context", "latents_for_dataset", "open_store",
            "run_shard_job"]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from distill.errors import DistillError
 from quantize.diffusion import PRIOR_META
+from quantize.latent_cache import LatentRows, LatentStore
 
 Progress = Callable[[float, str | None], None]
 
@@ -88,10 +89,51 @@ def default_prior_dir(dataset: str, encoder: str, resolution: int) -> Path:
     return get_settings().home_dir / "priors" / f"{dataset}-{safe_encoder}-{resolution}"
 
 
-def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over (N, h, w); the std is floored so constant channels stay finite."""
-    x = latents.float().transpose(0, 1).reshape(latents.shape[1], -1)
-    return x.mean(1), x.std(1).clamp_min(1e-4)
+# Latents up to this many float32 bytes get their statistics in one pass, exactly as before streaming (so
+# existing priors reproduce); larger sources are read in chunks of STATS_CHUNK_BYTES.
+STATS_ONE_PASS_BYTES = 1 << 30
+STATS_CHUNK_BYTES = 16 << 20
+
+# What a prior trains on: an in-memory tensor, a (memory-mapped) array, or a latent cache's rows
+# (``LatentStore.latent_rows()``): anything with ``shape``, ``len`` and indexing by an index array or a slice.
+LatentSource = torch.Tensor | np.ndarray | LatentRows
+
+
+def _read(latents: LatentSource, index: torch.Tensor | slice) -> torch.Tensor:
+    """Rows of a source as a tensor (on the source's device for a tensor, else on the CPU)."""
+    if isinstance(latents, torch.Tensor):
+        return latents[index.to(latents.device) if isinstance(index, torch.Tensor) else index]
+    rows = np.asarray(latents[index.numpy() if isinstance(index, torch.Tensor) else index])
+    return torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # a slice of a read-only memmap
+
+
+def latent_stats(latents: LatentSource, one_pass_bytes: int = STATS_ONE_PASS_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over (N, h, w); the std is floored so constant channels stay finite.
+
+    Memory is bounded: beyond ``one_pass_bytes`` (float32) the rows are read in chunks and combined in float64
+    (Chan et al.'s pairwise update), equal to the one-pass values to float32 rounding.
+    """
+    n, channels = int(latents.shape[0]), int(latents.shape[1])
+    per_row = 4 * int(np.prod(latents.shape[1:]))
+    if n * per_row <= one_pass_bytes:
+        x = _read(latents, slice(0, n)).float().transpose(0, 1).reshape(channels, -1)
+        return x.mean(1), x.std(1).clamp_min(1e-4)
+    count = 0
+    mean = torch.zeros(channels, dtype=torch.float64)
+    m2 = torch.zeros(channels, dtype=torch.float64)
+    step = max(1, STATS_CHUNK_BYTES // per_row)
+    for start in range(0, n, step):
+        x = _read(latents, slice(start, min(n, start + step))).cpu().double().transpose(0, 1).reshape(channels, -1)
+        k = x.shape[1]
+        chunk_mean = x.mean(1)
+        chunk_m2 = ((x - chunk_mean[:, None]) ** 2).sum(1)
+        delta = chunk_mean - mean
+        total = count + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + chunk_m2 + delta**2 * (count * k / total)
+        count = total
+    std = (m2 / max(1, count - 1)).sqrt()
+    return mean.float(), std.float().clamp_min(1e-4)
 
 
 def _freeze_label_dropout(model: torch.nn.Module) -> None:
@@ -111,8 +153,8 @@ def _diffusion_loss(model, scheduler, x0, labels, t, noise) -> torch.Tensor:
 
 
 def train_prior_on_latents(
-    latents: torch.Tensor,
-    labels: torch.Tensor,
+    latents: LatentSource,
+    labels: torch.Tensor | np.ndarray,
     num_classes: int,
     out_dir: Path | str,
     *,
@@ -128,10 +170,15 @@ def train_prior_on_latents(
     meta: dict[str, Any] | None = None,
     eval_size: int = 256,
 ) -> PriorResult:
-    """Train the DiT prior on in-memory latents (N x C x h x w, encoder space) and save it to ``out_dir``."""
+    """Train the DiT prior on latents (N x C x h x w, encoder space) and save it to ``out_dir``.
+
+    The latents stay where they are (CPU memory, a memory-mapped array, a latent cache's shards): each step reads
+    its mini-batch, normalises it and moves it to ``device``, so device and host memory are bounded by a batch,
+    not the dataset. The same seed draws the same batches (and gives the same prior) from any source.
+    """
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-    if latents.ndim != 4 or len(latents) == 0:
+    if len(latents.shape) != 4 or len(latents) == 0:
         raise DistillError(f"need a non-empty N x C x h x w latent tensor, got shape {tuple(latents.shape)}")
     labels = torch.as_tensor(labels).long().reshape(-1)
     if len(labels) != len(latents):
@@ -153,8 +200,13 @@ def train_prior_on_latents(
     torch.manual_seed(seed)
     gen = torch.Generator("cpu").manual_seed(seed)
     mean, std = latent_stats(latents)
-    data = ((latents.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(device)
-    y_all = labels.to(device)
+    n = len(latents)
+
+    def batch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised latents and labels of rows ``index``, on the device."""
+        x = _read(latents, index).float()
+        mu, sigma = mean.to(x.device).view(1, -1, 1, 1), std.to(x.device).view(1, -1, 1, 1)
+        return ((x - mu) / sigma).to(device), labels[index].to(device)
 
     # Any: diffusers' ModelMixin / ConfigMixin stubs hide .to(), .config and alphas_cumprod.
     model: Any = DiTTransformer2DModel(**config.transformer_kwargs(channels, height, num_classes))
@@ -171,15 +223,15 @@ def train_prior_on_latents(
 
     # A fixed evaluation batch (same latents, timesteps and noise before and after) measures learning
     # without the large per-timestep variance of the training loss.
-    n_eval = min(eval_size, len(data))
-    eval_idx = torch.randperm(len(data), generator=gen)[:n_eval].to(device)
+    n_eval = min(eval_size, n)
+    eval_x, eval_y = batch(torch.randperm(n, generator=gen)[:n_eval])
     eval_t = torch.randint(0, scheduler.config.num_train_timesteps, (n_eval,), generator=gen).to(device)
-    eval_noise = torch.randn((n_eval, *data.shape[1:]), generator=gen).to(device)
+    eval_noise = torch.randn((n_eval, channels, height, width), generator=gen).to(device)
 
     def evaluate() -> float:
         model.eval()
         with torch.no_grad():
-            value = _diffusion_loss(model, scheduler, data[eval_idx], y_all[eval_idx], eval_t, eval_noise).item()
+            value = _diffusion_loss(model, scheduler, eval_x, eval_y, eval_t, eval_noise).item()
         model.train()
         _freeze_label_dropout(model)
         return value
@@ -187,8 +239,7 @@ def train_prior_on_latents(
     eval_start = evaluate()
     losses: list[float] = []
     for it in range(iterations):
-        idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=gen).to(device)
-        x0, y = data[idx], y_all[idx]
+        x0, y = batch(torch.randint(0, n, (min(batch_size, n),), generator=gen))
         drop = (torch.rand(len(y), generator=gen) < label_dropout).to(device)
         y = torch.where(drop, torch.full_like(y, num_classes), y)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
@@ -258,18 +309,10 @@ def save_prior(model, scheduler, info: dict[str, Any], out_dir: Path) -> Path:
     return out_dir
 
 
-def load_dataset_latents(
-    dataset_name: str,
-    encoder: str = "taef2",
-    resolution: int | None = None,
-    *,
-    max_per_class: int | None = None,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
-    """Latents + labels of a dataset's training split from the shared latent cache (encoded once, then
-    reused by ``oq``/``d4m`` runs with the same dataset, encoder, resolution and --max-per-class sample)."""
+def _dataset_store(dataset_name: str, encoder: str, resolution: int | None, max_per_class: int | None, seed: int,
+                   device: torch.device | str, progress: Progress | None) -> tuple[LatentStore, int, dict[str, Any]]:
+    """The shared latent cache of a dataset's training split (encoded once, then reused by ``oq``/``d4m`` runs
+    with the same dataset, encoder, resolution and --max-per-class sample), its class count and prior meta."""
     from distill.data import get_dataset
     from quantize.latent_cache import latents_for_dataset
 
@@ -280,7 +323,6 @@ def load_dataset_latents(
         dataset.name, encoder, resolution=resolution, device=str(torch.device(device)), max_per_class=max_per_class,
         seed=seed, progress=(lambda fraction: progress(fraction, None)) if progress is not None else None,
     )
-    latents, labels = store.all_latents()
     meta = {
         "dataset": dataset.name,
         "classes": list(dataset.classes),
@@ -288,7 +330,24 @@ def load_dataset_latents(
         "resolution": int(store.meta["resolution"]),
         "latent_cache": store.folder.name,
     }
-    return latents.float(), labels.long(), dataset.num_classes, meta
+    return store, dataset.num_classes, meta
+
+
+def load_dataset_latents(
+    dataset_name: str,
+    encoder: str = "taef2",
+    resolution: int | None = None,
+    *,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
+    """Latents + labels of a dataset's training split from the shared latent cache, in memory (float32; small
+    datasets and inspection: :func:`train_prior` streams from the cache instead)."""
+    store, num_classes, meta = _dataset_store(dataset_name, encoder, resolution, max_per_class, seed, device, progress)
+    latents, labels = store.all_latents()
+    return latents.float(), labels.long(), num_classes, meta
 
 
 def train_prior(
@@ -306,18 +365,18 @@ def train_prior(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> PriorResult:
-    """Encode (or reuse the cached latents of) a dataset, train the DiT prior on them and save it."""
+    """Encode (or reuse the cached latents of) a dataset, train the DiT prior on them (streamed from the cache)
+    and save it."""
     def encoding(fraction: float, message: str | None = None) -> None:
         if progress is not None:
             progress(0.0, f"encoding {fraction:.0%}")
 
-    latents, labels, num_classes, meta = load_dataset_latents(
-        dataset_name, encoder, resolution, max_per_class=max_per_class, seed=seed, device=device,
-        progress=encoding if progress else None,
-    )
+    store, num_classes, meta = _dataset_store(dataset_name, encoder, resolution, max_per_class, seed, device,
+                                              encoding if progress else None)
     if out_dir is None:
         out_dir = default_prior_dir(meta["dataset"], encoder, meta["resolution"])
+    rows = store.latent_rows()  # streamed from the cache's shards: memory bounded by a batch, not the split
     return train_prior_on_latents(
-        latents, labels, num_classes, out_dir, iterations=iterations, batch_size=batch_size, lr=lr,
+        rows, rows.labels, num_classes, out_dir, iterations=iterations, batch_size=batch_size, lr=lr,
         config=config, seed=seed, device=device, progress=progress, meta=meta,
     )

@@ -4,6 +4,7 @@ resolution, pre-flight rejection and lazy --max-per-class samples."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -114,3 +115,30 @@ def test_max_per_class_is_a_lazy_view(tmp_path: Path, tree):
     assert torch.equal(streamed, expected) and torch.equal(train.load(np.arange(4)), expected)
     at64 = registry.split_at_size(train, 64)
     assert at64.load([0]).shape == (1, 3, 64, 64) and np.array_equal(at64.labels, train.labels)
+
+
+def test_max_per_class_cache_takes_rows_from_the_full_cache(tmp_path: Path, tree):
+    """On an on-disk ImageFolder with an undecodable file: the sample's cache is copied from the complete full
+    cache (no encode), and the bad file stays skipped under its index in the sample."""
+    from distill.data.sampling import run_train_split
+    from quantize.latent_cache import latents_for_dataset
+
+    root = tree(tmp_path / "reuse", classes=2, per_class=5, size=0.2)
+    first = sorted((root / "train").iterdir())[0]
+    (first / "zz_bad.JPEG").write_bytes(b"definitely not a JPEG")
+    registry.get_dataset.cache_clear()
+    name = f"imagefolder:{root}"
+    ds = registry.get_dataset(name)
+    bad = ds.train.files.index(f"{first.name}/zz_bad.JPEG")
+    seed = next(s for s in range(50) if bad in run_train_split(ds, 4, s).index)  # a sample that holds the bad file
+    full = latents_for_dataset(name, "taef2", resolution=32)
+    assert list(full.skipped) == [str(bad)]
+    sample = latents_for_dataset(name, "taef2", resolution=32, max_per_class=4, seed=seed)
+    complete = json.loads((sample.folder / "complete.json").read_text())
+    assert complete["copied_from"] == full.folder.name and complete["encoded_shards"] == 0
+    index = run_train_split(ds, 4, seed).index
+    assert list(sample.skipped) == [str(int(np.flatnonzero(index == bad)[0]))]
+    assert list(sample.skipped.values()) == list(full.skipped.values()) and sample.valid_counts == [3, 4]
+    for c in range(2):
+        rows = [int(np.flatnonzero(full.class_indices(c) == p)[0]) for p in index[sample.class_indices(c)]]
+        assert torch.equal(sample.class_latents(c), full.class_latents(c)[rows])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data.registry import ArraySplit
+from distill.data.registry import ArraySplit, SubsetSplit
+from distill.data.sampling import sample_per_class
 from distill.errors import Cancelled
 from quantize.encoders import load_encoder
 from quantize.latent_cache import (
@@ -47,9 +48,9 @@ def small(mnist):
     return split, encoder
 
 
-def _build(split, encoder, name: str, **kwargs):
+def _build(split, encoder, name: str, max_per_class: int | None = None, seed: int = 0, **kwargs):
     spec = EncoderSpec("taef2", encoder.resolution, 28, "cpu", encoder.batch_size)
-    return build_latent_cache(split, split_spec=SplitSpec(name), encoder_spec=spec, encoder_key="taef2",
+    return build_latent_cache(split, split_spec=SplitSpec(name, max_per_class, seed), encoder_spec=spec, encoder_key="taef2",
                               num_classes=10, latent_shape=encoder.latent_shape, shard_size=8, encoder=encoder,
                               **kwargs)
 
@@ -134,3 +135,50 @@ def test_executor_path_encodes_the_same_latents(mnist):
     ctx_local = RunContext(dataset=mnist, ipc=1, seed=3, max_per_class=3)
     direct = load_encoder("taef2", resolution=32).encode(ctx_local.class_images(5))
     torch.testing.assert_close(store.class_latents(5), direct.half().float())
+
+
+class CountingSplit(ArraySplit):
+    """A real in-memory split that counts the images loaded from it."""
+
+    loads = 0
+
+    def load(self, indices):
+        self.loads += len(indices)
+        return super().load(indices)
+
+
+def test_max_per_class_sample_takes_its_rows_from_the_full_cache(small):
+    """A --max-per-class sample of a dataset whose full-split cache is complete reads the full cache's rows:
+    no image is loaded, nothing is encoded, and the latents equal encoding the sample's images."""
+    split, encoder = small
+    parent = CountingSplit(split.images, split.labels)
+    _build(parent, encoder, "unit-r")
+    keep = sample_per_class(parent.labels, 10, 2, np.random.default_rng(5))
+    sample = SubsetSplit(parent, keep)
+    parent.loads = 0
+    counting = CountingEncoder(encoder)
+    store = _build(sample, counting, "unit-r", max_per_class=2, seed=5)
+    assert parent.loads == 0 and counting.images == 0
+    assert store.folder == cache_folder("unit-r", "taef2", 32, 2, 5) and len(store) == len(keep)
+    assert json.loads((store.folder / COMPLETE).read_text())["copied_from"] == "unit-r-taef2-32"
+    # the same sample encoded from its images (no full cache under this name)
+    fresh = _build(sample, CountingEncoder(encoder), "unit-r-fresh", max_per_class=2, seed=5)
+    assert parent.loads == len(keep)
+    for c in range(10):
+        assert np.array_equal(store.class_indices(c), fresh.class_indices(c))
+        torch.testing.assert_close(store.class_latents(c), fresh.class_latents(c), rtol=2e-3, atol=2e-3)
+    # a sample of a different split (other labels) does not take rows from a cache that is not its parent's
+    other = CountingSplit(split.images, np.roll(split.labels, 1))
+    _build(SubsetSplit(other, keep), encoder, "unit-r", max_per_class=2, seed=6)
+    assert other.loads == len(keep)
+
+
+def test_latent_rows_read_through_memory_mapped_shards(small):
+    split, encoder = small
+    store = _build(split, encoder, "unit-a")
+    latents, labels = store.all_latents()
+    rows = store.latent_rows()
+    assert rows.shape == tuple(latents.shape) and np.array_equal(rows.labels, labels.numpy())
+    pick = np.array([35, 0, 9, 9, 17])  # across shards, unsorted, repeated
+    assert torch.equal(torch.from_numpy(rows[pick]).float(), latents[pick])
+    assert torch.equal(torch.from_numpy(rows[3:20]).float(), latents[3:20])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,33 @@ def test_default_output_folder(distill_home):
     from quantize.prior import default_prior_dir
 
     assert default_prior_dir("mnist", "taef2", 64) == Path(distill_home) / "priors" / "mnist-taef2-64"
+
+
+def test_streamed_sources_train_the_same_prior(mnist_latents, tmp_path):
+    """The same seed gives the same prior whether the latents are an in-memory tensor, a memory-mapped array
+    or the latent cache's shards (each step reads only its mini-batch)."""
+    from quantize.latent_cache import latents_for_dataset
+
+    latents, labels, num_classes, meta = mnist_latents
+    rows = latents_for_dataset("mnist", "taef2", max_per_class=50, seed=0).latent_rows()
+    np.save(tmp_path / "z.npy", latents.half().numpy())  # the cache stores fp16: the same values
+    mapped = np.load(tmp_path / "z.npy", mmap_mode="r")
+    kwargs = {"iterations": 4, "batch_size": 32, "lr": 2e-3, "config": TINY, "seed": 5, "meta": meta, "eval_size": 64}
+    runs = [train_prior_on_latents(source, y, num_classes, tmp_path / name, **kwargs)
+            for name, source, y in (("memory", latents, labels), ("mapped", mapped, labels.numpy()),
+                                    ("cache", rows, rows.labels))]
+    for other in runs[1:]:
+        assert other.losses == runs[0].losses
+        assert (other.eval_loss_start, other.eval_loss_end) == (runs[0].eval_loss_start, runs[0].eval_loss_end)
+        assert other.meta["latent_mean"] == runs[0].meta["latent_mean"]
+
+
+def test_chunked_latent_stats_equal_one_pass(mnist_latents, monkeypatch):
+    import quantize.prior as prior
+
+    latents = mnist_latents[0]
+    mean, std = prior.latent_stats(latents)
+    monkeypatch.setattr(prior, "STATS_CHUNK_BYTES", 7 * 4 * 32 * 8 * 8)  # 7 rows a chunk: 72 chunks
+    chunked_mean, chunked_std = prior.latent_stats(latents, one_pass_bytes=0)
+    torch.testing.assert_close(chunked_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_std, std, rtol=1e-5, atol=1e-6)
