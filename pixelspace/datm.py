@@ -41,6 +41,7 @@ from pixelspace.mtt import (
     resolve,
     student_dtype,
 )
+from pixelspace.synthetic import LoopState
 
 # utils/cfg.py defaults and configs/*/ConvIN/IPC*.yaml (docs/METHODS.md §5).
 DATM_DEFAULTS: dict[str, Any] = dict(
@@ -216,9 +217,12 @@ class DifficultyAlignedTrajectoryMatching(Method[DATMParams]):
         batch_syn = resolved["batch_syn"] or len(images)
         syn_steps = resolved["syn_steps"]
         history: list[float] = []
-        skipped = 0
+        skipped: list[int] = []  # iterations whose loss was above the threshold (no update)
         iter_seconds: list[float] = []
-        for it in ctx.steps(params.iterations, "distill"):
+        tensors = {"images": images, "syn_lr": syn_lr} | ({"label_syn": label_syn} if label_syn is not None else {})
+        state = LoopState(tensors, {"synthetic": optimizer}, generator, history, numpy_rng=rng,
+                          lists={"skipped": skipped})
+        for it in ctx.resumable_steps(params.iterations, "distill", state, ctx.run_key(self.name, params)):
             t0 = time.perf_counter()
             upper = max(upper_bound(resolved, it, max_start), min_start + 1)
             start_epoch = int(rng.integers(min_start, upper))
@@ -237,7 +241,7 @@ class DifficultyAlignedTrajectoryMatching(Method[DATMParams]):
                 grads = [result.grads[0], result.grad_lr] + ([result.grads[1]] if label_syn is not None else [])
                 optimizer.step(grads)
             else:
-                skipped += 1
+                skipped.append(it)
             iter_seconds.append(time.perf_counter() - t0)
             if it % 10 == 0:
                 ctx.log(f"datm it {it}: loss {result.loss:.4f} start<{upper} syn_lr {float(syn_lr.detach()):.5f}")
@@ -254,10 +258,11 @@ class DifficultyAlignedTrajectoryMatching(Method[DATMParams]):
                 "buffer": buffer.folder.name,
                 "experts_in_buffer": buffer.num_experts,
                 "learned_lr": learned_lr,
-                "skipped_updates": skipped,
+                "skipped_updates": len(skipped),
                 "init_shortfall": init["init_shortfall"],
                 "label_fallback": init["label_fallback"],
                 "seconds_per_iteration": round(float(np.median(iter_seconds)), 4) if iter_seconds else None,
                 **loss_summary(history),
             },
+            extras={"loss_curve": torch.tensor(history)},
         )

@@ -35,6 +35,7 @@ from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
 from pixelspace.precision import precision_dtype
+from pixelspace.synthetic import LoopState
 
 # DC-BENCH's "provided by the author" commands (docs/METHODS.md §4): (dataset, ipc) ->
 # syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn. Others use distill.py's defaults.
@@ -285,6 +286,13 @@ class SyntheticOptimizer:
             opt.step()
             tensor.grad = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"groups": [opt.state_dict() for opt in self.groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, saved in zip(self.groups, state["groups"], strict=True):
+            opt.load_state_dict(saved)
+
 
 def loss_summary(history: list[float]) -> dict[str, float]:
     if not history:
@@ -330,10 +338,12 @@ class TrajectoryMatching(Method[MTTParams]):
         history: list[float] = []
         expert_order: list[int] = []
         iter_seconds: list[float] = []
-        for it in ctx.steps(params.iterations, "distill"):
+        state = LoopState({"images": images, "syn_lr": syn_lr}, {"synthetic": optimizer}, generator, history,
+                          numpy_rng=rng, lists={"expert_order": expert_order})
+        for it in ctx.resumable_steps(params.iterations, "distill", state, ctx.run_key(self.name, params)):
             t0 = time.perf_counter()
             if not expert_order:
-                expert_order = list(rng.permutation(buffer.num_experts))
+                expert_order.extend(int(e) for e in rng.permutation(buffer.num_experts))
             expert = int(expert_order.pop())
             start_epoch = int(rng.integers(0, max_start))
             start = buffer.snapshot(expert, start_epoch).to(device)
@@ -362,4 +372,5 @@ class TrajectoryMatching(Method[MTTParams]):
                 "seconds_per_iteration": round(float(np.median(iter_seconds)), 4) if iter_seconds else None,
                 **loss_summary(history),
             },
+            extras={"loss_curve": torch.tensor(history)},
         )

@@ -105,8 +105,11 @@ class LoopState:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], optimizers: dict[str, Any], generator: torch.Generator,
-                 losses: list[float]):
+                 losses: list[float], numpy_rng: np.random.Generator | None = None,
+                 lists: dict[str, list[Any]] | None = None):
         self.tensors, self.optimizers, self.generator, self.losses = tensors, optimizers, generator, losses
+        # Trajectory methods also draw experts and start epochs from a numpy generator and keep queues/counters.
+        self.numpy_rng, self.lists = numpy_rng, lists or {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +118,8 @@ class LoopState:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "losses": list(self.losses),
+            "numpy_rng": copy.deepcopy(self.numpy_rng.bit_generator.state) if self.numpy_rng is not None else None,
+            "lists": {k: list(v) for k, v in self.lists.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -126,6 +131,10 @@ class LoopState:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.losses[:] = state["losses"]
+        if self.numpy_rng is not None:
+            self.numpy_rng.bit_generator.state = state["numpy_rng"]
+        for k, v in self.lists.items():
+            v[:] = state["lists"][k]
 
 
 def network_iterations(ctx: RunContext, method: str, params: MethodParams, iterations: int, model: str,

@@ -15,6 +15,12 @@ TINY = {
     "dsa": {"iterations": ITERATIONS, "batch_real": 8, "model": "convnet-w32"},
     "dm": {"iterations": ITERATIONS, "batch_real": 8, "init": "noise", "model": "convnet-w32"},
     "dd": {"iterations": ITERATIONS, "batch_real": 32, "model": "convnet-w32", "lr": 0.05},
+    # two experts of 2 epochs: the expert queue refills within the run, DSA draws from the generator
+    "mtt": {"iterations": ITERATIONS, "experts": 2, "expert_train_epochs": 2, "expert_model": "convnet-w16",
+            "expert_epochs": 1, "max_start_epoch": 1, "syn_steps": 2},
+    "datm": {"iterations": ITERATIONS, "experts": 2, "expert_train_epochs": 2, "expert_model": "convnet-w16",
+             "expert_epochs": 1, "max_start_epoch": 2, "min_start_epoch": 0, "sequential_generation": False,
+             "syn_steps": 2, "threshold": 10.0, "lr_y": 5.0},
 }
 
 
@@ -49,7 +55,7 @@ def _run(mnist, method: str, folder=None, cancel_at: int | None = None, crash_at
     return cls().run(ctx, parse_params(cls, TINY[method]))
 
 
-@pytest.mark.parametrize("method", ["dc", "dm", "dd"])
+@pytest.mark.parametrize("method", ["dc", "dm", "dd", "mtt", "datm"])
 def test_cancelled_then_resumed_equals_uninterrupted(mnist, tmp_path, method):
     straight = _run(mnist, method)
     with pytest.raises(Cancelled):
@@ -61,6 +67,12 @@ def test_cancelled_then_resumed_equals_uninterrupted(mnist, tmp_path, method):
     assert torch.equal(resumed.extras["loss_curve"], straight.extras["loss_curve"])
     if method == "dd":
         assert torch.equal(resumed.extras["step_lrs"], straight.extras["step_lrs"])
+    if method in ("mtt", "datm"):  # the learned lr, soft labels and skip count come back too
+        assert resumed.learned_lr == straight.learned_lr
+        assert resumed.metrics["loss_last"] == straight.metrics["loss_last"]
+    if method == "datm":
+        assert torch.equal(resumed.soft_labels, straight.soft_labels)
+        assert resumed.metrics["skipped_updates"] == straight.metrics["skipped_updates"]
 
 
 def test_stopped_machine_loses_at_most_one_interval(mnist, tmp_path):
