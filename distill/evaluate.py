@@ -317,7 +317,10 @@ def train_student_dd(distilled: DistilledSet, dataset: Dataset, config: EvalConf
     steps = int(step_of.max()) + 1
     x_all = dataset.normalize(distilled.images.to(device))
     y_all = distilled.labels.to(device)
-    model = build_network(config.model, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    # auto: the network DD optimised its steps for (recorded in its metrics), else the data's default student
+    trained_on = distilled.metrics.get("model") if isinstance(distilled.metrics, dict) else None
+    name = trained_on if config.model == "auto" and trained_on else resolve_model(config.model, dataset.image_size)
+    model = build_network(name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     model.train()
     params = list(model.parameters())
     for t, lr in enumerate(step_lrs):

@@ -144,6 +144,7 @@ class DatasetDistillation(Method[DDParams]):
             metrics={
                 "final_loss": losses[-1] if losses else None,
                 "first_loss": losses[0] if losses else None,
+                "model": params.model,  # protocol dd replays the learned steps on this network
                 "distill_steps": steps,
                 "distill_epochs": params.distill_epochs,
                 "images_per_class_per_step": per_step,
