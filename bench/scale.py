@@ -38,12 +38,14 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 def run_once(code: Path, data: Path, n: int, ipc: int, resolution: int, home: Path, workers: int,
-             out: Path, classes: int = 1000) -> dict:
+             out: Path, classes: int = 1000, encoder: str = "taef2", extra: tuple[str, ...] = ()) -> dict:
     env = dict(os.environ, DISTILL_HOME=str(home), DISTILL_NUM_THREADS="1", OMP_NUM_THREADS="1",
                DISTILL_LOADER_WORKERS=str(workers), PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
     shutil.rmtree(home / "cache" / "latents", ignore_errors=True)  # every run encodes (fresh cache)
     args = ["run", "oq", "--dataset", f"imagefolder:{data}", "--ipc", str(ipc), "--max-per-class", str(n),
-            "--out", str(out), "--set", f"resolution={resolution}", "--set", "encoder=taef2", "--device", "cpu", "--quiet"]
+            "--out", str(out), "--set", f"resolution={resolution}", "--set", f"encoder={encoder}", "--device", "cpu", "--quiet"]
+    for item in extra:
+        args += ["--set", item]
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as handle:
@@ -80,7 +82,16 @@ def main() -> None:
     parser.add_argument("--size", type=float, default=0.2, help="synthetic JPEG size scale (0.2: ~100 x 75)")
     parser.add_argument("--workers", type=int, default=1, help="loader processes per run (2 processes at most)")
     parser.add_argument("--home", type=Path, default=Path("/tmp/distill-scale-home"))
+    parser.add_argument("--encoder", default="taef2",
+                        help="taef2, or sd-shaped: an AutoencoderKL of Stable Diffusion's VAE shape with random weights "
+                             "(bench/gpu_check.py's SD_VAE config), saved under --home")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra oq parameter for every run (e.g. decode=vae, the old default, for the IPC 50 "
+                             "memory comparison)")
     args = parser.parse_args()
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item}: expected KEY=VALUE")
 
     from bench.synthetic_imagenet import generate
 
@@ -91,6 +102,13 @@ def main() -> None:
         marker.write_text("ok")
     repo = Path(__file__).resolve().parents[1]
     args.home.mkdir(parents=True, exist_ok=True)
+    encoder = args.encoder
+    if encoder == "sd-shaped":
+        from bench.gpu_check import SD_VAE, save_random_vae
+
+        encoder = str(args.home / "sd-vae-random")
+        if not (Path(encoder) / "config.json").exists():
+            save_random_vae(Path(encoder), SD_VAE)
     rows = []
     plan = [(repo, n, args.ipc) for n in args.ns]
     if args.ipc50:
@@ -99,11 +117,12 @@ def main() -> None:
             plan.append((args.old, need, 50))
     for code, n, ipc in plan:
         row = run_once(code, args.data, n, ipc, args.resolution, args.home, args.workers, args.home / f"scale-{n}-{ipc}.tar",
-                       args.classes)
+                       args.classes, encoder, tuple(args.set))
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
-    print(f"oq, imagefolder:{args.data} ({args.classes} classes), TAEF2 at {args.resolution} px, {args.workers} loader "
-          f"process(es), 1 torch thread, {time.strftime('%Y-%m-%d')}\n")
+    print(f"oq, imagefolder:{args.data} ({args.classes} classes), {args.encoder} at {args.resolution} px, {args.workers} "
+          f"loader process(es), 1 torch thread, {' '.join(args.set) or 'default parameters'}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
     print("| N / class | images | IPC | code | encode s | quantize s | decode s | method s | startup + index + "
           "archive s | wall s | peak RSS MB | archive MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
