@@ -112,7 +112,8 @@ def main() -> None:
     rows = []
     plan = [(repo, n, args.ipc) for n in args.ns]
     if args.ipc50:
-        plan.append((repo, need, 50))
+        if args.ipc != 50:
+            plan.append((repo, need, 50))
         if args.old is not None:
             plan.append((args.old, need, 50))
     for code, n, ipc in plan:
