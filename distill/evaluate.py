@@ -173,16 +173,46 @@ def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indi
     from distill.data.loader import ImageStream
 
     model.eval()
+    rank, world, device = data_parallel(device)
+    share = indices[rank::world]  # several processes: each tests a strided share, the counts are summed
     correct, seen = 0, 0
-    for chunk, images in ImageStream(dataset.test, indices, batch_size=batch, device=device):
+    for chunk, images in ImageStream(dataset.test, share, batch_size=batch, device=device):
         x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
         with training_precision(precision, device):
             pred = model(x).argmax(1).cpu()
         correct += int((pred == torch.from_numpy(dataset.test.labels[chunk])).sum())
         seen += len(chunk)
         if progress is not None:
-            progress("test", seen / max(1, len(indices)))
+            progress("test", seen / max(1, len(share)))
+    if world > 1:
+        total = torch.tensor([correct], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        correct = int(total.item())
     return 100.0 * correct / max(1, len(indices))
+
+
+def data_parallel(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: under ``accelerate launch`` / ``torchrun`` each of the
+    ``world`` processes takes a strided share of every batch; one process (CPU, one GPU) is rank 0 of 1."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1:
+        return state.process_index, state.num_processes, state.device
+    return 0, 1, device
+
+
+def sum_gradients(model: nn.Module, world: int) -> None:
+    """Sum each parameter's gradient over the ``world`` processes (one all-reduce per parameter per step).
+
+    Every process calls it once per optimiser step whatever its share of the batch (a share can be empty at the
+    end of an epoch), so the collectives always match; a process with no images contributes zeros."""
+    if world == 1:
+        return
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
 
 
 def training_precision(precision: str, device: torch.device):
@@ -220,8 +250,14 @@ def train_student_dc(
     lr: float = 0.01,
     progress: Progress | None = None,
 ) -> Classifier:
-    """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation."""
+    """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation.
+
+    Under ``accelerate launch`` / ``torchrun`` each process takes a strided share of every batch and the
+    gradients are summed over the processes before each step (each share's loss is weighted by its part of the
+    batch), so the step is the one-process step of the whole batch."""
     model, model_name, device = _fresh_student(dataset, config, run_seed)
+    rank, world, device = data_parallel(device)
+    model = model.to(device)
     epochs = config.resolved_epochs()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True),
@@ -242,7 +278,8 @@ def train_student_dc(
         for start in range(0, n, config.batch_size):
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            for part in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
+            share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
+            for part in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
                 x = diff_augment(dataset.normalize(as_pixels(x_all[part])), strategy, generator=generator)
                 with training_precision(config.precision, device):
                     logits = model(x)
@@ -251,6 +288,7 @@ def train_student_dc(
                     w_all[part] if w_all is not None else None,
                 ) * (len(part) / len(batch_idx))
                 loss.backward()
+            sum_gradients(model, world)
             optimizer.step()
         if progress is not None and epoch % 10 == 0:
             progress("train", epoch / (epochs + 1))
@@ -268,8 +306,11 @@ def train_student_softlabel(
     lr: float = 1e-3,
     progress: Progress | None = None,
 ) -> Classifier:
-    """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine."""
+    """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine.
+    Data parallel over processes as :func:`train_student_dc`."""
     model, model_name, device = _fresh_student(dataset, config, run_seed)
+    rank, world, device = data_parallel(device)
+    model, teacher = model.to(device), teacher.to(device)
     epochs = config.resolved_epochs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
@@ -288,7 +329,8 @@ def train_student_softlabel(
         for start in range(0, n, batch):
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
-            for idx in batch_idx.split(micro):  # one part unless the batch's activations exceed memory_gb
+            share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
+            for idx in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
                 x = diff_augment(dataset.normalize(as_pixels(x_all[idx])), strategy, generator=generator)
                 with torch.no_grad(), training_precision(config.precision, device):
                     target = F.softmax(teacher(x).float() / temperature, dim=1)
@@ -300,6 +342,7 @@ def train_student_softlabel(
                     per_sample = per_sample * w_all[idx]
                 loss = per_sample.mean() * (len(idx) / len(batch_idx))
                 loss.backward()
+            sum_gradients(model, world)
             optimizer.step()
         scheduler.step()
         if progress is not None and epoch % 10 == 0:
@@ -478,16 +521,12 @@ def train_on_split(
 ) -> Classifier:
     """Train on the (optionally capped) full training split with the DC optimiser, streaming batches.
 
-    Data parallel under ``accelerate launch`` / ``torchrun`` (several processes): each process takes its
-    strided share of every global batch and accelerate's DDP averages the gradients, so the global batch, the
-    schedule and the result do not depend on the process count. One process (CPU, one GPU): plain training.
+    Data parallel under ``accelerate launch`` / ``torchrun`` (several processes, accelerate's process state):
+    each process takes its strided share of every global batch and the gradients are summed over processes
+    (:func:`sum_gradients`), so the global batch, the schedule and the result do not depend on the process
+    count. One process (CPU, one GPU): plain training.
     """
-    from accelerate import PartialState
-
-    state = PartialState(cpu=device.type == "cpu")
-    rank, world = state.process_index, state.num_processes
-    if world > 1:
-        device = state.device
+    rank, world, device = data_parallel(device)
     rng = np.random.default_rng(seed)
     indices = np.arange(len(dataset.train))
     if max_per_class is not None:
@@ -497,11 +536,6 @@ def train_on_split(
     model_name = resolve_model(model_name, dataset.image_size)
     model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    trained: nn.Module = model
-    if world > 1:
-        from accelerate import Accelerator
-
-        trained, optimizer = Accelerator(cpu=device.type == "cpu", device_placement=False).prepare(model, optimizer)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
     strategy = strategy_for(dataset.digits) if augment else "none"
@@ -511,13 +545,16 @@ def train_on_split(
         model.train()
         order = indices[rng.permutation(len(indices))]
         for step, start in enumerate(range(0, len(order), batch_size)):
-            chunk = order[start : start + batch_size][rank::world]
-            x = dataset.normalize(to_float(dataset.train.load(chunk)).to(device))
-            x = diff_augment(x, strategy, generator=generator)
-            with training_precision(precision, device):
-                loss = F.cross_entropy(trained(x), labels_all[chunk].to(device))
+            batch = order[start : start + batch_size]
+            chunk = batch[rank::world]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(chunk):  # a process's share of the last batch of an epoch can be empty
+                x = dataset.normalize(to_float(dataset.train.load(chunk)).to(device))
+                x = diff_augment(x, strategy, generator=generator)
+                with training_precision(precision, device):
+                    loss = F.cross_entropy(model(x), labels_all[chunk].to(device))
+                (loss * (len(chunk) / len(batch))).backward()
+            sum_gradients(model, world)
             optimizer.step()
             scheduler.step()
             if progress is not None and step % 20 == 0:

@@ -42,10 +42,45 @@ def test_teacher_training_data_parallel_over_two_processes_equals_one(mnist, tmp
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                              str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=280, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     one = train_on_split(mnist, "convnet", 1, 0, torch.device("cpu"), max_per_class=20, batch_size=50, augment=False,
                          precision="fp32").state_dict()
     two = torch.load(tmp_path / "two.pt")
     assert max(float((one[k].float() - two[k].float()).abs().max()) for k in one) < 1e-5
+
+
+STUDENT_SCRIPT = """
+import sys, numpy as np, torch
+from accelerate import PartialState
+from distill.data import get_dataset
+from distill.evaluate import EvalConfig, test_accuracy, train_student_dc
+ds = get_dataset("mnist")
+images = ds.train.load(np.arange(9)).float() / 255  # 9 images, batch 4: the last batch's second share is empty
+labels = torch.from_numpy(ds.train.labels[:9])
+weights = torch.linspace(0.5, 1.5, 9)
+config = EvalConfig(model="convnet-w16", epochs=3, batch_size=4, augment="none", precision="fp32", device="cpu")
+model = train_student_dc(images, labels, ds, config, 7, weights=weights)
+accuracy = test_accuracy(model, ds, torch.device("cpu"), np.arange(51), batch=10, precision="fp32")
+if PartialState().is_main_process:
+    torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "accuracy": accuracy},
+               sys.argv[1])
+"""
+
+
+def test_students_and_test_pass_data_parallel_over_two_processes_equal_one(tmp_path: Path) -> None:
+    """Evaluation students (dc protocol, weighted) and the test pass over two processes: the same network and
+    the same accuracy as one process, also when a process's share of a batch is empty."""
+    script = tmp_path / "ddp_student.py"
+    script.write_text(STUDENT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=280, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=280, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert max(float((a["state"][k].float() - b["state"][k].float()).abs().max()) for k in a["state"]) < 1e-5
+    assert a["accuracy"] == b["accuracy"]
