@@ -133,8 +133,8 @@ class LoopState:
         self.losses[:] = state["losses"]
         if self.numpy_rng is not None:
             self.numpy_rng.bit_generator.state = state["numpy_rng"]
-        for k, v in self.lists.items():
-            v[:] = state["lists"][k]
+        for name, items in self.lists.items():
+            items[:] = state["lists"][name]
 
 
 def network_iterations(ctx: RunContext, method: str, params: MethodParams, iterations: int, model: str,
