@@ -127,7 +127,7 @@ def eval_(
     a random real subset of the same IPC under the same protocol, budget and seed (cached) and the gain."""
     from distill.archive import read_archive
     from distill.data.registry import get_dataset
-    from distill.evaluate import EvalConfig, evaluate_distilled, evaluate_full
+    from distill.evaluate import EvalConfig, evaluate_distilled, evaluate_full, finish_data_parallel
     from distill.precision import PRECISIONS
     from distill.runner import resolve_device, seed_everything
 
@@ -159,6 +159,8 @@ def eval_(
             extra = {"archive": str(archive), "method": loaded.manifest.get("method"), "ipc": loaded.manifest.get("ipc")}
         if bar is not None:
             bar.close()
+        if not finish_data_parallel():  # under accelerate launch / torchrun only rank 0 reports
+            return
         payload = {**result.to_json(), **extra}
         if as_json:
             typer.echo(json.dumps(payload))

@@ -202,6 +202,17 @@ def data_parallel(device: torch.device) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
+def finish_data_parallel() -> bool:
+    """End of a data-parallel run: wait for every process and close the process group (a gloo group left open
+    can abort the interpreter at exit); True in the process that reports (rank 0, or the only one)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return True
+    rank = torch.distributed.get_rank()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return rank == 0
+
+
 def sum_gradients(model: nn.Module, world: int) -> None:
     """Sum each parameter's gradient over the ``world`` processes (one all-reduce per parameter per step).
 

@@ -15,12 +15,11 @@ from distill.precision import precision_dtype
 
 SCRIPT = """
 import sys, torch
-from accelerate import PartialState
 from distill.data import get_dataset
-from distill.evaluate import train_on_split
+from distill.evaluate import finish_data_parallel, train_on_split
 model = train_on_split(get_dataset("mnist"), "convnet", 1, 0, torch.device("cpu"), max_per_class=20, batch_size=50,
                        augment=False, precision="fp32")
-if PartialState().is_main_process:
+if finish_data_parallel():
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, sys.argv[1])
 """
 
@@ -33,18 +32,23 @@ def test_precision_settings_keep_fp32_exact_and_auto_is_cuda_only_for_evaluation
         precision_dtype("fp16", cpu, "--precision")
 
 
+def _run_script(source: str, out: Path, processes: int) -> None:
+    """Run ``source`` (writes its result to ``out``) as one process, or under torchrun as several (gloo on CPU)."""
+    script = out.with_suffix(".py")
+    script.write_text(source)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    result = subprocess.run([sys.executable, *launcher, str(script), str(out)], capture_output=True, text=True,
+                            timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.timeout(300)
 def test_teacher_training_data_parallel_over_two_processes_equals_one(mnist, tmp_path: Path) -> None:
     """torchrun + accelerate (gloo on the CPU): each process takes half of every global batch and DDP averages
     the gradients, so two processes train the same network as one (to float rounding)."""
     from distill.evaluate import train_on_split
 
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                             str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=280, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _run_script(SCRIPT, tmp_path / "two.pt", processes=2)
     one = train_on_split(mnist, "convnet", 1, 0, torch.device("cpu"), max_per_class=20, batch_size=50, augment=False,
                          precision="fp32").state_dict()
     two = torch.load(tmp_path / "two.pt")
@@ -53,9 +57,8 @@ def test_teacher_training_data_parallel_over_two_processes_equals_one(mnist, tmp
 
 STUDENT_SCRIPT = """
 import sys, numpy as np, torch
-from accelerate import PartialState
 from distill.data import get_dataset
-from distill.evaluate import EvalConfig, test_accuracy, train_student_dc
+from distill.evaluate import EvalConfig, finish_data_parallel, test_accuracy, train_student_dc
 ds = get_dataset("mnist")
 images = ds.train.load(np.arange(9)).float() / 255  # 9 images, batch 4: the last batch's second share is empty
 labels = torch.from_numpy(ds.train.labels[:9])
@@ -63,7 +66,7 @@ weights = torch.linspace(0.5, 1.5, 9)
 config = EvalConfig(model="convnet-w16", epochs=3, batch_size=4, augment="none", precision="fp32", device="cpu")
 model = train_student_dc(images, labels, ds, config, 7, weights=weights)
 accuracy = test_accuracy(model, ds, torch.device("cpu"), np.arange(51), batch=10, precision="fp32")
-if PartialState().is_main_process:
+if finish_data_parallel():
     torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "accuracy": accuracy},
                sys.argv[1])
 """
@@ -72,15 +75,8 @@ if PartialState().is_main_process:
 def test_students_and_test_pass_data_parallel_over_two_processes_equal_one(tmp_path: Path) -> None:
     """Evaluation students (dc protocol, weighted) and the test pass over two processes: the same network and
     the same accuracy as one process, also when a process's share of a batch is empty."""
-    script = tmp_path / "ddp_student.py"
-    script.write_text(STUDENT_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                          str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=280, env=env)
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
-                         timeout=280, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
+    _run_script(STUDENT_SCRIPT, tmp_path / "two.pt", processes=2)
+    _run_script(STUDENT_SCRIPT, tmp_path / "one.pt", processes=1)
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert max(float((a["state"][k].float() - b["state"][k].float()).abs().max()) for k in a["state"]) < 1e-5
     assert a["accuracy"] == b["accuracy"]
