@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     fetch_mirror: str | None = Field(default=None, description="`distill fetch`: base URL holding NAME/FILE copies")
     loader_workers: int | None = Field(default=None, ge=0, description="image decode processes of the streaming "
                                        "loader; default: the cores available; 0 = in-process")
+    autoencoder_memory_gb: float = Field(default=4.0, gt=0, description="activation memory of one VAE encode/"
+                                         "decode batch on the CPU: the method's batch_size is lowered to fit (SD's "
+                                         "VAE at 256 px needs about 170 MB per image in fp32); on CUDA half the "
+                                         "free device memory")
     realpool_cache_bytes: int = Field(default=4 * 2**30, ge=0, description="pixel-space methods: decoded real "
                                       "training images kept in RAM, in bytes. A (capped) training split that fits is "
                                       "loaded whole at the start; a larger one (ImageNet) is read per batch through "

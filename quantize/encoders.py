@@ -132,11 +132,25 @@ class LatentEncoder:
     decode_fn: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int = 64
     module: nn.Module | None = None
+    activation_bytes_per_image: int = 0  # estimated peak activations of one image (0: not bounded)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.downsample
         return (self.latent_channels, side, side)
+
+    def bounded_batch(self, batch_size: int) -> int:
+        """``batch_size`` lowered so that one batch's activations fit the memory budget (CPU: the
+        ``autoencoder_memory_gb`` setting; CUDA: half the free device memory)."""
+        if self.activation_bytes_per_image <= 0:
+            return batch_size
+        if self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] / 2
+        else:
+            from distill.config import get_settings
+
+            budget = get_settings().autoencoder_memory_gb * 2**30
+        return max(1, min(batch_size, int(budget // self.activation_bytes_per_image)))
 
     def prepare(self, images01: torch.Tensor) -> torch.Tensor:
         """[0, 1] N x C x H x W (C = 1 or 3, any size) -> [-1, 1] RGB at the encode resolution."""
@@ -154,7 +168,7 @@ class LatentEncoder:
     @torch.inference_mode()
     def encode(self, images01: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """[0, 1] images -> float32 CPU latents N x latent_channels x R/8 x R/8."""
-        batch_size = batch_size or self.batch_size
+        batch_size = self.bounded_batch(batch_size or self.batch_size)
         out = []
         for start in range(0, len(images01), batch_size):
             x = self.prepare(images01[start : start + batch_size]).to(self.device, self.dtype)
@@ -172,7 +186,7 @@ class LatentEncoder:
         batch_size: int | None = None,
     ) -> torch.Tensor:
         """Latents -> float32 CPU images in [0, 1] with ``channels`` (1: channel mean) at ``size`` px."""
-        batch_size = batch_size or self.batch_size
+        batch_size = self.bounded_batch(batch_size or self.batch_size)
         out = []
         for start in range(0, len(latents), batch_size):
             z = latents[start : start + batch_size].to(self.device, self.dtype)
@@ -261,10 +275,14 @@ def wrap_autoencoder_kl(vae, name: str, key: str, resolution: int, device: torch
     def decode_fn(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z / scale + shift).sample
 
+    # Measured on the CPU (SD's VAE shape, fp32, 256 px): about 5 full-resolution activations of the first
+    # stage's width live at the peak of encode and of decode, i.e. ~170 MB per image (docs/IMAGENET.md).
+    element = torch.finfo(dtype).bits // 8
+    per_image = 5 * resolution**2 * int(vae.config.block_out_channels[0]) * element
     return LatentEncoder(
         name=name, key=key, latent_channels=vae.config.latent_channels, downsample=downsample,
         resolution=resolution, device=device, dtype=dtype, encode_fn=encode_fn, decode_fn=decode_fn,
-        batch_size=batch_size, module=vae,
+        batch_size=batch_size, module=vae, activation_bytes_per_image=per_image,
     )
 
 

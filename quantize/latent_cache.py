@@ -192,7 +192,7 @@ def encode_shards(folder: Path, shards: dict[int, np.ndarray], split: Split, enc
     """
     from distill.data.loader import ImageStream
 
-    batch = max(1, int(encoder.batch_size))
+    batch = encoder.bounded_batch(max(1, int(encoder.batch_size)))  # loader batches = encoder batches
     chunks: list[np.ndarray] = []
     owners: list[tuple[int, int]] = []  # (shard, first row within the shard) of each chunk
     for shard, indices in shards.items():

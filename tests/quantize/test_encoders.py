@@ -87,6 +87,29 @@ def test_autoencoder_kl_from_a_directory(tmp_path: Path, cifar10):
     assert encoder.key != load_encoder(str(tmp_path / "pipe" / "vae"), resolution=32).key
 
 
+def test_autoencoder_batches_are_bounded_by_the_memory_budget(tmp_path: Path, cifar10, monkeypatch):
+    """An SD-VAE-sized batch at 256 px would need ~11 GB of activations on the CPU: the batch is lowered to fit
+    DISTILL_AUTOENCODER_MEMORY_GB (results unchanged: the same latents in smaller batches)."""
+    from diffusers import AutoencoderKL
+
+    from distill.config import reload_settings
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(tmp_path / "vae")
+    encoder = load_encoder(str(tmp_path / "vae"), image_size=32, resolution=32, batch_size=64)
+    assert encoder.activation_bytes_per_image == 5 * 32 * 32 * 8 * 4
+    monkeypatch.setenv("DISTILL_AUTOENCODER_MEMORY_GB", str(3 * encoder.activation_bytes_per_image / 2**30))
+    reload_settings()
+    assert encoder.bounded_batch(64) == 3 and encoder.bounded_batch(2) == 2
+    x = _images(cifar10, 7)
+    torch.testing.assert_close(encoder.encode(x), encoder.encode(x, batch_size=1), rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("DISTILL_AUTOENCODER_MEMORY_GB")
+    reload_settings()
+    assert encoder.bounded_batch(64) == 64  # 4 GB hold 64 of these small images
+
+
 def test_encoder_errors(tmp_path: Path, monkeypatch):
     with pytest.raises(DistillError, match="unknown encoder"):
         load_encoder("no-such-encoder")
