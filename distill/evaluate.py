@@ -361,6 +361,15 @@ def train_student_softlabel(
     return model
 
 
+def dd_student_network(distilled: DistilledSet, dataset: Dataset, config: EvalConfig) -> str:
+    """Protocol dd's network: with ``auto`` the one DD optimised its steps for (recorded in its metrics), else
+    the data's default student."""
+    trained_on = distilled.metrics.get("model")
+    if config.model == "auto" and isinstance(trained_on, str):
+        return trained_on
+    return resolve_model(config.model, dataset.image_size)
+
+
 def train_student_dd(distilled: DistilledSet, dataset: Dataset, config: EvalConfig, run_seed: int) -> Classifier:
     """DD protocol: a fresh network replays the archive's learned steps (what DD optimised its images for)."""
     if "step_lrs" not in distilled.extras or "dd_step" not in distilled.extras:
@@ -371,9 +380,7 @@ def train_student_dd(distilled: DistilledSet, dataset: Dataset, config: EvalConf
     steps = int(step_of.max()) + 1
     x_all = dataset.normalize(distilled.images.to(device))
     y_all = distilled.labels.to(device)
-    # auto: the network DD optimised its steps for (recorded in its metrics), else the data's default student
-    trained_on = distilled.metrics.get("model") if isinstance(distilled.metrics, dict) else None
-    name = trained_on if config.model == "auto" and trained_on else resolve_model(config.model, dataset.image_size)
+    name = dd_student_network(distilled, dataset, config)
     model = build_network(name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
     model.train()
     params = list(model.parameters())
@@ -460,7 +467,8 @@ def evaluate_distilled(
                                         progress=run_progress))
     return EvalResult(
         dataset=dataset.name,
-        model=resolve_model(config.model, dataset.image_size),
+        model=(dd_student_network(distilled, dataset, config) if config.protocol == "dd"
+               else resolve_model(config.model, dataset.image_size)),
         protocol=config.protocol,
         epochs=epochs,
         runs=config.runs,

@@ -87,6 +87,7 @@ def test_dd_protocol_replays_exactly_the_steps_dd_optimised(mnist):
     assert replayed == pytest.approx(objective, abs=1e-4)
     distilled.metrics["model"] = "convnet-w32"  # as DD's archive records it: `--model auto` replays on that network
     auto = train_student_dd(distilled, mnist, EvalConfig(protocol="dd"), run_seed=7)
+    assert evaluate_distilled(distilled, mnist, EvalConfig(protocol="dd", runs=1, test_limit=20)).model == "convnet-w32"
     with torch.no_grad():
         assert float(torch.nn.functional.cross_entropy(auto(real_x), real_y)) == pytest.approx(replayed, abs=1e-6)
     result = evaluate_distilled(distilled, mnist, EvalConfig(protocol="dd", model="convnet-w32", runs=2, test_limit=50))
