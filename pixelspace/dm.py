@@ -93,10 +93,11 @@ class DistributionMatching(Method[DMParams]):
     family: ClassVar[str] = "pixel"
     Params = DMParams
 
-    def run(self, ctx: RunContext, params: DMParams) -> DistilledSet:
+    def run(self, ctx: RunContext, params: DMParams, initial: torch.Tensor | None = None) -> DistilledSet:
+        """``initial``: start from these class-ordered [0, 1] images instead of ``params.init`` (refinement)."""
         ds = ctx.dataset
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
-        setup = matching_setup(ctx, params, 13, lr_img)
+        setup = matching_setup(ctx, params, 13, lr_img, initial)
         real_embed = None
         if compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)

@@ -67,10 +67,18 @@ def init_synthetic(
 
 
 def learnable_images(
-    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, lr: float
+    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, lr: float,
+    initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.optim.SGD]:
-    """:func:`init_synthetic` images made learnable, their hard labels and the references' image optimiser."""
-    image_syn, label_syn = init_synthetic(ctx, pool, init, generator)
+    """:func:`init_synthetic` images (or ``initial``: class-ordered [0, 1] pixels, IPC per class, e.g. another
+    method's set to refine) made learnable, their hard labels and the references' image optimiser."""
+    if initial is not None:
+        image_syn = ctx.normalize(initial.float().to(ctx.device)).contiguous()
+        label_syn = torch.arange(ctx.num_classes, device=ctx.device).repeat_interleave(ctx.ipc)
+        if len(image_syn) != len(label_syn):
+            raise DistillError(f"a set to refine needs {ctx.ipc} images per class, class-ordered; got {len(image_syn)}")
+    else:
+        image_syn, label_syn = init_synthetic(ctx, pool, init, generator)
     image_syn.requires_grad_(True)
     return image_syn, label_syn, image_optimizer(image_syn, lr)
 
@@ -192,14 +200,15 @@ class MatchingSetup:
         )
 
 
-def matching_setup(ctx: RunContext, params: MatchingParams, stream: int, lr_img: float) -> MatchingSetup:
+def matching_setup(ctx: RunContext, params: MatchingParams, stream: int, lr_img: float,
+                   initial: torch.Tensor | None = None) -> MatchingSetup:
     """The common start of DC, DSA and DM: DSA strategy, the sampling generator of ``stream``, real-side dtype,
     real pool, learnable images with their optimiser, and the checkpointable loop state over them."""
     strategy = resolve_strategy(params.dsa_strategy, ctx.dataset.digits)
     generator = ctx.generator(stream)
     real_dtype = real_autocast_dtype(params.real_precision, ctx.device)
     pool = RealPool(ctx)
-    image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, lr_img)
+    image_syn, label_syn, optimizer_img = learnable_images(ctx, pool, params.init, generator, lr_img, initial)
     losses: list[float] = []
     state = LoopState({"images": image_syn}, {"images": optimizer_img}, generator, losses)
     return MatchingSetup(strategy, generator, real_dtype, pool, image_syn, label_syn, optimizer_img, losses, state)

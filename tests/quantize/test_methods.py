@@ -181,3 +181,21 @@ def test_instance_normalised_quantization(tmp_path: Path, mnist_store):
     assert vae.extras["latents"].shape == (20, 32, 8, 8)
     torch.testing.assert_close(vae.extras["latents"].mean(), plain.extras["latents"].mean(), atol=0.05, rtol=0.1)
     assert vae.images.dtype == torch.uint8 and near.images.dtype == torch.uint8
+
+
+def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mnist_store):
+    """refine_iterations=N: N DM iterations start from the decoded (nearest) set; labels, order and the cell masses
+    stay, the images move; the DM start is exactly the oq set (DM with `initial`, no iteration draw changes it)."""
+    base = {"w2_uniform": False}
+    plain = run_to_archive(RunRequest("mnist", "oq", 2, base, seed=0, max_per_class=50), tmp_path / "p.tar")
+    refined = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "refine_iterations": 2}, seed=0, max_per_class=50),
+                             tmp_path / "r.tar")
+    a, b = plain.distilled, refined.distilled
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.weights, b.weights)
+    assert b.images.shape == a.images.shape and b.images.dtype == torch.float32
+    moved = (b.pixels() - a.pixels()).abs()
+    assert 0 < float(moved.mean()) < 0.2  # refined, not replaced
+    assert refined.manifest["metrics"]["refine_iterations"] == 2 and "refine" in refined.manifest["timings"]
+    bad = invoke("run", "oq", "--dataset", "mnist", "--ipc", "2", "--max-per-class", "50", "--set", "refine_iterations=-1",
+                 "--out", str(tmp_path / "x.tar"))
+    assert bad.exit_code == 2 and "refine_iterations" in bad.output and not (tmp_path / "x.tar").exists()
