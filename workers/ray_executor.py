@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from distill.methods.base import map_in_process
 from workers.jobs import JobStore, Lease
 from workers.settings import WorkerSettings, get_worker_settings
 
@@ -80,14 +81,7 @@ class RayExecutor:
             check_cancelled: Callable[[], None] | None = None) -> list:
         items = list(items)
         if self.inline:
-            inline_results: list[Any] = []
-            for i, item in enumerate(items):
-                if check_cancelled is not None:
-                    check_cancelled()
-                inline_results.append(fn(item))
-                if on_result is not None:
-                    on_result(i, inline_results[-1])
-            return inline_results
+            return map_in_process(fn, items, on_result=on_result, check_cancelled=check_cancelled)
         import ray
 
         gpus = self.default_num_gpus if num_gpus is None else num_gpus

@@ -143,6 +143,20 @@ class Executor(Protocol):
             check_cancelled: Callable[[], None] | None = None) -> list: ...
 
 
+def map_in_process(fn: Callable[[Any], Any], items: Iterable[Any], *,
+                   on_result: Callable[[int, Any], None] | None = None,
+                   check_cancelled: Callable[[], None] | None = None) -> list:
+    """:meth:`Executor.map` in this process, item by item: the engine for inline runs (and tests)."""
+    results: list[Any] = []
+    for i, item in enumerate(items):
+        if check_cancelled is not None:
+            check_cancelled()
+        results.append(fn(item))
+        if on_result is not None:
+            on_result(i, results[-1])
+    return results
+
+
 class Resumable(Protocol):
     """The state of an iterative method that a checkpoint saves and a resumed run loads (torch.save-able)."""
 

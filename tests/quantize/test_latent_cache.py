@@ -11,6 +11,7 @@ import torch
 from distill.data.registry import ArraySplit, SubsetSplit
 from distill.data.sampling import sample_per_class
 from distill.errors import Cancelled
+from distill.methods.base import map_in_process
 from quantize.encoders import load_encoder
 from quantize.latent_cache import (
     COMPLETE,
@@ -111,15 +112,13 @@ class InProcessExecutor:
     def map(self, fn, items, *, num_gpus=None, num_cpus=1.0, on_result=None, check_cancelled=None):
         items = list(items)
         self.items += len(items)
-        results = []
-        for i, item in enumerate(items):
-            if check_cancelled is not None:
-                check_cancelled()
-            results.append(fn(item))
-            if on_result is not None:
-                on_result(i, results[-1])
-                self.reported.append(i)
-        return results
+
+        def report(i, result):
+            on_result(i, result)
+            self.reported.append(i)
+
+        return map_in_process(fn, items, on_result=report if on_result is not None else None,
+                              check_cancelled=check_cancelled)
 
 
 def test_executor_path_encodes_the_same_latents(mnist):
