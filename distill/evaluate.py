@@ -241,12 +241,14 @@ def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
     return per_sample.mean()
 
 
-def _fresh_student(dataset: Dataset, config: EvalConfig, run_seed: int) -> tuple[Classifier, str, torch.device]:
-    """The student of one run (dc and softlabel): the configured network (``auto`` resolved), seeded, on the device."""
-    device = torch.device(config.device)
+def _fresh_student(dataset: Dataset, config: EvalConfig,
+                   run_seed: int) -> tuple[Classifier, str, torch.device, int, int]:
+    """The student of one run (dc and softlabel): the configured network (``auto`` resolved), seeded, on this
+    process's device; with its rank and world size (:func:`data_parallel`)."""
+    rank, world, device = data_parallel(torch.device(config.device))
     model_name = resolve_model(config.model, dataset.image_size)
     model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
-    return model, model_name, device
+    return model, model_name, device, rank, world
 
 
 def train_student_dc(
@@ -266,9 +268,7 @@ def train_student_dc(
     Under ``accelerate launch`` / ``torchrun`` each process takes a strided share of every batch and the
     gradients are summed over the processes before each step (each share's loss is weighted by its part of the
     batch), so the step is the one-process step of the whole batch."""
-    model, model_name, device = _fresh_student(dataset, config, run_seed)
-    rank, world, device = data_parallel(device)
-    model = model.to(device)
+    model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True),
@@ -319,9 +319,8 @@ def train_student_softlabel(
 ) -> Classifier:
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine.
     Data parallel over processes as :func:`train_student_dc`."""
-    model, model_name, device = _fresh_student(dataset, config, run_seed)
-    rank, world, device = data_parallel(device)
-    model, teacher = model.to(device), teacher.to(device)
+    model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
+    teacher = teacher.to(device)
     epochs = config.resolved_epochs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))

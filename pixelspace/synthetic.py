@@ -36,18 +36,24 @@ def resolve_strategy(strategy: str, digits: bool) -> str:
 
 
 def init_synthetic(
-    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, ipc: int | None = None
+    ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, ipc: int | None = None,
+    initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-ordered synthetic images (normalised space) and their hard labels.
 
     'noise': standard normal in normalised space (DC/DD ``torch.randn``); 'real': random real images of
     each class (DC/DSA/DM ``--init real``), drawn exactly as the ``random`` baseline draws them for ctx.seed.
+    ``initial`` (class-ordered [0, 1] pixels, IPC per class, e.g. another method's set to refine) replaces both.
     """
     ipc = ipc or ctx.ipc
     ds = ctx.dataset
     shape = (ds.num_classes * ipc, ds.channels, ds.image_size, ds.image_size)
     labels = torch.arange(ds.num_classes, device=ctx.device).repeat_interleave(ipc)
-    if init == "noise":
+    if initial is not None:
+        if len(initial) != len(labels):
+            raise DistillError(f"a set to refine needs {ipc} images per class, class-ordered; got {len(initial)}")
+        images = ctx.normalize(initial.float().to(ctx.device))
+    elif init == "noise":
         images = torch.randn(shape, generator=generator).to(ctx.device)
     elif init == "real":
         if pool is None:
@@ -70,15 +76,8 @@ def learnable_images(
     ctx: RunContext, pool: RealPool | None, init: str, generator: torch.Generator, lr: float,
     initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.optim.SGD]:
-    """:func:`init_synthetic` images (or ``initial``: class-ordered [0, 1] pixels, IPC per class, e.g. another
-    method's set to refine) made learnable, their hard labels and the references' image optimiser."""
-    if initial is not None:
-        image_syn = ctx.normalize(initial.float().to(ctx.device)).contiguous()
-        label_syn = torch.arange(ctx.num_classes, device=ctx.device).repeat_interleave(ctx.ipc)
-        if len(image_syn) != len(label_syn):
-            raise DistillError(f"a set to refine needs {ctx.ipc} images per class, class-ordered; got {len(image_syn)}")
-    else:
-        image_syn, label_syn = init_synthetic(ctx, pool, init, generator)
+    """:func:`init_synthetic` images made learnable, their hard labels and the references' image optimiser."""
+    image_syn, label_syn = init_synthetic(ctx, pool, init, generator, initial=initial)
     image_syn.requires_grad_(True)
     return image_syn, label_syn, image_optimizer(image_syn, lr)
 
