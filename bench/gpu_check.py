@@ -369,6 +369,7 @@ def section_service(table: Table, sizes: Sizes, device: Any, work: Path) -> None
         worker_cmd += ["--ray-num-gpus", str(sizes.service_gpus)]
     request = {"dataset": SYNTHETIC, "method": "oq", "ipc": sizes.service_ipc, "seed": 0,
                "params": {"encoder": "gpu-check-vae", "resolution": sizes.service_px, "w2_uniform": False,
+                          "refine_iterations": 0,  # the same job at smoke (32 px, auto = 200) and full size
                           "batch_size": 64 if sizes.service_px >= 224 else 4}}
     with process(api_cmd, env, work / "api.log") as api, process(worker_cmd, env, work / "worker.log") as worker:
         base = f"http://127.0.0.1:{port}"

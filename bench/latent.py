@@ -107,7 +107,7 @@ def accuracy(args: argparse.Namespace) -> None:
     teacher = ({"labels": "teacher", "teacher_epochs": args.teacher_epochs,
                 "teacher_max_per_class": args.teacher_max_per_class} if args.protocol == "softlabel" else {})
     extra = dict(item.split("=", 1) for item in args.set)  # --set KEY=VALUE for every latent variant
-    raw = {"latent_norm": "none", **teacher}  # oq variants name every choice (--set overrides)
+    raw = {"latent_norm": "none", "refine_iterations": 0, **teacher}  # oq variants name every choice (--set overrides)
     settings = [  # (key for --only, label, method, parameters, images seen per class)
         ("random", "random (full train split)", "random", {}, None),
         ("herding-seen", "herding (the same images seen as oq)", "herding", {}, args.max_per_class),
@@ -121,6 +121,8 @@ def accuracy(args: argparse.Namespace) -> None:
          {**raw, "decode": "nearest", "weighted": False, "w2_uniform": False}, args.max_per_class),
         ("oq-nearest-sqrt", "oq, decode=nearest, weight_power=0.5", "oq",
          {**raw, "decode": "nearest", "weight_power": 0.5, "w2_uniform": False}, args.max_per_class),
+        ("oq-default", "oq, its defaults (nearest, instance norm, refine_iterations=auto)", "oq", {**teacher},
+         args.max_per_class),
     ]
     print(f"protocol {args.protocol}" + (f", teacher {args.teacher_epochs} epochs on "
           f"{args.teacher_max_per_class or 'all'} images/class" if args.protocol == "softlabel" else ""))
@@ -171,7 +173,7 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="variants to run (random, herding-seen, oq, oq-unweighted, d4m, "
-                                                                "oq-nearest, oq-nearest-unweighted, oq-nearest-sqrt)")
+                                                                "oq-nearest, oq-nearest-unweighted, oq-nearest-sqrt, oq-default)")
     p.add_argument("--protocol", choices=["dc", "softlabel"], default="dc",
                    help="softlabel: every variant's students learn from one cached teacher (RDED style)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra parameter of oq / d4m")

@@ -94,7 +94,8 @@ class DistributionMatching(Method[DMParams]):
     Params = DMParams
 
     def run(self, ctx: RunContext, params: DMParams, initial: torch.Tensor | None = None) -> DistilledSet:
-        """``initial``: start from these class-ordered [0, 1] images instead of ``params.init`` (refinement)."""
+        """``initial``: start from these class-ordered [0, 1] images instead of ``params.init`` (a refinement,
+        reported as the stage ``refine``)."""
         ds = ctx.dataset
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         setup = matching_setup(ctx, params, 13, lr_img, initial)
@@ -102,7 +103,8 @@ class DistributionMatching(Method[DMParams]):
         if compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)
             real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log)
-        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state):
+        stage = "distill" if initial is None else "refine"
+        for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():
                 p.requires_grad_(False)
             real = setup.pool.sample_all(params.batch_real, setup.generator)

@@ -145,10 +145,11 @@ class LoopState:
 
 
 def network_iterations(ctx: RunContext, method: str, params: MethodParams, iterations: int, model: str,
-                       state: LoopState) -> Iterator[tuple[int, nn.Module]]:
+                       state: LoopState, stage: str = "distill") -> Iterator[tuple[int, nn.Module]]:
     """The outer loop of an image-optimising method: resumable (``state`` is checkpointed), and every iteration
-    on a freshly initialised network in train mode, seeded by the iteration as the references sample one."""
-    for it in ctx.resumable_steps(iterations, "distill", state, ctx.run_key(method, params)):
+    on a freshly initialised network in train mode, seeded by the iteration as the references sample one.
+    ``stage`` names the loop in progress reports, timings and its checkpoint."""
+    for it in ctx.resumable_steps(iterations, stage, state, ctx.run_key(method, params)):
         net = fresh_network(model, ctx, seed=ctx.seed * 1_000_003 + it)
         net.train()
         yield it, net

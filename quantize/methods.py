@@ -24,7 +24,7 @@ Both compose the same stages, each checkpointed for resume:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,17 @@ from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from quantize.encoders import RESOLUTION_POLICY
 
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
+RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
+
+# refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, section 5c).
+REFINE_AUTO_ITERATIONS = 200
+REFINE_AUTO_BELOW_PX = 64
+REFINE_AUTO_HELP = (
+    f"{REFINE_AUTO_ITERATIONS} on images below {REFINE_AUTO_BELOW_PX} px unless the decode is a diffusion model "
+    "(measured at IPC 10: CIFAR-10 37.75 -> 45.93 %, above herding 39.75; Fashion-MNIST 81.85 vs herding 79.27; "
+    "about 2.6 s per iteration on one CPU core, seconds on a GPU), else 0 (a diffusion decode is DDOQ's own "
+    f"setting, not measured with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads 256 real "
+    "images per class, hours for ImageNet's 1000 classes)")
 
 
 class LatentParams(MethodParams):
@@ -51,11 +62,10 @@ class LatentParams(MethodParams):
     strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
                                                              "(D4M: 0.7; 0 = plain VAE decode)")
     steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
-    refine_iterations: int = Field(0, ge=0, le=100_000, description=(
+    refine_iterations: RefineIterations = Field(0, description=(
         "pixel-space refinement: this many DM iterations (distribution matching in random ConvNet features, "
-        "the `dm` method's defaults) starting from the decoded set, cell masses kept as weights; 0 = off. "
-        "Measured on CIFAR-10 IPC 10 (CPU, decode=nearest): 200 iterations lift oq from 37.75 to 45.93 %, "
-        "above herding (39.75) and DM from random real images (44.84); about 2.6 s per iteration there"))
+        "the `dm` method's defaults) starting from the decoded set, cell masses kept as weights; 0 = off; "
+        "auto = " + REFINE_AUTO_HELP))
     scheduler: Literal["ddim", "dpm"] = Field("ddim", description="diffusion sampler")
     restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
     labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
@@ -96,6 +106,10 @@ class LatentOQParams(LatentParams):
                                 "each image's latent grid standardised per channel, cells blind to offset and gain "
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
+    refine_iterations: RefineIterations = Field("auto", description=(
+        "pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
+        "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto (default) = "
+        + REFINE_AUTO_HELP))
     weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
     weight_power: float = Field(1.0, gt=0.0, description="weights proportional to mass**power (1 = DDOQ's "
                                                          "masses, 0.5 = the square-root variance-reduction variant)")
@@ -360,15 +374,16 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
             return ctx.train.load(np.concatenate(quant["members"]))  # the real images, uint8 as stored
 
     images = ctx.checkpoints.stage("decode", decode)
-    if params.refine_iterations:
-        images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, params.refine_iterations))
+    refine_iterations = resolve_refine_iterations(params, ctx.dataset.image_size)
+    if refine_iterations:
+        images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, refine_iterations))
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
     w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
     metrics: dict[str, Any] = {
         "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
         "resolution_policy": "explicit (resolution=N)" if params.resolution else RESOLUTION_POLICY,
         "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
-        "refine_iterations": params.refine_iterations,
+        "refine_iterations": refine_iterations,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
         "w2_weighted_mean": round(float(w_weighted.mean()), 6),
@@ -396,6 +411,18 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     )
 
 
+def resolve_refine_iterations(params: LatentParams, image_size: int) -> int:
+    """``refine_iterations`` as a number: ``auto`` refines where the refinement was measured to win.
+
+    That is real images (``decode=nearest``) or VAE decodes of small images: no pretrained diffusion decoder, the
+    situation of a CPU host and of this project's measurements. A diffusion decode, or images from 64 px, get
+    none unless asked: unmeasured there, and at ImageNet scale the refinement would dominate the job."""
+    if params.refine_iterations != "auto":
+        return params.refine_iterations
+    pretrained_style_decode = params.decode in ("diffusion", "sd-img2img")
+    return 0 if pretrained_style_decode or image_size >= REFINE_AUTO_BELOW_PX else REFINE_AUTO_ITERATIONS
+
+
 def refine_with_dm(ctx: RunContext, images: torch.Tensor, iterations: int) -> torch.Tensor:
     """A short DM run from the decoded set (class-ordered, IPC per class): refined [0, 1] pixels, same order.
 
@@ -406,9 +433,7 @@ def refine_with_dm(ctx: RunContext, images: torch.Tensor, iterations: int) -> to
 
     params = parse_params(DistributionMatching, {"iterations": iterations})  # DM's defaults otherwise
     assert isinstance(params, DMParams)
-    with ctx.timed("refine"):
-        refined = DistributionMatching().run(ctx, params, initial=as_pixels(images))
-    return refined.images
+    return DistributionMatching().run(ctx, params, initial=as_pixels(images)).images  # stage "refine"
 
 
 class LatentOptimalQuantization(Method[LatentOQParams]):

@@ -23,7 +23,8 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def oq_archive(tmp_path_factory, mnist_store) -> Path:
     out = tmp_path_factory.mktemp("oq") / "mnist-oq-10.tar"
-    result = invoke("run", "oq", "-d", "mnist", "--ipc", 10, "-o", out, "--max-per-class", 50, "--seed", 0, "-q")
+    result = invoke("run", "oq", "-d", "mnist", "--ipc", 10, "-o", out, "--max-per-class", 50, "--seed", 0, "-q",
+                    "--set", "refine_iterations=0")  # the plain quantizer; refinement has its own test
     assert result.exit_code == 0, result.output
     return out
 
@@ -67,7 +68,8 @@ def test_d4m_reuses_the_cache_and_is_unweighted(tmp_path: Path, oq_archive: Path
 
 
 def test_stages_resume_from_checkpoints(tmp_path: Path, mnist_store):
-    request = RunRequest("mnist", "oq", 3, {"weighted": False, "w2_uniform": False}, seed=0, max_per_class=50)
+    request = RunRequest("mnist", "oq", 3, {"weighted": False, "w2_uniform": False, "refine_iterations": 0}, seed=0,
+                         max_per_class=50)
     first = run_to_archive(request, tmp_path / "a.tar", checkpoint_dir=tmp_path / "ckpt")
     assert {"encode", "quantize", "decode"} <= set(first.manifest["timings"])
     assert first.distilled.weights is None
@@ -93,7 +95,7 @@ def _tiny_prior(root: Path) -> Path:
 
 def test_diffusion_decode_strength_zero_equals_vae_decode(tmp_path: Path, mnist_store):
     prior = _tiny_prior(tmp_path / "prior")
-    base = {"w2_uniform": False}
+    base = {"w2_uniform": False, "refine_iterations": 0}
     vae = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae"}, max_per_class=50),
                          tmp_path / "v.tar").distilled
     zero = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "diffusion", "prior": str(prior),
@@ -131,7 +133,8 @@ def test_ipc_above_the_d4m_stream_chunk(tmp_path: Path, mnist_store):
 
 
 def test_teacher_soft_labels(tmp_path: Path, mnist_store):
-    params = {"labels": "teacher", "teacher_epochs": 1, "teacher_max_per_class": 20, "w2_uniform": False}
+    params = {"labels": "teacher", "teacher_epochs": 1, "teacher_max_per_class": 20, "w2_uniform": False,
+              "refine_iterations": 0}
     d = run_to_archive(RunRequest("mnist", "oq", 2, params, max_per_class=50), tmp_path / "t.tar").distilled
     assert d.soft_labels is not None and d.soft_labels.shape == (20, 10)
     assert torch.isfinite(d.soft_labels).all() and d.weights is not None
@@ -142,10 +145,12 @@ def test_nearest_decode_takes_each_cells_w2_best_member(tmp_path: Path, mnist_st
     from distill.data import get_dataset
     from distill.methods.base import RunContext
 
-    request = RunRequest("mnist", "oq", 3, {"decode": "nearest", "latent_norm": "none"}, seed=0, max_per_class=50)
+    request = RunRequest("mnist", "oq", 3, {"decode": "nearest", "latent_norm": "none", "refine_iterations": 0}, seed=0,
+                         max_per_class=50)
     result = run_to_archive(request, tmp_path / "n.tar")
     d, metrics = result.distilled, result.manifest["metrics"]
-    vae = run_to_archive(RunRequest("mnist", "oq", 3, {"decode": "vae", "latent_norm": "none"}, seed=0, max_per_class=50),
+    vae = run_to_archive(RunRequest("mnist", "oq", 3, {"decode": "vae", "latent_norm": "none", "refine_iterations": 0}, seed=0,
+                                    max_per_class=50),
                          tmp_path / "v.tar").distilled
     # same quantizer (centroids, masses) as the VAE decode; only the images differ
     assert torch.equal(d.extras["latents"], vae.extras["latents"]) and torch.equal(d.weights, vae.weights)
@@ -169,11 +174,11 @@ def test_nearest_decode_takes_each_cells_w2_best_member(tmp_path: Path, mnist_st
 
 
 def test_instance_normalised_quantization(tmp_path: Path, mnist_store):
-    base = {"latent_norm": "instance", "w2_uniform": False}
+    base = {"latent_norm": "instance", "w2_uniform": False, "refine_iterations": 0}
     near = run_to_archive(RunRequest("mnist", "oq", 2, base, max_per_class=50), tmp_path / "n.tar").distilled
     vae = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae"}, max_per_class=50),
                          tmp_path / "v.tar").distilled
-    plain = run_to_archive(RunRequest("mnist", "oq", 2, {"w2_uniform": False, "decode": "vae", "latent_norm": "none"},
+    plain = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "decode": "vae", "latent_norm": "none"},
                                       max_per_class=50),
                            tmp_path / "p.tar").distilled
     assert torch.equal(near.weights, vae.weights) and not torch.equal(near.weights, plain.weights)
@@ -186,7 +191,7 @@ def test_instance_normalised_quantization(tmp_path: Path, mnist_store):
 def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mnist_store):
     """refine_iterations=N: N DM iterations start from the decoded (nearest) set; labels, order and the cell masses
     stay, the images move; the DM start is exactly the oq set (DM with `initial`, no iteration draw changes it)."""
-    base = {"w2_uniform": False}
+    base = {"w2_uniform": False, "refine_iterations": 0}
     plain = run_to_archive(RunRequest("mnist", "oq", 2, base, seed=0, max_per_class=50), tmp_path / "p.tar")
     refined = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "refine_iterations": 2}, seed=0, max_per_class=50),
                              tmp_path / "r.tar")
@@ -199,3 +204,19 @@ def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mn
     bad = invoke("run", "oq", "--dataset", "mnist", "--ipc", "2", "--max-per-class", "50", "--set", "refine_iterations=-1",
                  "--out", str(tmp_path / "x.tar"))
     assert bad.exit_code == 2 and "refine_iterations" in bad.output and not (tmp_path / "x.tar").exists()
+
+
+def test_refine_auto_refines_small_images_without_a_diffusion_decode():
+    """oq's default refine_iterations=auto: 200 DM iterations where that was measured to win (real or VAE-decoded
+    images below 64 px), none with a diffusion decode or from 64 px (ImageNet-class data); numbers pass through."""
+    from distill.methods.registry import get_method, parse_params
+    from quantize.methods import resolve_refine_iterations
+
+    def resolved(method: str, size: int, **values) -> int:
+        return resolve_refine_iterations(parse_params(get_method(method), values), size)
+
+    assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == 200
+    assert resolved("oq", 64) == resolved("oq", 224) == 0
+    assert resolved("oq", 32, decode="diffusion", prior="some-dit") == 0
+    assert resolved("oq", 224, refine_iterations="50") == 50 and resolved("oq", 32, refine_iterations=0) == 0
+    assert resolved("d4m", 32) == 0 and resolved("d4m", 32, refine_iterations="auto") == 200  # D4M as published

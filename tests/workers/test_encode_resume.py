@@ -10,7 +10,7 @@ import pytest
 from service_support.helpers import Stack, service_env, wait_for_job, wait_until
 
 # MNIST at 210 images per class: 2100 images, two shards of the latent cache (2048 + 52).
-JOB = {"dataset": "mnist", "method": "oq", "ipc": 1, "max_per_class": 210, "params": {"iterations": 2}}
+JOB = {"dataset": "mnist", "method": "oq", "ipc": 1, "max_per_class": 210, "params": {"iterations": 2, "refine_iterations": 0}}
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 from service_support.helpers import PLUGIN, PYTHONPATH, wait_until
 
 OQ = {"dataset": "mnist", "method": "oq", "ipc": 2, "seed": 0,
-      "params": {"w2_uniform": False, "iterations": 5}}
+      "params": {"w2_uniform": False, "iterations": 5, "refine_iterations": 0}}
 
 
 @pytest.fixture()
