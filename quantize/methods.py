@@ -17,6 +17,8 @@ Both compose the same stages, each checkpointed for resume:
    self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
    -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
+4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 below 64 px without a diffusion decode): a
+   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the measured winner on such hosts.
 
 ``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
 """
@@ -38,12 +40,13 @@ from quantize.encoders import RESOLUTION_POLICY
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 
-# refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, section 5c).
+# refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, sections 5c, 5d).
 REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_BELOW_PX = 64
 REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images below {REFINE_AUTO_BELOW_PX} px unless the decode is a diffusion model "
     "(measured at IPC 10: CIFAR-10 37.75 -> 45.93 %, above herding 39.75; Fashion-MNIST 81.85 vs herding 79.27; "
+    "at IPC 50 on CIFAR-10 44.00 -> 49.98, random 44.85; "
     "about 2.6 s per iteration on one CPU core, seconds on a GPU), else 0 (a diffusion decode is DDOQ's own "
     f"setting, not measured with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads 256 real "
     "images per class, hours for ImageNet's 1000 classes)")
