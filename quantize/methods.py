@@ -50,6 +50,9 @@ REFINE_AUTO_HELP = (
     "about 2.6 s per iteration on one CPU core, seconds on a GPU), else 0 (a diffusion decode is DDOQ's own "
     f"setting, not measured with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads 256 real "
     "images per class, hours for ImageNet's 1000 classes)")
+REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
+               "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
+               + REFINE_AUTO_HELP)
 
 
 class LatentParams(MethodParams):
@@ -65,10 +68,7 @@ class LatentParams(MethodParams):
     strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
                                                              "(D4M: 0.7; 0 = plain VAE decode)")
     steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
-    refine_iterations: RefineIterations = Field(0, description=(
-        "pixel-space refinement: this many DM iterations (distribution matching in random ConvNet features, "
-        "the `dm` method's defaults) starting from the decoded set, cell masses kept as weights; 0 = off; "
-        "auto = " + REFINE_AUTO_HELP))
+    refine_iterations: RefineIterations = Field(0, description=REFINE_HELP)
     scheduler: Literal["ddim", "dpm"] = Field("ddim", description="diffusion sampler")
     restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
     labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
@@ -109,10 +109,7 @@ class LatentOQParams(LatentParams):
                                 "each image's latent grid standardised per channel, cells blind to offset and gain "
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
-    refine_iterations: RefineIterations = Field("auto", description=(
-        "pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
-        "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto (default) = "
-        + REFINE_AUTO_HELP))
+    refine_iterations: RefineIterations = Field("auto", description=REFINE_HELP)
     weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
     weight_power: float = Field(1.0, gt=0.0, description="weights proportional to mass**power (1 = DDOQ's "
                                                          "masses, 0.5 = the square-root variance-reduction variant)")
