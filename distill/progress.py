@@ -19,6 +19,18 @@ def duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def eta(elapsed: float, start_fraction: float, fraction: float) -> str:
+    """Time left at the rate seen since the stage began at ``start_fraction``.
+
+    A stage can resume part-way (an evaluation's ``train`` after each student's ``test`` pass, on one 0-1 scale),
+    so the rate is what was done since then, not ``fraction / elapsed``, which would promise minutes for hours.
+    """
+    done = fraction - start_fraction
+    if done <= 0.01 or elapsed < 1:
+        return "?"
+    return duration(elapsed * (1 - fraction) / done)
+
+
 class ProgressLines:
     """A progress sink (``(stage, fraction, message=None)``) that prints ``label: stage 45% (eta 1m20s)`` lines."""
 
@@ -27,24 +39,20 @@ class ProgressLines:
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stage: str | None = None
         self.stage_started = self.last_line = time.monotonic()
+        self.stage_start_fraction = 0.0
         self.finished_stage = False
-
-    def eta(self, fraction: float) -> str:
-        elapsed = time.monotonic() - self.stage_started
-        if fraction <= 0.01 or elapsed < 1:
-            return "?"
-        return duration(elapsed * (1 - fraction) / fraction)
 
     def __call__(self, stage: str, fraction: float, message: str | None = None) -> None:
         now = time.monotonic()
         if stage != self.stage:
             self.stage, self.stage_started, self.finished_stage = stage, now, False
+            self.stage_start_fraction = fraction
         elif fraction >= 1.0 and not self.finished_stage:
             self.finished_stage = True
         elif now - self.last_line < self.every:
             return
         self.last_line = now
-        tail = "done" if fraction >= 1.0 else f"eta {self.eta(fraction)}"
+        tail = "done" if fraction >= 1.0 else f"eta {eta(now - self.stage_started, self.stage_start_fraction, fraction)}"
         self.write(f"{self.label}: {stage} {100 * fraction:.0f}% ({tail})" + (f" {message}" if message else ""))
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import typer
 
 from distill.api_types import Job, JobEvent
 from distill.client import ApiError, Client, ClientError, ServerUnreachable, Unauthorized
-from distill.progress import duration
+from distill.progress import duration, eta
 
 Server = Annotated[str | None, typer.Option("--server", envvar="DISTILL_SERVER",
                                              help="job server URL (default http://127.0.0.1:8000)")]
@@ -103,13 +103,11 @@ class Progress:
         self.bar: Any = None
         self.stage_key: tuple[str, str | None] | None = None
         self.stage_started = time.monotonic()
+        self.stage_start_fraction = 0.0  # a watcher can join a stage part-way: the rate counts from here
         self.last_line = 0.0
 
     def eta(self, job: Job) -> str:
-        elapsed = time.monotonic() - self.stage_started
-        if job.progress <= 0.01 or elapsed < 1:
-            return "?"
-        return duration(elapsed * (1 - job.progress) / job.progress)
+        return eta(time.monotonic() - self.stage_started, self.stage_start_fraction, job.progress)
 
     def __call__(self, job: Job) -> None:
         key = (job.status, job.stage)
@@ -117,6 +115,7 @@ class Progress:
         if changed:
             self.stage_key = key
             self.stage_started = time.monotonic()
+            self.stage_start_fraction = job.progress
         if self.tty:
             self._bar(job, changed)
             return

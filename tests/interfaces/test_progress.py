@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.progress import ProgressLines
+import pytest
+
+from distill.progress import ProgressLines, eta
 
 
 def test_progress_lines() -> None:
@@ -24,6 +26,23 @@ def test_progress_lines() -> None:
     assert lines[-1].startswith("eval: train 50% (eta ")
 
 
+def test_eta_counts_from_where_a_stage_resumed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation's `train` resumes after each student's `test` pass: its ETA must not restart from zero."""
+    assert eta(600.0, 0.5, 0.75) == "10m00s" and eta(600.0, 0.0, 0.005) == "?"
+    clock = [0.0]
+    monkeypatch.setattr("distill.progress.time.monotonic", lambda: clock[0])
+    lines: list[str] = []
+    sink = ProgressLines("eval", every=0, write=lines.append)
+    sink("train", 0.0)
+    clock[0] = 1000.0
+    sink("test", 0.25)
+    clock[0] = 1010.0
+    sink("train", 0.25)  # the next student; a quarter of the evaluation is done
+    clock[0] = 1110.0
+    sink("train", 0.5)  # a quarter in 100 s: half left takes 200 s (fraction / elapsed would say 100 s)
+    assert lines[-1] == "eval: train 50% (eta 3m20s)"
+
+
 def test_run_in_a_pipe_prints_stage_lines(tmp_path: Path) -> None:
     distill = Path(sys.executable).with_name("distill")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,3 +55,18 @@ def test_run_in_a_pipe_prints_stage_lines(tmp_path: Path) -> None:
                             "--out", str(tmp_path / "q.tar"), "--quiet"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert quiet.returncode == 0 and "run: " not in quiet.stderr
+
+
+def test_job_watcher_joining_part_way_times_from_where_it_joined(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`distill submit --wait` that finds its job (same idempotency key) already half through a stage."""
+    from distill.api_types import Job
+    from distill.remote import Progress
+
+    clock = [0.0]
+    monkeypatch.setattr("distill.remote.time.monotonic", lambda: clock[0])
+    watcher = Progress(tty=False, every=0)
+    watcher(Job.model_construct(id="j1", status="running", stage="encode", progress=0.5))
+    clock[0] = 100.0
+    watcher(Job.model_construct(id="j1", status="running", stage="encode", progress=0.75))
+    assert capsys.readouterr().err.splitlines()[-1] == "j1 running stage=encode 75% eta 1m40s"
