@@ -52,14 +52,18 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _configure_threads() -> None:
+def _configure_process() -> None:
+    """Settings of a one-shot CPU-heavy command: torch threads, and freed memory kept (distill/heap.py)."""
     from distill.config import get_settings
+    from distill.heap import keep_freed_memory
 
-    threads = get_settings().num_threads
-    if threads:
+    settings = get_settings()
+    if settings.keep_heap:
+        keep_freed_memory()
+    if settings.num_threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(settings.num_threads)
 
 
 @app.command()
@@ -84,7 +88,7 @@ def run(
     with user_errors():
         if out.is_dir():
             raise DistillError(f"--out {out} is a directory: give the archive's file name (e.g. {out / 'set.tar'})")
-        _configure_threads()
+        _configure_process()
         request = RunRequest(dataset=dataset, method=method, ipc=ipc, params=parse_set_options(set_ or []),
                              seed=seed, max_per_class=max_per_class, device=device)
         bars = not quiet and (sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS")))
@@ -132,7 +136,7 @@ def eval_(
     from distill.runner import resolve_device, seed_everything
 
     with user_errors():
-        _configure_threads()
+        _configure_process()
         config = EvalConfig(protocol=protocol, model=model, runs=runs, epochs=epochs, lr=lr, batch_size=batch_size,
                             augment=augment, seed=seed, test_limit=test_limit, teacher_epochs=teacher_epochs,
                             teacher_max_per_class=teacher_max_per_class, device=str(resolve_device(device)),
