@@ -3,10 +3,11 @@
 glibc serves every block above its mmap threshold (128 KiB to 32 MiB, adjusted as blocks are freed) with a fresh
 ``mmap`` and returns it on ``free``; it also trims the top of the heap back to the kernel. A CPU training loop
 allocates and frees the same activation tensors (tens to hundreds of MB) every step, so each step faults every
-page in again: on this project's CPU host two thirds of an evaluation's CPU time was kernel time (page faults),
-and `distill eval` ran 2x faster with both thresholds raised (docs/BENCHMARKS.md, latent part 5i). A one-shot
-command wants that trade; a long-lived worker that would then keep its peak heap between jobs does not, so only
-`distill run` and `distill eval` call this (setting ``DISTILL_KEEP_HEAP=0`` turns it off).
+page in again: on this project's CPU host a third (alone) to two thirds (two processes) of an evaluation's CPU
+time was kernel time, and `distill eval` took 0.65x the wall time with both thresholds raised, at a 1.5x higher
+peak RSS (docs/BENCHMARKS.md, latent part 5i). A one-shot command wants that trade; a long-lived worker that
+would then keep its peak heap between jobs does not, so only `distill run` and `distill eval` call this
+(``DISTILL_KEEP_HEAP=0`` turns it off).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """distill/heap.py: with freed memory kept, a loop that allocates and frees 100 MB arrays stops faulting their
-pages in on every pass (the kernel time that halved a CPU evaluation's speed); `distill run` / `distill eval`
+pages in on every pass (the kernel time that made a CPU evaluation 1.5x slower); `distill run` / `distill eval`
 set it up unless DISTILL_KEEP_HEAP=0."""
 
 from __future__ import annotations
