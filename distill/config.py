@@ -10,13 +10,15 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from distill.errors import DistillError
 
 
 def _config_file() -> Path | None:
@@ -108,7 +110,13 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a malformed value is one line naming its variable (DistillError)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        name = "DISTILL_" + "_".join(str(part) for part in problem["loc"]).upper()
+        raise DistillError(f"setting {name}={problem.get('input')!r}: {problem['msg']}") from None
 
 
 def reload_settings() -> Settings:

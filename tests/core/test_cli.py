@@ -111,6 +111,17 @@ def test_missing_data_dir_is_one_clear_line(tmp_path: Path):
     assert not (tmp_path / "x.tar").exists()
 
 
+@pytest.mark.parametrize("variable, value", [("DISTILL_KEEP_HEAP", "maybe"), ("DISTILL_NUM_THREADS", "abc")])
+def test_a_malformed_setting_is_one_line_naming_it(tmp_path: Path, variable: str, value: str):
+    env = {**os.environ, variable: value}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", "random", "-d", "mnist", "--ipc", "1",
+                           "-o", str(tmp_path / "x.tar")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: setting {variable}='{value}': Input should be a valid ")
+    assert not (tmp_path / "x.tar").exists()
+
+
 def test_several_problems_are_one_error_line(tmp_path: Path):
     """The core lists every problem of a request (InvalidRequest); the CLI prints them as one `error:` line."""
     out = tmp_path / "x.tar"
