@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def standardise(z) -> np.ndarray:
-    """``latent_norm=instance``: each image's latent grid standardised per channel (as `oq` quantizes)."""
-    flat = z.flatten(2)
-    mean, std = flat.mean(2, keepdim=True), flat.std(2, keepdim=True).clamp_min(1e-3)
-    return ((flat - mean) / std).reshape(len(z), -1).numpy()
+    """The latents as `oq` quantizes them by default (``latent_norm=instance``), one row per image."""
+    from quantize.methods import instance_standardise
+
+    return instance_standardise(z.flatten(2))[0].reshape(len(z), -1).numpy()
 
 
 D4M, OQ, RAW = "d4m stream (partial_fit)", "oq Lloyd (faiss)", "raw latents"

@@ -147,6 +147,13 @@ class D4MParams(LatentParams):
 
 
 # ------------------------------------------------------------------------------------------- stages
+def instance_standardise(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``latent_norm=instance``: each image's latent grid (n x C x positions) standardised per channel, so the
+    cells are blind to a channel's offset and gain -> (standardised, mean, std)."""
+    mean, std = flat.mean(2, keepdim=True), flat.std(2, keepdim=True).clamp_min(1e-3)
+    return (flat - mean) / std, mean, std
+
+
 def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
     """One class: k-means on its cached latents (picklable entry point for ``executor.map``)."""
     from quantize.kmeans import kmeans, w2_uniform, w2_weighted
@@ -158,9 +165,7 @@ def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
     z = store.class_latents(job["label"])
     flat = z.flatten(2)  # n x C x positions
     if job.get("latent_norm") == "instance":
-        # per image and channel, the latent grid standardised: cells blind to a channel's offset and gain
-        mean, std = flat.mean(2, keepdim=True), flat.std(2, keepdim=True).clamp_min(1e-3)
-        flat = (flat - mean) / std
+        flat, mean, std = instance_standardise(flat)
     x = flat.reshape(len(z), -1).numpy()
     result = kmeans(x, job["k"], iterations=job["iterations"], restarts=job["restarts"], seed=job["seed"],
                     backend=job["backend"], km_expand=job["km_expand"])
