@@ -4,6 +4,9 @@ Mode 'S' of the reference: each call draws one op family from the strategy ('col
 saturation and contrast together). With ``siamese=True`` every sampled parameter is shared by the whole
 batch, so calling twice with the same seed applies the identical transform to a real and a synthetic batch.
 All ops are differentiable in the images.
+
+Evaluation also offers ``dc``: the DC paper's own, non-differentiable MNIST augmentation (:func:`dc_augment`),
+so that DC's published MNIST figures can be checked under the evaluation they were measured with.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch.nn import functional as F
+
+from distill.errors import DistillError
 
 DIGITS_STRATEGY = "color_crop_cutout_scale_rotate"  # "flip augmentation is not good for digit datasets"
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -150,3 +157,75 @@ def diff_augment(
     for op in OPS[family]:
         x = op(x, params, generator, siamese)
     return x
+
+
+# --- DC's evaluation augmentation (VICO-UoE/DatasetCondensation utils.py `augment` and `get_daparam`) ---
+DC_AUGMENT = "dc"  # the strategy name evaluation accepts for it
+DC_STRATEGY = "crop_scale_rotate"  # get_daparam's strategy for MNIST
+
+
+@dataclass(frozen=True)
+class DCAugParams:
+    crop: int = 4  # pixels of mean-filled padding, then a random crop back to size
+    scale: float = 0.2  # height and width each resized by U(1 - scale, 1 + scale)
+    rotate: int = 45  # integer degrees in [-rotate, rotate)
+    noise: float = 0.001  # std of additive Gaussian noise (normalised units)
+
+
+def dc_augment(
+    x: torch.Tensor, generator: torch.Generator, strategy: str = DC_STRATEGY, params: DCAugParams = DCAugParams(),
+) -> torch.Tensor:
+    """DC's evaluation augmentation: every image gets ONE op drawn from ``strategy`` (crop, scale, rotate,
+    noise), as the reference does, unlike DSA's one family per batch. Crop pads with the batch's channel means;
+    scale resizes (nearest) and re-centres on a zero canvas; rotate is scipy's cubic-spline rotation with the
+    mean as fill. Not differentiable (rotation goes through numpy); students only. Random draws come from
+    ``generator`` (the reference uses numpy's global state)."""
+    ops = [s for s in strategy.split("_") if s]
+    out = x.detach().clone()
+    n, channels, h, w = out.shape
+    means = [float(out[:, c].mean()) for c in range(channels)]
+    for i in range(n):
+        op = ops[int(torch.randint(0, len(ops), (1,), generator=generator))]
+        if op == "crop":
+            pad = params.crop
+            canvas = torch.tensor(means, dtype=out.dtype, device=out.device).view(-1, 1, 1).repeat(1, h + 2 * pad, w + 2 * pad)
+            canvas[:, pad : pad + h, pad : pad + w] = out[i]
+            r, c = (int(v) for v in torch.randint(0, 2 * pad, (2,), generator=generator))
+            out[i] = canvas[:, r : r + h, c : c + w]
+        elif op == "scale":
+            lo, hi = 1 - params.scale, 1 + params.scale
+            sh, sw = (int((lo + (hi - lo) * float(v)) * h) for v in torch.rand(2, generator=generator))
+            resized = F.interpolate(out[i : i + 1], [sh, sw])[0]  # nearest, as the reference
+            side = max(sh, sw, h, w)
+            canvas = torch.zeros(channels, side, side, dtype=out.dtype, device=out.device)
+            r, c = (side - sh) // 2, (side - sw) // 2
+            canvas[:, r : r + sh, c : c + sw] = resized
+            r, c = (side - h) // 2, (side - w) // 2
+            out[i] = canvas[:, r : r + h, c : c + w]
+        elif op == "rotate":
+            angle = int(torch.randint(-params.rotate, params.rotate, (1,), generator=generator))
+            turned = ndimage.rotate(out[i].cpu().numpy(), angle=angle, axes=(-2, -1), cval=float(np.mean(means)))
+            r, c = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
+            out[i] = torch.from_numpy(np.ascontiguousarray(turned[:, r : r + h, c : c + w])).to(out)
+        elif op == "noise":
+            out[i] = out[i] + params.noise * torch.randn(out[i].shape, generator=generator).to(out)
+        else:
+            raise ValueError(f"unknown DC augmentation op {op!r}")
+    return out
+
+
+def check_strategy(strategy: str) -> None:
+    """One line for a bad evaluation augmentation: 'auto', 'none', 'dc' or '_'-joined DSA op families."""
+    if strategy in ("auto", "none", DC_AUGMENT):
+        return
+    unknown = [s for s in strategy.split("_") if s not in OPS]
+    if unknown or not strategy:
+        raise DistillError(f"unknown augmentation {strategy!r}: use auto, none, {DC_AUGMENT} (DC's MNIST evaluation) "
+                           f"or DSA op families joined by '_' ({', '.join(OPS)})")
+
+
+def augment_for_training(x: torch.Tensor, strategy: str, generator: torch.Generator) -> torch.Tensor:
+    """The evaluation students' augmentation: DC's per-image one (``dc``) or DSA's (per-sample, not Siamese)."""
+    if strategy == DC_AUGMENT:
+        return dc_augment(x, generator)
+    return diff_augment(x, strategy, generator=generator)

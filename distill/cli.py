@@ -110,7 +110,7 @@ def eval_(
     protocol: Annotated[str, typer.Option(help="dc or softlabel")] = "dc",
     lr: Annotated[float | None, typer.Option(help="override the learning rate")] = None,
     batch_size: Annotated[int, typer.Option(help="training batch")] = 256,
-    augment: Annotated[str, typer.Option(help="DSA strategy, 'auto' or 'none'")] = "auto",
+    augment: Annotated[str, typer.Option(help="DSA strategy, 'auto', 'none', or 'dc' (DC's MNIST augmentation)")] = "auto",
     test_limit: Annotated[int | None, typer.Option(help="evaluate on a stratified subset of the test split")] = None,
     teacher_epochs: Annotated[int, typer.Option(help="softlabel: epochs of the cached teacher")] = 15,
     teacher_max_per_class: Annotated[int | None, typer.Option(help="softlabel: teacher sees N images/class")] = None,

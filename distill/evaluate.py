@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distill.augment import diff_augment, strategy_for
+from distill.augment import augment_for_training, check_strategy, diff_augment, strategy_for
 from distill.config import get_settings
 from distill.data.registry import Dataset, as_pixels, to_float
 from distill.data.sampling import sample_per_class
@@ -69,7 +69,7 @@ class EvalConfig:
     epochs: int | None = None  # None: 1000 (dc) / 300 (softlabel)
     lr: float | None = None  # None: the archive's learned lr, else 0.01 (dc) / 1e-3 (softlabel)
     batch_size: int = 256
-    augment: str = "auto"  # DSA strategy; 'auto' picks by dataset, 'none' disables
+    augment: str = "auto"  # DSA strategy; 'auto' picks by dataset, 'none' disables, 'dc' = DC's MNIST augmentation
     seed: int = 0
     test_limit: int | None = None  # evaluate on a seeded stratified subset of the test split
     temperature: float = 4.0
@@ -83,6 +83,9 @@ class EvalConfig:
     precision: str = "auto"
     test_batch: int | None = None  # None: sized by memory_gb (at most 500)
     memory_gb: float = DEFAULT_MEMORY_GB  # activation budget of one forward/backward pass
+
+    def __post_init__(self) -> None:
+        check_strategy(self.augment)
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.protocol == "dc" else 300)
@@ -291,7 +294,7 @@ def train_student_dc(
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
             for part in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
-                x = diff_augment(dataset.normalize(as_pixels(x_all[part])), strategy, generator=generator)
+                x = augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator)
                 with training_precision(config.precision, device):
                     logits = model(x)
                 loss = _weighted_loss(
@@ -341,7 +344,7 @@ def train_student_softlabel(
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
             for idx in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
-                x = diff_augment(dataset.normalize(as_pixels(x_all[idx])), strategy, generator=generator)
+                x = augment_for_training(dataset.normalize(as_pixels(x_all[idx])), strategy, generator)
                 with torch.no_grad(), training_precision(config.precision, device):
                     target = F.softmax(teacher(x).float() / temperature, dim=1)
                 with training_precision(config.precision, device):

@@ -100,6 +100,9 @@ def test_eval_errors(tmp_path: Path, random_archive: Path):
     assert result.exit_code == 2 and "unknown protocol" in result.output
     result = invoke("eval", "--full")
     assert result.exit_code == 2 and "--full needs --dataset" in result.output
+    result = invoke("eval", random_archive, "--augment", "crop_bogus", "--runs", 1)
+    assert result.exit_code == 2 and "unknown augmentation 'crop_bogus'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path: Path):
