@@ -184,11 +184,13 @@ def dc_augment(
     out = x.detach().clone()
     n, channels, h, w = out.shape
     means = [float(out[:, c].mean()) for c in range(channels)]
+    channel_fill = torch.tensor(means, dtype=out.dtype, device=out.device).view(-1, 1, 1)  # crop's padding
+    rotate_fill = float(np.mean(means))  # scipy's cval: the mean of the channel means, as the reference
     for i in range(n):
         op = ops[int(torch.randint(0, len(ops), (1,), generator=generator))]
         if op == "crop":
             pad = params.crop
-            canvas = torch.tensor(means, dtype=out.dtype, device=out.device).view(-1, 1, 1).repeat(1, h + 2 * pad, w + 2 * pad)
+            canvas = channel_fill.repeat(1, h + 2 * pad, w + 2 * pad)
             canvas[:, pad : pad + h, pad : pad + w] = out[i]
             r, c = (int(v) for v in torch.randint(0, 2 * pad, (2,), generator=generator))
             out[i] = canvas[:, r : r + h, c : c + w]
@@ -204,7 +206,7 @@ def dc_augment(
             out[i] = canvas[:, r : r + h, c : c + w]
         elif op == "rotate":
             angle = int(torch.randint(-params.rotate, params.rotate, (1,), generator=generator))
-            turned = ndimage.rotate(out[i].cpu().numpy(), angle=angle, axes=(-2, -1), cval=float(np.mean(means)))
+            turned = ndimage.rotate(out[i].cpu().numpy(), angle=angle, axes=(-2, -1), cval=rotate_fill)
             r, c = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
             out[i] = torch.from_numpy(np.ascontiguousarray(turned[:, r : r + h, c : c + w])).to(out)
         elif op == "noise":
