@@ -230,6 +230,23 @@ def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     typer.echo(f"{'imagefolder:PATH':<14} any ImageFolder tree or tarball (train/ + val/ or test/)")
 
 
+@app.command("config")
+def config_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the settings as this process resolved them (relative paths made absolute) and where they came from."""
+    from distill.config import config_file, get_settings
+
+    with user_errors():
+        settings = get_settings()
+    values = {name: (str(value.expanduser()) if isinstance(value, Path) else value)
+              for name, value in settings.model_dump().items()}
+    values["config"] = str(config_file()) if config_file() else None
+    if as_json:
+        typer.echo(json.dumps(values, default=str))
+        return
+    for name, value in values.items():
+        typer.echo(f"DISTILL_{name.upper():<22} {value if value not in (None, {}) else '-'}")
+
+
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the methods with their parameters and defaults."""

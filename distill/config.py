@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import MutableMapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -21,7 +23,51 @@ from pydantic_settings import (
 from distill.errors import DistillError
 
 
-def _config_file() -> Path | None:
+# Settings that name a path on this host. A relative value means "relative to where it was given": the working
+# directory for the environment, the file's folder for a TOML config.
+PATH_VARIABLES = ("DISTILL_CONFIG", "DISTILL_HOME", "DISTILL_DATA_DIR", "DISTILL_WEIGHTS_DIR", "DISTILL_FASHION_MNIST_DIR")
+PATH_FIELDS = ("home", "data_dir", "weights_dir", "fashion_mnist_dir")
+_SQLITE = "sqlite:///"
+
+
+def absolutize_environment(environ: MutableMapping[str, str] | None = None) -> None:
+    """Rewrite relative ``DISTILL_*`` paths (and a relative SQLite URL) in the environment as absolute ones.
+
+    Done once, when the product is imported, so that every process it starts later (a server, its workers, Ray
+    tasks, the subprocesses of tests and benches) inherits the absolute form instead of reading the relative one
+    again from another working directory.
+    """
+    env = os.environ if environ is None else environ
+    for name in PATH_VARIABLES:
+        value = env.get(name)
+        if value and not value.startswith("~") and not os.path.isabs(value):
+            env[name] = os.path.abspath(value)
+    for name in ("DISTILL_DATABASE_URL", "DATABASE_URL"):
+        url = env.get(name, "")
+        if url.startswith(_SQLITE):
+            path = url[len(_SQLITE):]
+            if path and not path.startswith(("/", ":memory:")) and "?" not in path:
+                env[name] = _SQLITE + os.path.abspath(path)
+
+
+absolutize_environment()
+
+
+class _TomlRelativeToFile(TomlConfigSettingsSource):
+    """A TOML config whose relative paths are read against the file's own folder, not the working directory."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        folder = Path(str(file_path)).resolve().parent
+        for name in PATH_FIELDS:
+            value = data.get(name)
+            if isinstance(value, str) and not value.startswith("~") and not os.path.isabs(value):
+                data[name] = str(folder / value)
+        return data
+
+
+def config_file() -> Path | None:
+    """The TOML config in force: DISTILL_CONFIG, else DISTILL_HOME/config.toml when it exists."""
     explicit = os.environ.get("DISTILL_CONFIG")
     if explicit:
         return Path(explicit).expanduser()
@@ -84,9 +130,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_file()
+        path = config_file()
         if path is not None and path.exists():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            sources.append(_TomlRelativeToFile(settings_cls, toml_file=path))
         return tuple(sources)
 
     @property
@@ -111,6 +157,7 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The settings from the environment; a malformed value is one line naming its variable (DistillError)."""
+    absolutize_environment()
     try:
         return Settings()
     except ValidationError as exc:

@@ -17,6 +17,11 @@ _SHARED = REPO.parent / "shared"
 os.environ.setdefault("DISTILL_DATA_DIR", str(_SHARED / "data"))
 os.environ.setdefault("DISTILL_WEIGHTS_DIR", str(_SHARED / "weights"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Relative DISTILL_* paths (README's test command passes ../shared/...) as the product resolves them, before any
+# test copies the environment into a server or a subprocess started from another folder.
+from distill.config import absolutize_environment  # noqa: E402
+
+absolutize_environment()
 
 
 @pytest.fixture(scope="session", autouse=True)
