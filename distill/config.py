@@ -22,7 +22,6 @@ from pydantic_settings import (
 
 from distill.errors import DistillError
 
-
 # Settings that name a path on this host. A relative value means "relative to where it was given": the working
 # directory for the environment, the file's folder for a TOML config.
 PATH_VARIABLES = ("DISTILL_CONFIG", "DISTILL_HOME", "DISTILL_DATA_DIR", "DISTILL_WEIGHTS_DIR", "DISTILL_FASHION_MNIST_DIR")
