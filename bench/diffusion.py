@@ -6,7 +6,7 @@
     python bench/diffusion.py oq      --prior DIR --ipc 10 [--max-per-class 100 --epochs 300 --runs 2]
 
 Run with OMP_NUM_THREADS / DISTILL_NUM_THREADS set to the cores you may use; the results in
-docs/bench-parts/diffusion.md say which.
+docs/BENCHMARKS.md (section "Encoders and diffusion decode on the CPU") say which.
 """
 
 from __future__ import annotations

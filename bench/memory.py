@@ -6,7 +6,7 @@
 
 Each prints one JSON line: wall seconds of the stages and ``peak_rss_mb`` / ``rss_growth_mb`` (ru_maxrss, and
 its growth over the process after imports and data set-up). Run from another checkout's root (``cd
-/work/main && python /path/to/bench/memory.py ...``) to measure that checkout's code: the script imports the
+/path/to/other-checkout && python /path/to/bench/memory.py ...``) to measure that checkout's code: the script imports the
 project from the current directory. Use a fresh ``DISTILL_HOME`` per run so no cache is reused by accident.
 """
 

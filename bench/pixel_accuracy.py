@@ -9,7 +9,7 @@ method to ``--results`` (runs split into short steps on the shared CPU); ``--rep
 Evaluation: distill.evaluate protocol 'dc' (ConvNet-3 IN, SGD m 0.9, lr 0.01 or the archive's learned lr,
 DSA augmentation), ``EVAL_EPOCHS`` epochs instead of 1000, ``EVAL_RUNS`` runs, ``TEST_LIMIT`` test images
 (stratified, seeded). Distillation budgets are in ``METHODS`` (reduced from the papers: see
-docs/bench-parts/pixel-dc-dm.md). To add a method, append a ``MethodBudget`` to ``METHODS``.
+docs/BENCHMARKS.md, "Every pixel method at a reduced budget"). To add a method, append a ``MethodBudget`` to ``METHODS``.
 """
 
 from __future__ import annotations
