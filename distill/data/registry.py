@@ -582,9 +582,9 @@ def _base_names() -> list[str]:
 
 
 def unknown_dataset(name: str, paths: bool = True) -> Problem:
-    base, _, size = name.partition("@")
+    base, at, size = name.partition("@")
     spec = DATASETS.get(base)
-    if size and spec is not None and spec.base is None:  # a registered name with a size it does not offer
+    if at and spec is not None and spec.base is None:  # a registered name with a size it does not offer
         if spec.sizes:
             offered = ", ".join(f"{base}@{s}" for s in spec.sizes)
             message = f"no resolution '@{size}' for {base}: choose {offered} ({base} alone is {spec.image_size} px)"
