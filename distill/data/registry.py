@@ -514,6 +514,13 @@ DATASETS: dict[str, DatasetSpec] = {
 STANDARD_DATASETS = tuple(DATASETS)  # read from DISTILL_DATA_DIR/<name>; a plugin may register more specs
 
 
+def register(spec: DatasetSpec) -> None:
+    """Register a plugin's dataset under its name, and as NAME@SIZE for each of its ``sizes`` (its loader then
+    takes ``size=``)."""
+    for variant in _with_sizes(spec):
+        DATASETS[variant.name] = variant
+
+
 def dataset_names() -> list[str]:
     """Built-in datasets, then those the operator registered (``DISTILL_DATASETS`` / ``[datasets]``)."""
     return [*DATASETS, *(n for n in operator_datasets() if n not in DATASETS)]

@@ -189,3 +189,24 @@ def test_the_shared_development_tarball() -> None:
     assert ds.classes[-1] == "parachute" and ds.extra["folders"][-1] == "n03888257"
     images = ds.train.load([0, 4000, 8468])
     assert tuple(images.shape) == (3, 3, 128, 128) and float(images.float().std()) > 10
+
+
+def test_a_plugin_dataset_with_sizes() -> None:
+    """registry.register gives a plugin's dataset the same NAME@SIZE variants; its loader receives the size."""
+    seen: list[int | None] = []
+
+    def loader(size: int | None = None) -> registry.Dataset:
+        seen.append(size)
+        return registry.get_dataset("mnist")
+
+    spec = registry.DatasetSpec("plugin-set", "a plugin's set", 1, 28, 10, (0.5,), (0.5,), loader, sizes=(32, 64))
+    registry.register(spec)
+    try:
+        assert [n for n in registry.dataset_names() if n.startswith("plugin-set")] == [
+            "plugin-set", "plugin-set@32", "plugin-set@64"]
+        assert registry.get_dataset("plugin-set@64").name == "plugin-set@64" and seen == [64]
+        assert registry.dataset_available("plugin-set@32")  # a plugin's loader: the operator's word for it
+    finally:
+        for name in ("plugin-set", "plugin-set@32", "plugin-set@64"):
+            registry.DATASETS.pop(name)
+        registry.get_dataset.cache_clear()
