@@ -32,9 +32,15 @@ class RemoteFile:
     md5: str | None = None  # of the file as published
     content_md5: str | None = None  # of its gunzipped content (mirrors of MNIST recompress; the content is canonical)
     sha256: str | None = None
+    size: int | None = None  # bytes, where published
+    head_md5: str | None = None  # of the first MiB (fast.ai's own check for its archives)
 
     def check(self, path: Path) -> str | None:
-        """None if ``path`` matches the published checksum, else what is wrong."""
+        """None if ``path`` matches every published check, else what is wrong (the size first: the cheapest)."""
+        if self.size is not None and (got_size := path.stat().st_size) != self.size:
+            return f"{got_size} bytes, expected {self.size}"
+        if self.head_md5 and (got := _digest(path, "md5", limit=1 << 20)) != self.head_md5:
+            return f"md5 of the first MiB {got}, expected {self.head_md5}"
         if self.sha256 and (got := _digest(path, "sha256")) != self.sha256:
             return f"sha256 {got}, expected {self.sha256}"
         if self.md5 and (got := _digest(path, "md5")) != self.md5:
@@ -79,6 +85,10 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("cifar100", "data", "cifar100", "https://www.cs.toronto.edu/~kriz/",
            (RemoteFile("cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85"),),
            "CIFAR-100 (Krizhevsky), python pickles, 161 MB"),
+    Source("imagenette", "data", "imagenette", "https://s3.amazonaws.com/fast-ai-imageclas/",
+           (RemoteFile("imagenette2-160.tgz", md5="e793b78cc4c9e9a4ccc0c1155377a412", size=99_003_388,
+                       head_md5="c475f8f7617a200ba35b9facc48443c3"),),
+           "Imagenette (fast.ai), 10 ImageNet classes, images with a 160 px short side, 99 MB; read as the tarball"),
     Source("taef2", "weights", "taef2", "https://github.com/madebyollin/taesd/raw/main/", (
         RemoteFile("taef2_encoder.pth", sha256="10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6"),
         RemoteFile("taef2_decoder.pth", sha256="0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"),
@@ -93,10 +103,14 @@ Class order is the sorted wnid order (as torchvision's ImageFolder); any other I
 `distill run METHOD --dataset imagefolder:PATH`."""
 
 
-def _digest(path: Path, algorithm: str, gunzip: bool = False) -> str:
+def _digest(path: Path, algorithm: str, gunzip: bool = False, limit: int | None = None) -> str:
+    """Hex digest of the file (its gunzipped content with ``gunzip``; its first ``limit`` bytes with ``limit``)."""
     h = hashlib.new(algorithm)
     opener = gzip.open if gunzip else open
     with opener(path, "rb") as handle:
+        if limit is not None:
+            h.update(handle.read(limit))
+            return h.hexdigest()
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -126,7 +140,8 @@ def manual_instructions(source: Source, folder: Path | None = None) -> str:
     lines = [f"to install {source.name} by hand, download these files from {source.base_url} into {where}/:"]
     for f in source.files:
         check = f"sha256 {f.sha256}" if f.sha256 else f"md5 {f.md5}" if f.md5 else f"gunzipped md5 {f.content_md5}"
-        lines.append(f"  {f.name}  ({check})")
+        size = f", {f.size} bytes" if f.size is not None else ""
+        lines.append(f"  {f.name}  ({check}{size})")
     lines.append(f"then run `distill fetch {source.name}` again to check them (it keeps verified files).")
     return "\n".join(lines)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +169,11 @@ class DatasetSpec:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    loader: Callable[[], Dataset]
+    loader: Callable[..., Dataset]  # called with no argument; with ``size=`` too when ``sizes`` is not empty
     digits: bool = False
     smallest_class: int | None = None  # training images in the smallest class of the standard release
+    sizes: tuple[int, ...] = ()  # resolutions offered as NAME@SIZE (datasets read from image files)
+    base: str | None = None  # for NAME@SIZE: NAME
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -248,23 +250,59 @@ def _imagefolder_dataset(
     """An ImageFolder tree or tarball; decoded into memory when small, streamed otherwise.
 
     ``image_size``: the dataset's fixed resolution (CIFAR 32, ImageNet 224); ``explicit_size``: the user's
-    choice for ``imagefolder:PATH@SIZE``; otherwise the first file's short side, at most 256 (stated in the
-    manifest as ``image_size_from``).
+    choice for ``imagefolder:PATH@SIZE`` or ``NAME@SIZE``; otherwise the first file's short side, at most 256
+    (stated in the manifest as ``image_size_from``).
     """
-    settings = get_settings()
+    root, test_name = _imagefolder_root(source)
+    # Pre-flight: a bad layout (missing or empty class folders, unreadable classes) stops here, before any work.
+    report = readers.check_imagefolder(root, ("train", test_name), classes)
+    report.raise_for_errors()
+    index, index_path, fingerprint = _imagefolder_index(name, root, test_name, classes)
+    width, height, mode = index["probe"]
+    if channels is None:
+        channels = 1 if mode in ("L", "1", "I;16", "I") else 3
+    image_size, image_size_from = _resolution(image_size, explicit_size, min(width, height))
+    train, test = _imagefolder_splits(root, test_name, index, index_path, image_size, channels)
+    in_memory = isinstance(train, ArraySplit)
+    source_short = int(index.get("short_side_median", min(width, height)))
+    if mean is None or std is None:
+        mean, std = _estimate_mean_std(train, channels)
+    return Dataset(
+        name=name,
+        classes=class_names or index["classes"],
+        channels=channels,
+        image_size=image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        train=train,
+        test=test,
+        source=str(root),
+        extra={"folders": index["classes"], "fingerprint": fingerprint, "image_size_from": image_size_from,
+               "source_size": source_short if not in_memory and source_short > image_size else None,
+               "preflight_warnings": report.warnings or None},
+    )
+
+
+def _imagefolder_root(source: Path) -> tuple[Path, str]:
+    """The folder holding ``train/`` (a tarball is unpacked into the cache once) and the name of its test split."""
     if not source.exists():
         raise DistillError(f"missing data: {source}")
-    folder = readers.unpack_once(source, settings.cache_dir) if source.is_file() else source
+    folder = readers.unpack_once(source, get_settings().cache_dir) if source.is_file() else source
     root = readers.locate_imagefolder_root(folder)
     test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
     if test_name is None:
         raise DistillError(f"{root}: no val/ or test/ folder next to train/")
-    # Pre-flight: a bad layout (missing or empty class folders, unreadable classes) stops here, before any work.
-    report = readers.check_imagefolder(root, ("train", test_name), classes)
-    report.raise_for_errors()
-    # Keyed by the content (names, sizes, mtimes), not the path: a changed folder is re-indexed and re-decoded.
+    return root, test_name
+
+
+def _imagefolder_index(name: str, root: Path, test_name: str, classes: list[str] | None) -> tuple[dict, Path, str]:
+    """The file lists, labels and a header probe of an ImageFolder, cached on disk: ``(index, its path, fingerprint)``.
+
+    Keyed by the content (names, sizes, mtimes), not the path: a changed folder is re-indexed and re-decoded.
+    """
     fingerprint = readers.imagefolder_fingerprint(root, ("train", test_name))
-    index_path = settings.cache_dir / "index" / f"{name.replace(':', '_').replace('/', '_')[:40]}-{fingerprint}.json"
+    stem = name.replace(":", "_").replace("/", "_")[:40]
+    index_path = get_settings().cache_dir / "index" / f"{stem}-{fingerprint}.json"
 
     def build_index() -> dict:
         cls, train_files, train_labels = readers.list_imagefolder(root / "train", classes)
@@ -276,33 +314,34 @@ def _imagefolder_dataset(
                   if p is not None]
         if not probes:
             raise DistillError(f"{root / 'train'}: none of the probed files is a readable image")
-        width, height, mode = probes[0]  # the first readable file in sorted order
-        shorts = [min(p[:2]) for p in probes]
         return {
             "classes": cls,
             "train_files": train_files,
             "train_labels": train_labels.tolist(),
             "test_files": test_files,
             "test_labels": test_labels.tolist(),
-            "probe": [width, height, mode],
-            "short_side_median": int(np.median(shorts)),
+            "probe": list(probes[0]),  # the first readable file in sorted order: width, height, mode
+            "short_side_median": int(np.median([min(p[:2]) for p in probes])),
         }
 
-    index = readers.cached_json(index_path, build_index)
-    cls = index["classes"]
-    width, height, mode = index["probe"]
-    if channels is None:
-        channels = 1 if mode in ("L", "1", "I;16", "I") else 3
-    image_size_from = "dataset default"
+    return readers.cached_json(index_path, build_index), index_path, fingerprint
+
+
+def _resolution(image_size: int | None, explicit_size: int | None, first_short_side: int) -> tuple[int, str]:
+    """The resolution to read at and where it came from (recorded in the manifest as ``image_size_from``)."""
     if explicit_size is not None:
-        image_size, image_size_from = explicit_size, "explicit (@SIZE)"
-    elif image_size is None:
-        image_size, image_size_from = min(width, height, 256), "first file, at most 256"
-    source_short = int(index.get("short_side_median", min(width, height)))
+        return explicit_size, "explicit (@SIZE)"
+    if image_size is not None:
+        return image_size, "dataset default"
+    return min(first_short_side, 256), "first file, at most 256"
+
+
+def _imagefolder_splits(root: Path, test_name: str, index: dict, index_path: Path, image_size: int,
+                        channels: int) -> tuple[Split, Split]:
+    """Train and test splits: decoded once into cached arrays when small, else streamed from the files."""
     train_labels = np.asarray(index["train_labels"], dtype=np.int64)
     test_labels = np.asarray(index["test_labels"], dtype=np.int64)
-    small = len(train_labels) <= IN_MEMORY_MAX_IMAGES and image_size <= IN_MEMORY_MAX_SIZE
-    if small:
+    if len(train_labels) <= IN_MEMORY_MAX_IMAGES and image_size <= IN_MEMORY_MAX_SIZE:
         arrays = readers.cached_npz(
             index_path.with_suffix(f".{image_size}px.npz"),
             lambda: {
@@ -310,27 +349,9 @@ def _imagefolder_dataset(
                 "test": readers.decode_all(root / test_name, index["test_files"], image_size, channels),
             },
         )
-        train: Split = ArraySplit(arrays["train"], train_labels)
-        test: Split = ArraySplit(arrays["test"], test_labels)
-    else:
-        train = FileSplit(root / "train", index["train_files"], train_labels, image_size, channels)
-        test = FileSplit(root / test_name, index["test_files"], test_labels, image_size, channels)
-    if mean is None or std is None:
-        mean, std = _estimate_mean_std(train, channels)
-    return Dataset(
-        name=name,
-        classes=class_names or cls,
-        channels=channels,
-        image_size=image_size,
-        mean=tuple(mean),
-        std=tuple(std),
-        train=train,
-        test=test,
-        source=str(root),
-        extra={"folders": cls, "fingerprint": fingerprint, "image_size_from": image_size_from,
-               "source_size": source_short if not small and source_short > image_size else None,
-               "preflight_warnings": report.warnings or None},
-    )
+        return ArraySplit(arrays["train"], train_labels), ArraySplit(arrays["test"], test_labels)
+    return (FileSplit(root / "train", index["train_files"], train_labels, image_size, channels),
+            FileSplit(root / test_name, index["test_files"], test_labels, image_size, channels))
 
 
 def _estimate_mean_std(split: Split, channels: int, sample: int = 2000) -> tuple[tuple, tuple]:
@@ -398,17 +419,80 @@ def imagenet_wnids_and_names() -> tuple[list[str], list[str]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def load_imagenet() -> Dataset:
+def load_imagenet(size: int | None = None) -> Dataset:
     folder = _data_dir() / "imagenet"
     wnids, names = imagenet_wnids_and_names()
     return _imagefolder_dataset(
         "imagenet", folder, channels=3, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        classes=wnids, class_names=names,
+        classes=wnids, class_names=names, explicit_size=size,
     )
 
 
+# Imagenette (fast.ai): 10 easy ImageNet classes. Class order is the sorted wnid order, as for ImageNet.
+IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+                    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257")
+# The official releases, by the short side of their images (the full-size one last: the slowest to decode).
+IMAGENETTE_RELEASES = {160: "imagenette2-160", 320: "imagenette2-320", 10_000: "imagenette2"}
+# Without @SIZE: 128 px, the resolution of the published ImageNette distillation protocol (MTT and its successors,
+# ConvNet depth 5), so `imagenette` figures compare with the papers'; imagenette@64 is the CPU-sized one.
+IMAGENETTE_SIZE = 128
+
+
+def imagenette_source(folder: Path, size: int) -> Path:
+    """Which copy in ``folder`` (DISTILL_DATA_DIR/imagenette) to read.
+
+    An official release first, as a folder (``imagenette2-160/``) before its tarball (``imagenette2-160.tgz``),
+    the smallest one whose images are at least ``size`` px (less to decode, nothing upsampled); then an
+    ImageFolder tree right there (``train/`` + ``val/``); then the one ImageFolder tarball there (such as the
+    development split ``imagenette-160-dev.tar``).
+    """
+    if not folder.is_dir():
+        raise DistillError(f"missing data folder for imagenette: {folder} (`distill fetch imagenette` fills it)")
+    shorts = sorted(IMAGENETTE_RELEASES, key=lambda short: (short < size, short))
+    for stem in (IMAGENETTE_RELEASES[short] for short in shorts):
+        for candidate in (folder / stem, folder / f"{stem}.tgz"):
+            if candidate.exists():
+                return candidate
+    if (folder / "train").is_dir():
+        return folder
+    tarballs = sorted(p for p in folder.iterdir()
+                      if not p.name.startswith(".") and p.name.endswith((".tar", ".tgz", ".tar.gz")))
+    if tarballs:
+        return tarballs[0]
+    raise DistillError(f"no Imagenette in {folder}: expected imagenette2-160/ or imagenette2-320/ (train/ + val/), "
+                       "their .tgz (`distill fetch imagenette`), train/ + val/ or an ImageFolder tarball")
+
+
+def load_imagenette(size: int | None = None) -> Dataset:
+    resolution = IMAGENETTE_SIZE if size is None else size
+    source = imagenette_source(_data_dir() / "imagenette", resolution)
+    wnids, names = imagenet_wnids_and_names()
+    readable = dict(zip(wnids, names, strict=True))
+    return _imagefolder_dataset(
+        "imagenette", source, channels=3, image_size=IMAGENETTE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        classes=list(IMAGENETTE_WNIDS), class_names=[readable[w] for w in IMAGENETTE_WNIDS], explicit_size=size,
+    )
+
+
+# The resolutions a dataset read from image files is offered at as NAME@SIZE (an enum, never free text over
+# HTTP): 32 (CIFAR-sized, Downsampled ImageNet 32), 64 (Tiny ImageNet, Downsampled ImageNet 64; what one CPU
+# core can train students on), 128 (the ImageNet-subset protocol of MTT and its successors) and 224 (ImageNet's
+# own). Any other size: imagefolder:PATH@SIZE on the command line.
+RESOLUTIONS = (32, 64, 128, 224)
+
+
+def _with_sizes(spec: DatasetSpec) -> list[DatasetSpec]:
+    """``spec`` and one spec per resolution it offers (``NAME@SIZE``), each its own registered name."""
+    variants = [
+        replace(spec, name=f"{spec.name}@{size}", description=f"{spec.name} read at {size} px", image_size=size,
+                loader=partial(spec.loader, size=size), sizes=(), base=spec.name)
+        for size in spec.sizes
+    ]
+    return [spec, *variants]
+
+
 DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
+    variant.name: variant
     for spec in [
         DatasetSpec("mnist", "MNIST handwritten digits (IDX)", 1, 28, 10, (0.1307,), (0.3081,), load_mnist, True, 5421),
         DatasetSpec("fashion-mnist", "Fashion-MNIST (IDX)", 1, 28, 10, (0.2861,), (0.3530,), load_fashion_mnist,
@@ -418,12 +502,23 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("cifar100", "CIFAR-100 (pickles or ImageFolder)", 3, 32, 100, CIFAR100_MEAN, CIFAR100_STD, load_cifar100,
                     smallest_class=500),
         DatasetSpec("imagenet", "ImageNet-1K, ImageFolder with wnid folders (streamed)", 3, 224, 1000,
-                    IMAGENET_MEAN, IMAGENET_STD, load_imagenet, smallest_class=732),
+                    IMAGENET_MEAN, IMAGENET_STD, load_imagenet, smallest_class=732, sizes=RESOLUTIONS),
+        DatasetSpec("imagenette", "Imagenette, 10 ImageNet classes (fast.ai's imagenette2 folders or tarballs)", 3,
+                    IMAGENETTE_SIZE, 10, IMAGENET_MEAN, IMAGENET_STD, load_imagenette, smallest_class=858,
+                    sizes=RESOLUTIONS),
     ]
+    for variant in _with_sizes(spec)
 }
 
 
 STANDARD_DATASETS = tuple(DATASETS)  # read from DISTILL_DATA_DIR/<name>; a plugin may register more specs
+
+
+def register(spec: DatasetSpec) -> None:
+    """Register a plugin's dataset under its name, and as NAME@SIZE for each of its ``sizes`` (its loader then
+    takes ``size=``)."""
+    for variant in _with_sizes(spec):
+        DATASETS[variant.name] = variant
 
 
 def dataset_names() -> list[str]:
@@ -449,6 +544,8 @@ def data_sources(name: str) -> list[Path]:
     settings = get_settings()
     if name in settings.datasets and name not in DATASETS:
         return [operator_datasets()[name]]
+    spec = DATASETS.get(name)
+    name = spec.base if spec is not None and spec.base is not None else name  # NAME@SIZE reads NAME's files
     sources = [settings.data_dir.expanduser() / name] if settings.data_dir is not None else []
     if name == "fashion-mnist":
         sources.append(settings.fashion_mnist_dir)
@@ -480,16 +577,35 @@ def get_dataset(name: str) -> Dataset:
         if name in operator:
             return _imagefolder_dataset(name, operator[name])
         raise InvalidRequest([unknown_dataset(name)])
-    return DATASETS[name].loader()
+    dataset = DATASETS[name].loader()
+    # NAME@SIZE shares NAME's caches (the loader names it NAME) but keeps its own name: an archive's manifest
+    # names the resolution its images were read at, and `distill eval` reads the test split at the same one.
+    return dataset if dataset.name == name else replace(dataset, name=name)
+
+
+def _base_names() -> list[str]:
+    """Registered names without their NAME@SIZE variants (those are listed as NAME[@SIZE] in messages)."""
+    return [n for n in dataset_names() if n not in DATASETS or DATASETS[n].base is None]
 
 
 def unknown_dataset(name: str, paths: bool = True) -> Problem:
-    known = ", ".join(dataset_names()) + (" or imagefolder:PATH" if paths else "")
+    base, at, size = name.partition("@")
+    spec = DATASETS.get(base)
+    if at and spec is not None and spec.base is None:  # a registered name with a size it does not offer
+        if spec.sizes:
+            offered = ", ".join(f"{base}@{s}" for s in spec.sizes)
+            message = f"no resolution '@{size}' for {base}: choose {offered} ({base} alone is {spec.image_size} px)"
+        else:
+            resizable = ", ".join(n for n in _base_names() if n in DATASETS and DATASETS[n].sizes)
+            message = f"{base} has a fixed resolution ({spec.image_size} px); @SIZE is for {resizable}"
+        return problem(["dataset"], message, "value_error.dataset_resolution")
+    known = ", ".join(f"{n}[@SIZE]" if n in DATASETS and DATASETS[n].sizes else n for n in _base_names())
+    known += " or imagefolder:PATH[@SIZE]" if paths else ""
     return problem(["dataset"], f"unknown dataset '{name}'; known: {known}", "value_error.unknown_dataset")
 
 
 def unavailable_dataset(name: str) -> Problem:
-    available = [n for n in dataset_names() if dataset_available(n)]
+    available = [n for n in _base_names() if dataset_available(n)]
     return problem(["dataset"], f"dataset '{name}' is not available on this server; available: "
                                 f"{', '.join(available) or 'none'}", "value_error.dataset_unavailable")
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,3 +133,23 @@ def test_no_network_says_where_to_put_the_files(tmp_path: Path) -> None:
     assert imagenet.returncode == 2 and "imagenet/train/n01440764" in imagenet.stderr
     unknown = fetch(tmp_path, "svhn")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown source 'svhn'")
+
+
+def test_imagenette_is_the_official_archive_checked_by_size_and_md5(tmp_path: Path,
+                                                                    mirror: tuple[str, type[Mirror]]) -> None:
+    """A copy that is not fast.ai's imagenette2-160.tgz (here: a small gzip tar) is refused on its size and removed;
+    without network the instructions name the file, its md5 and its size."""
+    url, handler = mirror
+    (handler.root / "imagenette").mkdir()
+    with tarfile.open(handler.root / "imagenette" / "imagenette2-160.tgz", "w:gz") as archive:
+        archive.add(Path(os.environ["DISTILL_DATA_DIR"]) / "mnist" / "t10k-labels-idx1-ubyte.gz", arcname="x.gz")
+    size = (handler.root / "imagenette" / "imagenette2-160.tgz").stat().st_size
+    run = fetch(tmp_path, "imagenette", "--mirror", url)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {url}/imagenette/imagenette2-160.tgz: checksum mismatch "
+                      f"({size} bytes, expected 99003388); removed the download"]
+    assert list((tmp_path / "data" / "imagenette").iterdir()) == []
+    offline = fetch(tmp_path, "imagenette", "--mirror", "http://127.0.0.1:9")
+    assert offline.returncode == 2 and "https://s3.amazonaws.com/fast-ai-imageclas/" in offline.stderr
+    assert "imagenette2-160.tgz  (md5 e793b78cc4c9e9a4ccc0c1155377a412, 99003388 bytes)" in offline.stderr
