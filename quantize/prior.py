@@ -47,8 +47,8 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 @dataclass
 class PriorConfig:
-    """Transformer size. The default is tiny (about 0.8M parameters) so MNIST trains on CPU in minutes;
-    DiT-S/2 is ``num_layers=12, num_attention_heads=6, attention_head_dim=64``."""
+    """Transformer size. The default is tiny (about 0.8M parameters) so that a small dataset's prior trains on a
+    CPU; DiT-S/2 is ``num_layers=12, num_attention_heads=6, attention_head_dim=64``."""
 
     num_layers: int = 4
     num_attention_heads: int = 4
@@ -89,8 +89,8 @@ def default_prior_dir(dataset: str, encoder: str, resolution: int) -> Path:
     return get_settings().home_dir / "priors" / f"{dataset}-{safe_encoder}-{resolution}"
 
 
-# Latents up to this many float32 bytes get their statistics in one pass, exactly as before streaming (so
-# existing priors reproduce); larger sources are read in chunks of STATS_CHUNK_BYTES.
+# Latents up to this many float32 bytes get their statistics in one pass (the arithmetic earlier priors were
+# trained with, so they reproduce bit for bit); larger sources are read in chunks of STATS_CHUNK_BYTES.
 STATS_ONE_PASS_BYTES = 1 << 30
 STATS_CHUNK_BYTES = 16 << 20
 
