@@ -24,7 +24,9 @@ Memory is bounded by a batch, not by the set or the test split: distilled images
 streamed through the loader (:class:`distill.data.loader.ImageStream`) in batches sized by the same budget.
 ``model="auto"``: ConvNet below 128 px, ResNet-18 at the data's resolution from 128 px (the DDOQ / RDED
 protocol for ImageNet); forward passes run under the ``precision`` setting. A teacher can be a local
-torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``).
+torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``); otherwise it is trained once
+(:mod:`distill.teacher`). Every loop calls an optional ``check_cancelled`` before each step and test batch (it
+raises to stop), so an evaluation run as a job stops within a step of a cancel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
 from distill.training import (
     DEFAULT_MEMORY_GB,
+    CancelCheck,
     Progress,
     activation_bytes,
     batch_for,
@@ -161,7 +163,8 @@ def _test_indices(dataset: Dataset, limit: int | None, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500,
-                  precision: str = "auto", progress: Progress | None = None) -> float:
+                  precision: str = "auto", progress: Progress | None = None,
+                  check_cancelled: CancelCheck | None = None) -> float:
     """Accuracy on ``dataset.test[indices]``, streamed through the loader (decode ahead in worker processes);
     a test file that cannot be decoded counts as wrong (the denominator stays ``len(indices)``)."""
     from distill.data.loader import ImageStream
@@ -171,6 +174,8 @@ def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indi
     share = indices[rank::world]  # several processes: each tests a strided share, the counts are summed
     correct, seen = 0, 0
     for chunk, images in ImageStream(dataset.test, share, batch_size=batch, device=device):
+        if check_cancelled is not None:
+            check_cancelled()
         x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
         with training_precision(precision, device):
             pred = model(x).argmax(1).cpu()
@@ -217,6 +222,7 @@ def train_student_dc(
     weights: torch.Tensor | None = None,
     lr: float = 0.01,
     progress: Progress | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> Classifier:
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation.
 
@@ -242,6 +248,8 @@ def train_student_dc(
                 group["lr"] *= 0.1
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, config.batch_size):
+            if check_cancelled is not None:
+                check_cancelled()
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
@@ -271,6 +279,7 @@ def train_student_softlabel(
     weights: torch.Tensor | None = None,
     lr: float = 1e-3,
     progress: Progress | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> Classifier:
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine.
     Data parallel over processes as :func:`train_student_dc`."""
@@ -292,6 +301,8 @@ def train_student_softlabel(
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
+            if check_cancelled is not None:
+                check_cancelled()
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
@@ -364,6 +375,7 @@ def evaluate_distilled(
     progress: Progress | None = None,
     *,
     control_ipc: int | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> EvalResult:
     """Train ``config.runs`` fresh students on ``distilled``; with ``control_ipc``, attach the random control.
 
@@ -371,8 +383,10 @@ def evaluate_distilled(
     """
     if control_ipc is not None and config.protocol != "dd":
         share = 1.0 if _control_path(dataset, control_ipc, config).exists() else 0.5
-        result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share))
-        result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0))
+        result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share),
+                                    check_cancelled=check_cancelled)
+        result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0),
+                                        check_cancelled=check_cancelled)
         return result
     if config.protocol not in PROTOCOLS:
         raise DistillError(f"unknown protocol '{config.protocol}'; known: {', '.join(PROTOCOLS)}")
@@ -392,7 +406,7 @@ def evaluate_distilled(
     teacher = None
     epochs = config.resolved_epochs()
     if config.protocol == "softlabel":
-        teacher = get_teacher(dataset, config, progress=progress).to(device)
+        teacher = get_teacher(dataset, config, progress=progress, check_cancelled=check_cancelled).to(device)
         lr = config.lr or 1e-3
     elif config.protocol == "dd":
         lr = float(distilled.extras["step_lrs"].mean()) if "step_lrs" in distilled.extras else 0.0
@@ -413,12 +427,13 @@ def evaluate_distilled(
             model = train_student_dd(distilled, dataset, config, run_seed)
         elif teacher is not None:
             model = train_student_softlabel(distilled.images, dataset, config, run_seed, teacher, weights=weights,
-                                            lr=lr, progress=run_progress)
+                                            lr=lr, progress=run_progress, check_cancelled=check_cancelled)
         else:
             model = train_student_dc(distilled.images, distilled.labels, dataset, config, run_seed,
-                                     soft_targets=soft, weights=weights, lr=lr, progress=run_progress)
+                                     soft_targets=soft, weights=weights, lr=lr, progress=run_progress,
+                                     check_cancelled=check_cancelled)
         accuracies.append(test_accuracy(model, dataset, device, indices, test_batch, precision=config.precision,
-                                        progress=run_progress))
+                                        progress=run_progress, check_cancelled=check_cancelled))
     return EvalResult(
         dataset=dataset.name,
         model=(dd_student_network(distilled, dataset, config) if config.protocol == "dd"
@@ -459,7 +474,8 @@ def _control_path(dataset: Dataset, ipc: int, config: EvalConfig) -> Path:
     return get_settings().home_dir / "controls" / f"{stem}-ipc{ipc}-{config.protocol}-{digest}.json"
 
 
-def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Progress | None = None) -> EvalResult:
+def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Progress | None = None, *,
+                   check_cancelled: CancelCheck | None = None) -> EvalResult:
     """Accuracy of ``ipc`` random real images per class (the ``random`` baseline, seed ``config.seed``) under
     ``config``: computed once, then read from ``DISTILL_HOME/controls``."""
     from distill.data.registry import check_ipc
@@ -474,7 +490,7 @@ def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Pro
     indices = random_per_class(dataset.train, dataset.num_classes, ipc, config.seed)
     subset = DistilledSet(images=dataset.train.load(indices).float().div_(255.0),
                           labels=torch.from_numpy(dataset.train.labels[indices].copy()))
-    result = evaluate_distilled(subset, dataset, config, progress)
+    result = evaluate_distilled(subset, dataset, config, progress, check_cancelled=check_cancelled)
     result.settings = result.settings | {"method": "random", "ipc": ipc}
     atomic_write_json(path, result.to_json())
     result.settings = result.settings | {"cached": False}
@@ -483,7 +499,7 @@ def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Pro
 
 # ----------------------------------------------------------------------------------- full data / teacher
 def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | None = None,
-                  progress: Progress | None = None) -> EvalResult:
+                  progress: Progress | None = None, *, check_cancelled: CancelCheck | None = None) -> EvalResult:
     """Whole-dataset upper bound: the same network trained on the full train split."""
     start = time.perf_counter()
     device = torch.device(config.device)
@@ -494,10 +510,10 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
         model = teachers.train_on_split(dataset, config.model, epochs, config.seed * 1000 + run, device,
                                         max_per_class=max_per_class, lr=config.lr or 0.01,
                                         augment=config.augment != "none", progress=progress,
-                                        precision=config.precision)
+                                        precision=config.precision, check_cancelled=check_cancelled)
         accuracies.append(test_accuracy(model, dataset, device, indices, config.test_batch or batch_for(
             config.memory_budget(), activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500),
-            precision=config.precision))
+            precision=config.precision, check_cancelled=check_cancelled))
     train_images = len(dataset.train) if max_per_class is None else int(
         np.minimum(dataset.train.counts(dataset.num_classes), max_per_class).sum())
     return EvalResult(
@@ -510,7 +526,7 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
 
 
 def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None,
-                check_cancelled: Callable[[], None] | None = None) -> Classifier:
+                check_cancelled: CancelCheck | None = None) -> Classifier:
     """The teacher of ``config`` (its ``teacher_*`` fields, seed, precision and device): see
     :func:`distill.teacher.get_teacher`."""
     return teachers.get_teacher(dataset, config.teacher_spec(), progress=progress, check_cancelled=check_cancelled)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from distill.files import atomic_output
 from distill.nets import Classifier, build_network
 from distill.precision import precision_dtype
 from distill.training import (
+    CancelCheck,
     Progress,
     data_parallel,
     on_device,
@@ -87,7 +88,7 @@ def train_on_split(
     augment: bool = True,
     progress: Progress | None = None,
     precision: str = "auto",
-    check_cancelled: Callable[[], None] | None = None,
+    check_cancelled: CancelCheck | None = None,
     stage: str = "train",
     num_workers: int | None = None,
 ) -> Classifier:
@@ -153,7 +154,7 @@ def teacher_path(dataset: Dataset, spec: TeacherSpec) -> Path:
 
 
 def get_teacher(dataset: Dataset, spec: TeacherSpec, progress: Progress | None = None,
-                check_cancelled: Callable[[], None] | None = None) -> Classifier:
+                check_cancelled: CancelCheck | None = None) -> Classifier:
     """The teacher of ``spec`` in eval mode on ``spec.device``: loaded from the cache, or trained on the train
     split (stage ``teacher``) and cached; with ``spec.checkpoint``, the operator's local ResNet-18 checkpoint."""
     from safetensors.torch import load_file, save_file

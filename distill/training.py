@@ -17,6 +17,7 @@ from torch import nn
 from distill.precision import autocast_context, precision_dtype
 
 Progress = Callable[[str, float], None]
+CancelCheck = Callable[[], None]  # raises (distill.errors.Cancelled) to stop a run; called between steps
 M = TypeVar("M", bound=nn.Module)
 
 RESNET_FROM_SIZE = 128  # model="auto": ResNet-18 from this resolution on (DDOQ/RDED on ImageNet), ConvNet below
