@@ -123,7 +123,8 @@ def eval_(
     no_control: Annotated[bool, typer.Option("--no-control", help="skip the random-subset control")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (progress as JSON lines on stderr)")] = False,
     test_batch: Annotated[int | None, typer.Option(help="test batch (default: sized by --memory-gb, at most 500)")] = None,
-    memory_gb: Annotated[float, typer.Option(help="activation budget per forward/backward pass (GiB)")] = 2.0,
+    memory_gb: Annotated[float | None, typer.Option(help="activation budget per forward/backward pass (GiB; default "
+                                                        "2 on the CPU, half the free memory on CUDA)")] = None,
     teacher_checkpoint: Annotated[Path | None, typer.Option(help="softlabel: a local torchvision-format ResNet-18 "
                                                                   "checkpoint as the teacher")] = None,
 ) -> None:

@@ -24,7 +24,9 @@ Memory is bounded by a batch, not by the set or the test split: distilled images
 streamed through the loader (:class:`distill.data.loader.ImageStream`) in batches sized by the same budget.
 ``model="auto"``: ConvNet below 128 px, ResNet-18 at the data's resolution from 128 px (the DDOQ / RDED
 protocol for ImageNet); forward passes run under the ``precision`` setting. A teacher can be a local
-torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``).
+torchvision-format ResNet-18 checkpoint (``teacher_checkpoint``); otherwise it is trained once
+(:mod:`distill.teacher`). Every loop calls an optional ``check_cancelled`` before each step and test batch (it
+raises to stop), so an evaluation run as a job stops within a step of a cancel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,22 +44,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distill.augment import augment_for_training, check_strategy, diff_augment, strategy_for
+from distill import teacher as teachers
+from distill.augment import augment_for_training, check_strategy, strategy_for
 from distill.config import get_settings
 from distill.data.registry import Dataset, as_pixels, to_float
-from distill.data.sampling import sample_per_class
+from distill.data.sampling import random_per_class
 from distill.errors import DistillError
-from distill.files import atomic_output, atomic_write_json
+from distill.files import atomic_write_json
 from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
-from distill.precision import autocast_context, precision_dtype
+from distill.training import (
+    DEFAULT_MEMORY_GB,
+    CancelCheck,
+    Progress,
+    activation_bytes,
+    batch_for,
+    data_parallel,
+    memory_budget_gb,
+    on_device,
+    resolve_model,
+    sum_gradients,
+    training_precision,
+)
+from distill.training import finish_data_parallel as finish_data_parallel  # the CLI ends its runs with it
 
 PROTOCOLS = ("dc", "softlabel", "dd")
-Progress = Callable[[str, float], None]
-
-
-RESNET_FROM_SIZE = 128  # model="auto": ResNet-18 from this resolution on (DDOQ/RDED on ImageNet), ConvNet below
-DEFAULT_MEMORY_GB = 2.0
 
 
 @dataclass
@@ -81,8 +91,9 @@ class EvalConfig:
     # fp32 (reference-exact), bf16 autocast, or auto: bf16 on CUDA GPUs with bf16, fp32 on the CPU (so the CPU
     # numbers in docs/BENCHMARKS.md stay reproducible)
     precision: str = "auto"
-    test_batch: int | None = None  # None: sized by memory_gb (at most 500)
-    memory_gb: float = DEFAULT_MEMORY_GB  # activation budget of one forward/backward pass
+    test_batch: int | None = None  # None: sized by the memory budget (at most 500)
+    # activation budget of one forward/backward pass (GiB); None: from the device (distill.training.memory_budget_gb)
+    memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         check_strategy(self.augment)
@@ -90,31 +101,13 @@ class EvalConfig:
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.protocol == "dc" else 300)
 
+    def memory_budget(self) -> float:
+        return memory_budget_gb(torch.device(self.device), self.memory_gb)
 
-def resolve_model(name: str, image_size: int) -> str:
-    """``auto`` -> convnet below 128 px, resnet18 at 128 px and above; other names as given."""
-    if name != "auto":
-        return name
-    return "resnet18" if image_size >= RESNET_FROM_SIZE else "convnet"
-
-
-def activation_bytes(model: str, channels: int, image_size: int, train: bool) -> int:
-    """Rough activation memory of one image through ``model`` (float32): the first feature map dominates
-    (ConvNet: width 128 at full resolution, ~3 maps live; ResNet-18: 64 maps at half or full resolution, ~10
-    live); training keeps every layer's output for backward (x4). Used only to size batches."""
-    name = resolve_model(model, image_size)
-    if name.startswith("resnet"):
-        side = image_size // 4 if image_size >= 64 else image_size
-        per = 64 * side * side * 4 * 10
-    else:
-        per = 128 * image_size * image_size * 4 * 3
-    return per * (4 if train else 1) + channels * image_size * image_size * 4
-
-
-def batch_for(budget_gb: float, per_image: int, cap: int) -> int:
-    return int(max(1, min(cap, (budget_gb * 2**30) // max(1, per_image))))
-
-
+    def teacher_spec(self) -> teachers.TeacherSpec:
+        return teachers.TeacherSpec(model=self.teacher_model, epochs=self.teacher_epochs,
+                                    max_per_class=self.teacher_max_per_class, seed=self.seed, precision=self.precision,
+                                    device=self.device, checkpoint=self.teacher_checkpoint)
 
 
 @dataclass
@@ -170,7 +163,8 @@ def _test_indices(dataset: Dataset, limit: int | None, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500,
-                  precision: str = "auto", progress: Progress | None = None) -> float:
+                  precision: str = "auto", progress: Progress | None = None,
+                  check_cancelled: CancelCheck | None = None) -> float:
     """Accuracy on ``dataset.test[indices]``, streamed through the loader (decode ahead in worker processes);
     a test file that cannot be decoded counts as wrong (the denominator stays ``len(indices)``)."""
     from distill.data.loader import ImageStream
@@ -180,6 +174,8 @@ def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indi
     share = indices[rank::world]  # several processes: each tests a strided share, the counts are summed
     correct, seen = 0, 0
     for chunk, images in ImageStream(dataset.test, share, batch_size=batch, device=device):
+        if check_cancelled is not None:
+            check_cancelled()
         x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
         with training_precision(precision, device):
             pred = model(x).argmax(1).cpu()
@@ -192,46 +188,6 @@ def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indi
         torch.distributed.all_reduce(total)
         correct = int(total.item())
     return 100.0 * correct / max(1, len(indices))
-
-
-def data_parallel(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process: under ``accelerate launch`` / ``torchrun`` each of the
-    ``world`` processes takes a strided share of every batch; one process (CPU, one GPU) is rank 0 of 1."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=device.type == "cpu")
-    if state.num_processes > 1:
-        return state.process_index, state.num_processes, state.device
-    return 0, 1, device
-
-
-def finish_data_parallel() -> bool:
-    """End of a data-parallel run: wait for every process and close the process group (a gloo group left open
-    can abort the interpreter at exit); True in the process that reports (rank 0, or the only one)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return True
-    rank = torch.distributed.get_rank()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    return rank == 0
-
-
-def sum_gradients(model: nn.Module, world: int) -> None:
-    """Sum each parameter's gradient over the ``world`` processes (one all-reduce per parameter per step).
-
-    Every process calls it once per optimiser step whatever its share of the batch (a share can be empty at the
-    end of an epoch), so the collectives always match; a process with no images contributes zeros."""
-    if world == 1:
-        return
-    for param in model.parameters():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        torch.distributed.all_reduce(param.grad)
-
-
-def training_precision(precision: str, device: torch.device):
-    """The autocast context of student, teacher and test passes (see ``EvalConfig.precision``)."""
-    return autocast_context(device, precision_dtype(precision, device, "--precision", cuda_only_auto=True))
 
 
 def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
@@ -250,7 +206,8 @@ def _fresh_student(dataset: Dataset, config: EvalConfig,
     process's device; with its rank and world size (:func:`data_parallel`)."""
     rank, world, device = data_parallel(torch.device(config.device))
     model_name = resolve_model(config.model, dataset.image_size)
-    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed).to(device)
+    model = on_device(build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=run_seed),
+                      device)
     return model, model_name, device, rank, world
 
 
@@ -265,6 +222,7 @@ def train_student_dc(
     weights: torch.Tensor | None = None,
     lr: float = 0.01,
     progress: Progress | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> Classifier:
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation.
 
@@ -274,7 +232,7 @@ def train_student_dc(
     model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True),
+    micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True),
                       config.batch_size)
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
     y_all = labels.to(device)
@@ -290,6 +248,8 @@ def train_student_dc(
                 group["lr"] *= 0.1
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, config.batch_size):
+            if check_cancelled is not None:
+                check_cancelled()
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
@@ -319,6 +279,7 @@ def train_student_softlabel(
     weights: torch.Tensor | None = None,
     lr: float = 1e-3,
     progress: Progress | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> Classifier:
     """RDED-style student: the teacher relabels each augmented batch; KL at temperature T; AdamW, half-cosine.
     Data parallel over processes as :func:`train_student_dc`."""
@@ -333,13 +294,15 @@ def train_student_softlabel(
     generator = torch.Generator().manual_seed(run_seed)
     temperature = config.temperature
     batch = min(config.batch_size, 100) if config.batch_size == 256 else config.batch_size
-    micro = batch_for(config.memory_gb, activation_bytes(model_name, dataset.channels, dataset.image_size, True), batch)
+    micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True), batch)
     teacher.eval()
     n = len(x_all)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch):
+            if check_cancelled is not None:
+                check_cancelled()
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
@@ -412,6 +375,7 @@ def evaluate_distilled(
     progress: Progress | None = None,
     *,
     control_ipc: int | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> EvalResult:
     """Train ``config.runs`` fresh students on ``distilled``; with ``control_ipc``, attach the random control.
 
@@ -419,8 +383,10 @@ def evaluate_distilled(
     """
     if control_ipc is not None and config.protocol != "dd":
         share = 1.0 if _control_path(dataset, control_ipc, config).exists() else 0.5
-        result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share))
-        result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0))
+        result = evaluate_distilled(distilled, dataset, config, _scaled(progress, 0.0, share),
+                                    check_cancelled=check_cancelled)
+        result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0),
+                                        check_cancelled=check_cancelled)
         return result
     if config.protocol not in PROTOCOLS:
         raise DistillError(f"unknown protocol '{config.protocol}'; known: {', '.join(PROTOCOLS)}")
@@ -435,12 +401,12 @@ def evaluate_distilled(
     device = torch.device(config.device)
     indices = _test_indices(dataset, config.test_limit, config.seed)
     test_batch = config.test_batch or batch_for(
-        config.memory_gb, activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500)
+        config.memory_budget(), activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500)
     weights = _normalised_weights(distilled)
     teacher = None
     epochs = config.resolved_epochs()
     if config.protocol == "softlabel":
-        teacher = get_teacher(dataset, config, progress=progress).to(device)
+        teacher = get_teacher(dataset, config, progress=progress, check_cancelled=check_cancelled).to(device)
         lr = config.lr or 1e-3
     elif config.protocol == "dd":
         lr = float(distilled.extras["step_lrs"].mean()) if "step_lrs" in distilled.extras else 0.0
@@ -461,12 +427,13 @@ def evaluate_distilled(
             model = train_student_dd(distilled, dataset, config, run_seed)
         elif teacher is not None:
             model = train_student_softlabel(distilled.images, dataset, config, run_seed, teacher, weights=weights,
-                                            lr=lr, progress=run_progress)
+                                            lr=lr, progress=run_progress, check_cancelled=check_cancelled)
         else:
             model = train_student_dc(distilled.images, distilled.labels, dataset, config, run_seed,
-                                     soft_targets=soft, weights=weights, lr=lr, progress=run_progress)
+                                     soft_targets=soft, weights=weights, lr=lr, progress=run_progress,
+                                     check_cancelled=check_cancelled)
         accuracies.append(test_accuracy(model, dataset, device, indices, test_batch, precision=config.precision,
-                                        progress=run_progress))
+                                        progress=run_progress, check_cancelled=check_cancelled))
     return EvalResult(
         dataset=dataset.name,
         model=(dd_student_network(distilled, dataset, config) if config.protocol == "dd"
@@ -480,7 +447,7 @@ def evaluate_distilled(
         test_images=len(indices),
         train_images=len(distilled),
         settings={k: v for k, v in asdict(config).items() if k not in ("runs", "epochs", "model", "protocol")}
-        | {"test_batch": test_batch},
+        | {"test_batch": test_batch, "memory_gb": round(config.memory_budget(), 2)},
     )
 
 
@@ -495,20 +462,23 @@ def _scaled(progress: Progress | None, low: float, high: float) -> Progress | No
 
 
 def _control_path(dataset: Dataset, ipc: int, config: EvalConfig) -> Path:
-    """Cache file of one control: everything that changes its accuracy is in the key (device is not)."""
+    """Cache file of one control: everything that changes its accuracy is in the key (device is not). The
+    memory budget only splits batches into micro-batches: a budget left to the device is keyed as the CPU
+    default, so a control computed on a GPU and one computed here share their file."""
+    fields = {k: v for k, v in asdict(config).items() if k not in ("epochs", "device")}
+    fields["memory_gb"] = DEFAULT_MEMORY_GB if config.memory_gb is None else config.memory_gb
     key = {"version": CONTROL_VERSION, "dataset": dataset.name, "ipc": ipc, "method": "random",
-           "epochs": config.resolved_epochs(), **{k: v for k, v in asdict(config).items() if k not in ("epochs", "device")}}
+           "epochs": config.resolved_epochs(), **fields}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dataset.name)[:40]
     return get_settings().home_dir / "controls" / f"{stem}-ipc{ipc}-{config.protocol}-{digest}.json"
 
 
-def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Progress | None = None) -> EvalResult:
+def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Progress | None = None, *,
+                   check_cancelled: CancelCheck | None = None) -> EvalResult:
     """Accuracy of ``ipc`` random real images per class (the ``random`` baseline, seed ``config.seed``) under
     ``config``: computed once, then read from ``DISTILL_HOME/controls``."""
     from distill.data.registry import check_ipc
-    from distill.methods.base import RunContext
-    from distill.methods.baselines import RandomParams, RandomSelection
 
     path = _control_path(dataset, ipc, config)
     if path.exists():
@@ -517,8 +487,10 @@ def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Pro
                                          "wall_seconds", "test_images", "train_images", "settings")}
         return EvalResult(**fields | {"settings": stored["settings"] | {"cached": True}})
     check_ipc(dataset, ipc)
-    subset = RandomSelection().run(RunContext(dataset=dataset, ipc=ipc, seed=config.seed), RandomParams())
-    result = evaluate_distilled(subset, dataset, config, progress)
+    indices = random_per_class(dataset.train, dataset.num_classes, ipc, config.seed)
+    subset = DistilledSet(images=dataset.train.load(indices).float().div_(255.0),
+                          labels=torch.from_numpy(dataset.train.labels[indices].copy()))
+    result = evaluate_distilled(subset, dataset, config, progress, check_cancelled=check_cancelled)
     result.settings = result.settings | {"method": "random", "ipc": ipc}
     atomic_write_json(path, result.to_json())
     result.settings = result.settings | {"cached": False}
@@ -526,66 +498,8 @@ def random_control(dataset: Dataset, ipc: int, config: EvalConfig, progress: Pro
 
 
 # ----------------------------------------------------------------------------------- full data / teacher
-def train_on_split(
-    dataset: Dataset,
-    model_name: str,
-    epochs: int,
-    seed: int,
-    device: torch.device,
-    *,
-    max_per_class: int | None = None,
-    batch_size: int = 256,
-    lr: float = 0.01,
-    augment: bool = True,
-    progress: Progress | None = None,
-    precision: str = "auto",
-) -> Classifier:
-    """Train on the (optionally capped) full training split with the DC optimiser, streaming batches.
-
-    Data parallel under ``accelerate launch`` / ``torchrun`` (several processes, accelerate's process state):
-    each process takes its strided share of every global batch and the gradients are summed over processes
-    (:func:`sum_gradients`), so the global batch, the schedule and the result do not depend on the process
-    count. One process (CPU, one GPU): plain training.
-    """
-    rank, world, device = data_parallel(device)
-    rng = np.random.default_rng(seed)
-    indices = np.arange(len(dataset.train))
-    if max_per_class is not None:
-        indices = np.sort(sample_per_class(dataset.train.labels, dataset.num_classes, max_per_class, rng,
-                                           draw_small_classes=True))
-
-    model_name = resolve_model(model_name, dataset.image_size)
-    model = build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    steps_per_epoch = math.ceil(len(indices) / batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
-    strategy = strategy_for(dataset.digits) if augment else "none"
-    generator = torch.Generator().manual_seed(seed)
-    labels_all = torch.from_numpy(dataset.train.labels)
-    for epoch in range(epochs):
-        model.train()
-        order = indices[rng.permutation(len(indices))]
-        for step, start in enumerate(range(0, len(order), batch_size)):
-            batch = order[start : start + batch_size]
-            chunk = batch[rank::world]
-            optimizer.zero_grad(set_to_none=True)
-            if len(chunk):  # a process's share of the last batch of an epoch can be empty
-                x = dataset.normalize(to_float(dataset.train.load(chunk)).to(device))
-                x = diff_augment(x, strategy, generator=generator)
-                with training_precision(precision, device):
-                    loss = F.cross_entropy(model(x), labels_all[chunk].to(device))
-                (loss * (len(chunk) / len(batch))).backward()
-            sum_gradients(model, world)
-            optimizer.step()
-            scheduler.step()
-            if progress is not None and step % 20 == 0:
-                progress("train", (epoch + step / steps_per_epoch) / epochs)
-    model.eval()
-    return model
-
-
 def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | None = None,
-                  progress: Progress | None = None) -> EvalResult:
+                  progress: Progress | None = None, *, check_cancelled: CancelCheck | None = None) -> EvalResult:
     """Whole-dataset upper bound: the same network trained on the full train split."""
     start = time.perf_counter()
     device = torch.device(config.device)
@@ -593,12 +507,13 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
     indices = _test_indices(dataset, config.test_limit, config.seed)
     accuracies = []
     for run in range(config.runs):
-        model = train_on_split(dataset, config.model, epochs, config.seed * 1000 + run, device,
-                               max_per_class=max_per_class, lr=config.lr or 0.01, augment=config.augment != "none",
-                               progress=progress, precision=config.precision)
+        model = teachers.train_on_split(dataset, config.model, epochs, config.seed * 1000 + run, device,
+                                        max_per_class=max_per_class, lr=config.lr or 0.01,
+                                        augment=config.augment != "none", progress=progress,
+                                        precision=config.precision, check_cancelled=check_cancelled)
         accuracies.append(test_accuracy(model, dataset, device, indices, config.test_batch or batch_for(
-            config.memory_gb, activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500),
-            precision=config.precision))
+            config.memory_budget(), activation_bytes(config.model, dataset.channels, dataset.image_size, False), 500),
+            precision=config.precision, check_cancelled=check_cancelled))
     train_images = len(dataset.train) if max_per_class is None else int(
         np.minimum(dataset.train.counts(dataset.num_classes), max_per_class).sum())
     return EvalResult(
@@ -610,32 +525,8 @@ def evaluate_full(dataset: Dataset, config: EvalConfig, max_per_class: int | Non
     )
 
 
-def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None) -> Classifier:
-    """A network trained on the full train split, trained once and cached under DISTILL_HOME/teachers; or, with
-    ``teacher_checkpoint``, a local torchvision-format ResNet-18 checkpoint the operator provides."""
-    from safetensors.torch import load_file, save_file
-
-    if config.teacher_checkpoint:
-        from distill.nets import load_torchvision_resnet18
-
-        return load_torchvision_resnet18(Path(config.teacher_checkpoint).expanduser(), dataset.channels,
-                                         dataset.num_classes).eval()
-    folder = get_settings().home_dir / "teachers"
-    folder.mkdir(parents=True, exist_ok=True)
-    cap = f"-cap{config.teacher_max_per_class}" if config.teacher_max_per_class else ""
-    stem = dataset.name.replace("/", "_").replace(":", "_")
-    bf16 = "-bf16" if precision_dtype(config.precision, torch.device(config.device), cuda_only_auto=True) else ""
-    teacher_model = resolve_model(config.teacher_model, dataset.image_size)
-    name = f"{stem}-{teacher_model}-e{config.teacher_epochs}{cap}-s{config.seed}{bf16}"
-    path = folder / f"{name}.safetensors"
-    model = build_network(teacher_model, dataset.channels, dataset.num_classes, dataset.image_size)
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    trained = train_on_split(dataset, teacher_model, config.teacher_epochs, config.seed, torch.device(config.device),
-                             max_per_class=config.teacher_max_per_class, progress=progress, precision=config.precision)
-    state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
-    with atomic_output(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp))
-    model.load_state_dict(state)
-    return model.eval()
+def get_teacher(dataset: Dataset, config: EvalConfig, progress: Progress | None = None,
+                check_cancelled: CancelCheck | None = None) -> Classifier:
+    """The teacher of ``config`` (its ``teacher_*`` fields, seed, precision and device): see
+    :func:`distill.teacher.get_teacher`."""
+    return teachers.get_teacher(dataset, config.teacher_spec(), progress=progress, check_cancelled=check_cancelled)

@@ -76,7 +76,8 @@ def load_teacher(ctx: RunContext, params: DQParams) -> Classifier:
     cap = params.teacher_max_per_class or ctx.max_per_class
     config = EvalConfig(teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
                         teacher_max_per_class=cap, seed=ctx.seed, device=str(ctx.device))
-    return get_teacher(ds, config, progress=lambda stage, frac: ctx.progress("teacher", frac)).to(ctx.device).eval()
+    return get_teacher(ds, config, progress=lambda stage, frac: ctx.progress("teacher", frac),
+                       check_cancelled=ctx.check_cancelled).to(ctx.device).eval()
 
 
 def bias_gradients(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

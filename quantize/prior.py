@@ -47,8 +47,8 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 @dataclass
 class PriorConfig:
-    """Transformer size. The default is tiny (about 0.8M parameters) so MNIST trains on CPU in minutes;
-    DiT-S/2 is ``num_layers=12, num_attention_heads=6, attention_head_dim=64``."""
+    """Transformer size. The default is tiny (about 0.8M parameters) so that a small dataset's prior trains on a
+    CPU; DiT-S/2 is ``num_layers=12, num_attention_heads=6, attention_head_dim=64``."""
 
     num_layers: int = 4
     num_attention_heads: int = 4
@@ -89,8 +89,8 @@ def default_prior_dir(dataset: str, encoder: str, resolution: int) -> Path:
     return get_settings().home_dir / "priors" / f"{dataset}-{safe_encoder}-{resolution}"
 
 
-# Latents up to this many float32 bytes get their statistics in one pass, exactly as before streaming (so
-# existing priors reproduce); larger sources are read in chunks of STATS_CHUNK_BYTES.
+# Latents up to this many float32 bytes get their statistics in one pass (the arithmetic earlier priors were
+# trained with, so they reproduce bit for bit); larger sources are read in chunks of STATS_CHUNK_BYTES.
 STATS_ONE_PASS_BYTES = 1 << 30
 STATS_CHUNK_BYTES = 16 << 20
 
@@ -152,6 +152,103 @@ def _diffusion_loss(model, scheduler, x0, labels, t, noise) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise)
 
 
+def _checked_labels(latents: LatentSource, labels: torch.Tensor | np.ndarray, num_classes: int, iterations: int,
+                    batch_size: int, lr: float, label_dropout: float, config: PriorConfig) -> torch.Tensor:
+    """The labels as a flat int64 tensor, once every training input is known to be usable (else one clear error)."""
+    if len(latents.shape) != 4 or len(latents) == 0:
+        raise DistillError(f"need a non-empty N x C x h x w latent tensor, got shape {tuple(latents.shape)}")
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if len(labels) != len(latents):
+        raise DistillError(f"{len(latents)} latents but {len(labels)} labels")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise DistillError(f"labels must be in [0, {num_classes})")
+    if iterations < 1 or batch_size < 1 or lr <= 0:
+        raise DistillError("iterations and batch_size must be >= 1 and lr > 0")
+    if not 0.0 <= label_dropout < 1.0:
+        raise DistillError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    _, _, height, width = latents.shape
+    if height != width or height % config.patch_size:
+        raise DistillError(f"latents must be square with a side divisible by {config.patch_size}, got {height}x{width}")
+    return labels
+
+
+@dataclass
+class _NormalisedRows:
+    """Mini-batches of a latent source, normalised per channel and moved to the device one batch at a time."""
+
+    latents: LatentSource
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+
+    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _read(self.latents, index).float()
+        mu, sigma = self.mean.to(x.device).view(1, -1, 1, 1), self.std.to(x.device).view(1, -1, 1, 1)
+        return ((x - mu) / sigma).to(self.device), self.labels[index].to(self.device)
+
+
+def _dit_and_optimiser(config: PriorConfig, latent_shape: tuple[int, int, int], num_classes: int, lr: float,
+                       weight_decay: float, iterations: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """DiT's model, noise schedule, AdamW and learning-rate schedule (linear warm-up, then cosine to zero)."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    channels, height, _ = latent_shape
+    # Any: diffusers' ModelMixin / ConfigMixin stubs hide .to(), .config and alphas_cumprod.
+    model: Any = DiTTransformer2DModel(**config.transformer_kwargs(channels, height, num_classes))
+    model = model.to(device)
+    scheduler: Any = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, min(100, iterations // 10))
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
+    )
+    return model, scheduler, optimizer, sched_lr
+
+
+class _HeldOutLoss:
+    """The loss on one fixed batch (same latents, timesteps and noise before and after training): it measures
+    learning without the large per-timestep variance of the training loss."""
+
+    def __init__(self, rows: _NormalisedRows, n: int, size: int, latent_shape: tuple[int, int, int], scheduler: Any,
+                 gen: torch.Generator):
+        self.x, self.y = rows(torch.randperm(n, generator=gen)[:size])
+        self.t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=gen).to(rows.device)
+        self.noise = torch.randn((size, *latent_shape), generator=gen).to(rows.device)
+        self.scheduler = scheduler
+
+    def __call__(self, model: Any) -> float:
+        model.eval()
+        with torch.no_grad():
+            value = _diffusion_loss(model, self.scheduler, self.x, self.y, self.t, self.noise).item()
+        model.train()
+        _freeze_label_dropout(model)
+        return value
+
+
+def _training_step(model: Any, scheduler: Any, optimizer: Any, sched_lr: Any, x0: torch.Tensor, y: torch.Tensor,
+                   gen: torch.Generator, num_classes: int, label_dropout: float, it: int) -> float:
+    """One DiT step: drop labels to the null class, noise at random timesteps, epsilon MSE, clipped AdamW."""
+    device = x0.device
+    drop = (torch.rand(len(y), generator=gen) < label_dropout).to(device)
+    y = torch.where(drop, torch.full_like(y, num_classes), y)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        loss = _diffusion_loss(model, scheduler, x0, y, t, noise)
+    if not torch.isfinite(loss):
+        raise DistillError(f"prior training diverged at iteration {it} (loss {loss.item()}): lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    sched_lr.step()
+    return float(loss.item())
+
+
 def train_prior_on_latents(
     latents: LatentSource,
     labels: torch.Tensor | np.ndarray,
@@ -176,23 +273,10 @@ def train_prior_on_latents(
     its mini-batch, normalises it and moves it to ``device``, so device and host memory are bounded by a batch,
     not the dataset. The same seed draws the same batches (and gives the same prior) from any source.
     """
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
-
-    if len(latents.shape) != 4 or len(latents) == 0:
-        raise DistillError(f"need a non-empty N x C x h x w latent tensor, got shape {tuple(latents.shape)}")
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if len(labels) != len(latents):
-        raise DistillError(f"{len(latents)} latents but {len(labels)} labels")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise DistillError(f"labels must be in [0, {num_classes})")
-    if iterations < 1 or batch_size < 1 or lr <= 0:
-        raise DistillError("iterations and batch_size must be >= 1 and lr > 0")
-    if not 0.0 <= label_dropout < 1.0:
-        raise DistillError(f"label_dropout must be in [0, 1), got {label_dropout}")
     config = config or PriorConfig()
+    labels = _checked_labels(latents, labels, num_classes, iterations, batch_size, lr, label_dropout, config)
     _, channels, height, width = latents.shape
-    if height != width or height % config.patch_size:
-        raise DistillError(f"latents must be square with a side divisible by {config.patch_size}, got {height}x{width}")
+    latent_shape = (int(channels), int(height), int(width))
     device = torch.device(device)
     out_dir = Path(out_dir).expanduser()
 
@@ -201,88 +285,29 @@ def train_prior_on_latents(
     gen = torch.Generator("cpu").manual_seed(seed)
     mean, std = latent_stats(latents)
     n = len(latents)
-
-    def batch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised latents and labels of rows ``index``, on the device."""
-        x = _read(latents, index).float()
-        mu, sigma = mean.to(x.device).view(1, -1, 1, 1), std.to(x.device).view(1, -1, 1, 1)
-        return ((x - mu) / sigma).to(device), labels[index].to(device)
-
-    # Any: diffusers' ModelMixin / ConfigMixin stubs hide .to(), .config and alphas_cumprod.
-    model: Any = DiTTransformer2DModel(**config.transformer_kwargs(channels, height, num_classes))
-    model = model.to(device)
-    scheduler: Any = DDPMScheduler(**SCHEDULER_CONFIG)
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, min(100, iterations // 10))
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
-    )
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-
-    # A fixed evaluation batch (same latents, timesteps and noise before and after) measures learning
-    # without the large per-timestep variance of the training loss.
-    n_eval = min(eval_size, n)
-    eval_x, eval_y = batch(torch.randperm(n, generator=gen)[:n_eval])
-    eval_t = torch.randint(0, scheduler.config.num_train_timesteps, (n_eval,), generator=gen).to(device)
-    eval_noise = torch.randn((n_eval, channels, height, width), generator=gen).to(device)
-
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad():
-            value = _diffusion_loss(model, scheduler, eval_x, eval_y, eval_t, eval_noise).item()
-        model.train()
-        _freeze_label_dropout(model)
-        return value
-
-    eval_start = evaluate()
+    rows = _NormalisedRows(latents, labels, mean, std, device)
+    model, scheduler, optimizer, sched_lr = _dit_and_optimiser(config, latent_shape, num_classes, lr, weight_decay,
+                                                                iterations, device)
+    held_out = _HeldOutLoss(rows, n, min(eval_size, n), latent_shape, scheduler, gen)
+    eval_start = held_out(model)
     losses: list[float] = []
     for it in range(iterations):
-        x0, y = batch(torch.randint(0, n, (min(batch_size, n),), generator=gen))
-        drop = (torch.rand(len(y), generator=gen) < label_dropout).to(device)
-        y = torch.where(drop, torch.full_like(y, num_classes), y)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            loss = _diffusion_loss(model, scheduler, x0, y, t, noise)
-        if not torch.isfinite(loss):
-            raise DistillError(f"prior training diverged at iteration {it} (loss {loss.item()}): lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched_lr.step()
-        losses.append(float(loss.item()))
+        x0, y = rows(torch.randint(0, n, (min(batch_size, n),), generator=gen))
+        losses.append(_training_step(model, scheduler, optimizer, sched_lr, x0, y, gen, num_classes, label_dropout, it))
         if progress is not None:
             progress((it + 1) / iterations, f"loss {np.mean(losses[-50:]):.4f}")
-    eval_end = evaluate()
+    eval_end = held_out(model)
     seconds = time.perf_counter() - started
 
-    info = {
-        **(meta or {}),
-        "num_classes": num_classes,
-        "null_class": num_classes,
-        "latent_shape": [channels, height, width],
-        "latent_mean": mean.tolist(),
-        "latent_std": std.tolist(),
-        "training": {
-            "images": len(latents),
-            "iterations": iterations,
-            "batch_size": batch_size,
-            "lr": lr,
-            "label_dropout": label_dropout,
-            "seed": seed,
-            "device": str(device),
-            "seconds": round(seconds, 2),
-            "config": asdict(config),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "eval_loss_start": eval_start,
-            "eval_loss_end": eval_end,
-            "loss_first_50": float(np.mean(losses[:50])),
-            "loss_last_50": float(np.mean(losses[-50:])),
-        },
+    training = {
+        "images": n, "iterations": iterations, "batch_size": batch_size, "lr": lr, "label_dropout": label_dropout,
+        "seed": seed, "device": str(device), "seconds": round(seconds, 2), "config": asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()), "eval_loss_start": eval_start,
+        "eval_loss_end": eval_end, "loss_first_50": float(np.mean(losses[:50])),
+        "loss_last_50": float(np.mean(losses[-50:])),
     }
+    info = {**(meta or {}), "num_classes": num_classes, "null_class": num_classes, "latent_shape": list(latent_shape),
+            "latent_mean": mean.tolist(), "latent_std": std.tolist(), "training": training}
     save_prior(model.eval(), scheduler, info, out_dir)
     return PriorResult(out_dir, losses, eval_start, eval_end, seconds, info)
 

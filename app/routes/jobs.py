@@ -4,49 +4,30 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from fastapi import Path as PathParam
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 
 from app import schemas
 from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
+from app.routes import stream
+from app.routes.common import (
+    ARTIFACT_RESPONSES,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    ArchiveDep,
+    JobId,
+    find_job,
+    to_schema,
+)
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
 from workers.janitor import discard_job_files
-from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
-from workers.models import Job
+from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound
 
 router = APIRouter(tags=["jobs"])
-
-JobId = Annotated[str, PathParam(min_length=1, max_length=40, description="job id (job_...)")]
-Responses = dict[int | str, dict[str, Any]]
-NOT_FOUND: Responses = {404: {"model": schemas.Problem, "description": "no such job for this API key"}}
-UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
-
-
-def to_schema(job: Job) -> schemas.Job:
-    artifact = None
-    if job.status == "succeeded" and job.artifact_path and job.artifact_sha256:
-        artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
-                                    sha256=job.artifact_sha256, preview_url=f"/jobs/{job.id}/preview.png")
-    error = schemas.JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return schemas.Job(
-        id=job.id, status=cast(schemas.JobStatus, job.status), stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
-        cancel_requested=job.cancel_requested_at is not None, request=schemas.JobRequest(**job_request(job)),
-        error=error, artifact=artifact,
-    )
-
-
-def _find(store: JobStore, job_id: str, owner: str) -> Job:
-    try:
-        return store.get_job(job_id, owner)
-    except JobNotFound:
-        raise HTTPException(404, f"no job {job_id}") from None
-
 
 @router.post(
     "/jobs", status_code=202, response_model=schemas.Job,
@@ -99,7 +80,7 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, responses={**UNAUTHORIZED, **NOT_FOUND})
 def get_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
-    return to_schema(_find(store, job_id, owner))
+    return to_schema(find_job(store, job_id, owner))
 
 
 @router.post(
@@ -142,8 +123,6 @@ def list_events(
     after: Annotated[int | None, Query(ge=0, le=2**62, description="id of the last event already seen")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.JobEventList | Response:
-    from app.routes import stream
-
     if stream.wants_stream(request):
         return stream.stream_response(store, job_id, owner, stream.resume_point(request.headers.get("last-event-id"),
                                                                                 after), request)
@@ -155,29 +134,6 @@ def list_events(
         data=[schemas.JobEvent.model_validate(e, from_attributes=True) for e in events],
         has_more=has_more,
     )
-
-
-ARTIFACT_RESPONSES: Responses = {
-    **UNAUTHORIZED, **NOT_FOUND,
-    409: {"model": schemas.Problem, "description": "the job has not succeeded (yet)"},
-    410: {"model": schemas.Problem, "description": "the archive was removed from storage"},
-}
-
-
-def finished_archive(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> tuple[Job, Path]:
-    """Dependency of the download routes: the caller's succeeded job and its archive on disk (409/410 otherwise)."""
-    job = _find(store, job_id, owner)
-    if job.status != "succeeded":
-        raise HTTPException(409, f"job is {job.status}: no archive")
-    if not job.artifact_path:
-        raise HTTPException(410, "the archive was removed (retention policy)")
-    path = settings.artifact_path(job.artifact_path)
-    if not path.is_file():
-        raise HTTPException(410, "the archive is no longer in storage")
-    return job, path
-
-
-ArchiveDep = Annotated[tuple[Job, Path], Depends(finished_archive)]
 
 
 @router.get(

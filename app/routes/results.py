@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.routes.jobs import ARTIFACT_RESPONSES, ArchiveDep
+from app.routes.common import ARTIFACT_RESPONSES, ArchiveDep
 
 router = APIRouter(tags=["jobs"])
 

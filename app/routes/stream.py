@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import schemas
 from app.deps import OwnerDep, StoreDep
-from app.routes.jobs import JobId, Responses, to_schema
+from app.routes.common import JobId, Responses, to_schema
 from workers.jobs import JobNotFound, JobStore
 
 router = APIRouter(tags=["jobs"])

@@ -1,8 +1,8 @@
 """The one streaming input pipeline: decode and resize images in worker processes, overlapped with the consumer.
 
-Why: ``FileSplit.load`` decodes one JPEG at a time in the job's own thread (about 36 images/s per core for a
-500 x 375 JPEG here), so an encoder, a teacher or an evaluation over ImageNet waits on PIL for hours while the
-accelerator idles. :class:`ImageStream` wraps a split in a ``torch.utils.data.DataLoader`` whose items are
+Why: ``FileSplit.load`` decodes one JPEG at a time in the job's own thread, so an encoder, a teacher or an
+evaluation over ImageNet would wait on PIL while the accelerator idles (docs/BENCHMARKS.md has the loader's
+rates). :class:`ImageStream` wraps a split in a ``torch.utils.data.DataLoader`` whose items are
 whole batches (``batch_size=None``): each worker process decodes a batch of indices with the same
 :func:`distill.data.readers.try_load_image` the serial path uses, batches come back *in order* with
 ``prefetch`` batches per worker in flight, in pinned memory when the consumer is on CUDA. The output is
@@ -16,8 +16,8 @@ just indexed - processes would only add copies - unless ``num_workers`` is given
 
 GPU JPEG decode hook: a ``decode`` other than ``"pil"`` is where nvJPEG (``torchvision.io.decode_jpeg(...,
 device="cuda")``, batched) would go: the worker would read file bytes only and the consumer would decode
-on the device. It is not implemented: there was no GPU to measure it against the PIL workers, and the project
-does not depend on torchvision.
+on the device. It is not implemented: the project does not depend on torchvision, and the PIL workers are the
+path the benches measure.
 """
 
 from __future__ import annotations

@@ -37,3 +37,11 @@ def run_train_split(dataset: Dataset, max_per_class: int | None, seed: int) -> S
     rng = np.random.default_rng(seed + RUN_SPLIT_SEED_OFFSET)
     keep = sample_per_class(split.labels, dataset.num_classes, max_per_class, rng)
     return SubsetSplit(split, keep)
+
+
+def random_per_class(split: Split, num_classes: int, ipc: int, seed: int) -> np.ndarray:
+    """Indices of ``ipc`` images of each class drawn uniformly without replacement from ``seed``: class 0's
+    (sorted), then class 1's ... What the ``random`` baseline selects and the evaluation's control scores."""
+    rng = np.random.default_rng(seed)
+    chosen = [np.sort(rng.choice(split.class_indices(label), size=ipc, replace=False)) for label in range(num_classes)]
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)

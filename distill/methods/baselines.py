@@ -12,9 +12,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from distill.data.loader import ImageStream
+from distill.data.sampling import random_per_class
 from distill.files import atomic_output
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from distill.nets import Classifier
+from distill.teacher import TeacherSpec, get_teacher
 
 
 class RandomParams(MethodParams):
@@ -28,12 +31,10 @@ class RandomSelection(Method[RandomParams]):
     Params = RandomParams
 
     def run(self, ctx: RunContext, params: RandomParams) -> DistilledSet:
-        rng = np.random.default_rng(ctx.seed)
-        chosen = []
-        for label in ctx.steps(ctx.num_classes, "select"):
-            idx = ctx.train.class_indices(label)
-            chosen.append(np.sort(rng.choice(idx, size=ctx.ipc, replace=False)))
-        return _selection(ctx, chosen)
+        with ctx.timed("select"):
+            chosen = random_per_class(ctx.train, ctx.num_classes, ctx.ipc, ctx.seed)
+        ctx.progress("select", 1.0)
+        return _selection(ctx, [chosen])
 
 
 class CoresetParams(MethodParams):
@@ -53,28 +54,34 @@ def _selection(ctx: RunContext, chosen: list[np.ndarray], metrics: dict | None =
                         metrics=metrics or {})
 
 
-@torch.no_grad()
-def embed_class(ctx: RunContext, network: Classifier, label: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Indices and embeddings of every (visible) training image of one class."""
-    idx = ctx.train.class_indices(label)
-    features = []
-    for _, images in ctx.train.batches(batch_size, idx):
-        x = ctx.normalize(images.float().div_(255.0).to(ctx.device))
-        features.append(network.embed(x).float().cpu())
-    return idx, torch.cat(features)
-
-
 def feature_network(ctx: RunContext, params: CoresetParams) -> Classifier:
+    """The embedding network: randomly initialised from the run's seed, or the teacher (stage ``teacher``,
+    cancellable) trained on at most the run's ``max_per_class`` images per class."""
     from distill.nets import build_network
 
     ds = ctx.dataset
     if params.features == "teacher":
-        from distill.evaluate import EvalConfig, get_teacher
-
-        config = EvalConfig(teacher_model=params.model, teacher_epochs=params.teacher_epochs, seed=ctx.seed,
-                            device=str(ctx.device))
-        return get_teacher(ds, config).to(ctx.device).eval()
+        spec = TeacherSpec(model=params.model, epochs=params.teacher_epochs, max_per_class=ctx.max_per_class,
+                           seed=ctx.seed, device=str(ctx.device))
+        return get_teacher(ds, spec, progress=ctx.progress, check_cancelled=ctx.check_cancelled).to(ctx.device).eval()
     return build_network(params.model, ds.channels, ds.num_classes, ds.image_size, seed=ctx.seed).to(ctx.device).eval()
+
+
+@torch.no_grad()
+def embed_classes(ctx: RunContext, network: Classifier, batch_size: int) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Per class, the indices and embeddings of its (visible, decodable) training images: one stream over every
+    class's batches, decoded ahead in loader processes, with progress (stage ``embed``) and cancel per batch."""
+    per_class = [ctx.train.class_indices(label) for label in range(ctx.num_classes)]
+    chunks = [(label, idx[s : s + batch_size]) for label, idx in enumerate(per_class) for s in range(0, len(idx), batch_size)]
+    stream = ImageStream(ctx.train, batches=[chunk for _, chunk in chunks], device=ctx.device)
+    kept: list[list[np.ndarray]] = [[] for _ in per_class]
+    features: list[list[torch.Tensor]] = [[] for _ in per_class]
+    for (label, _), (idx, images) in ctx.track(zip(chunks, stream, strict=True), "embed", total=len(chunks)):
+        x = ctx.normalize(images.float().div_(255.0).to(ctx.device))
+        kept[label].append(idx)
+        features[label].append(network.embed(x).float().cpu())
+    return [(np.concatenate(k) if k else np.zeros(0, dtype=np.int64),
+             torch.cat(f) if f else torch.zeros(0, network.embed_dim)) for k, f in zip(kept, features, strict=True)]
 
 
 def herding_order(features: torch.Tensor, k: int) -> list[int]:
@@ -138,7 +145,7 @@ def class_features(ctx: RunContext, params: CoresetParams) -> list[tuple[np.ndar
         stored = load_file(str(path))
         return [(stored[f"idx{c}"].numpy(), stored[f"feat{c}"]) for c in range(ctx.num_classes)]
     network = feature_network(ctx, params)
-    out = [embed_class(ctx, network, label, params.batch_size) for label in ctx.steps(ctx.num_classes, "embed")]
+    out = embed_classes(ctx, network, params.batch_size)
     tensors = {}
     for c, (idx, feats) in enumerate(out):
         tensors[f"idx{c}"] = torch.from_numpy(idx.copy())

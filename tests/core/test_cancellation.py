@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from distill.errors import Cancelled
 from distill.methods.base import CHECK_SECONDS, RunContext
@@ -34,3 +35,23 @@ def test_every_still_forces_a_check_per_item() -> None:
     calls.clear()
     list(ctx.steps(1000, "fast"))  # microseconds per item: one check at the start
     assert len(calls) == 1
+
+
+def test_an_evaluation_stops_at_the_next_step_after_a_cancel(mnist) -> None:
+    """distill.evaluate's loops (students, test pass, control) call check_cancelled before every step."""
+    from distill.evaluate import EvalConfig, evaluate_distilled
+    from distill.methods.base import DistilledSet
+
+    images = mnist.train.load(range(20)).float() / 255
+    distilled = DistilledSet(images=images, labels=torch.from_numpy(mnist.train.labels[:20].copy()))
+    calls: list[float] = []
+
+    def check() -> None:
+        calls.append(time.monotonic())
+        if len(calls) > 3:
+            raise Cancelled("job cancelled")
+
+    config = EvalConfig(runs=2, epochs=50, batch_size=4, test_limit=100)
+    with pytest.raises(Cancelled):
+        evaluate_distilled(distilled, mnist, config, control_ipc=1, check_cancelled=check)
+    assert len(calls) == 4 and calls[-1] - calls[0] < 2.0

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from distill.evaluate import EvalConfig, activation_bytes, batch_for, get_teacher, resolve_model
+from distill.evaluate import EvalConfig, get_teacher
 from distill.nets import ResNet18, torchvision_resnet18_key
+from distill.training import activation_bytes, batch_for, resolve_model
 
 PEAK_RSS_BOUND_GB = 3.0  # the stated bound: torch + ResNet-18 at 224 px + one bounded batch, not the test split
 

@@ -1,4 +1,4 @@
-"""Precision switches and data parallelism of teacher training (distill.precision, distill.evaluate)."""
+"""Precision switches and data parallelism of teacher training (distill.precision, distill.training, distill.teacher)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from distill.precision import precision_dtype
 SCRIPT = """
 import sys, torch
 from distill.data import get_dataset
-from distill.evaluate import finish_data_parallel, train_on_split
+from distill.teacher import train_on_split
+from distill.training import finish_data_parallel
 model = train_on_split(get_dataset("mnist"), "convnet", 1, 0, torch.device("cpu"), max_per_class=20, batch_size=50,
                        augment=False, precision="fp32")
 if finish_data_parallel():
@@ -46,7 +47,7 @@ def _run_script(source: str, out: Path, processes: int) -> None:
 def test_teacher_training_data_parallel_over_two_processes_equals_one(mnist, tmp_path: Path) -> None:
     """torchrun + accelerate (gloo on the CPU): each process takes half of every global batch and DDP averages
     the gradients, so two processes train the same network as one (to float rounding)."""
-    from distill.evaluate import train_on_split
+    from distill.teacher import train_on_split
 
     _run_script(SCRIPT, tmp_path / "two.pt", processes=2)
     one = train_on_split(mnist, "convnet", 1, 0, torch.device("cpu"), max_per_class=20, batch_size=50, augment=False,
@@ -58,7 +59,8 @@ def test_teacher_training_data_parallel_over_two_processes_equals_one(mnist, tmp
 STUDENT_SCRIPT = """
 import sys, numpy as np, torch
 from distill.data import get_dataset
-from distill.evaluate import EvalConfig, finish_data_parallel, test_accuracy, train_student_dc
+from distill.evaluate import EvalConfig, test_accuracy, train_student_dc
+from distill.training import finish_data_parallel
 ds = get_dataset("mnist")
 images = ds.train.load(np.arange(9)).float() / 255  # 9 images, batch 4: the last batch's second share is empty
 labels = torch.from_numpy(ds.train.labels[:9])
