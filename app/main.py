@@ -26,6 +26,7 @@ from app.problems import (
 )
 from app.routes import jobs, meta, results, stream
 from app.settings import ApiSettings, get_api_settings
+from app.validation import other_problems
 from app.web import mount_web
 from distill import __version__
 from distill.methods.registry import available_methods
@@ -187,7 +188,7 @@ def create_app(
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    install_problem_handlers(app, allowed_methods_for(app))
+    install_problem_handlers(app, allowed_methods_for(app), more_errors=other_problems)
 
     @app.exception_handler(SQLAlchemyError)
     async def store_error(request: Request, exc: SQLAlchemyError) -> ProblemResponse:

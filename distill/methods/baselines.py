@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from distill.files import atomic_output
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, MethodParams, NetworkName, RunContext
 from distill.nets import Classifier
 
 
@@ -40,7 +40,7 @@ class CoresetParams(MethodParams):
     features: Literal["random", "teacher"] = Field(
         "random", description="feature space: a randomly initialised ConvNet or a teacher trained on the dataset"
     )
-    model: str = Field("convnet", description="feature network")
+    model: NetworkName = Field("convnet", description="feature network")
     batch_size: int = Field(500, ge=1, description="images per forward pass when embedding")
     teacher_epochs: int = Field(15, ge=1, description="epochs of the teacher when features=teacher")
 

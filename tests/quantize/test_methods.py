@@ -213,7 +213,7 @@ def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     from quantize.methods import resolve_refine_iterations
 
     def resolved(method: str, size: int, **values) -> int:
-        return resolve_refine_iterations(parse_params(get_method(method), values), size)
+        return resolve_refine_iterations(parse_params(get_method(method), values, paths=True), size)  # CLI values
 
     assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == 200
     assert resolved("oq", 64) == resolved("oq", 224) == 0
