@@ -15,7 +15,7 @@ from app import schemas
 from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
-from workers.janitor import discard_job_files
+from workers.janitor import delete_finished_job, discard_job_files
 from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound, JobStore, job_request
 from workers.models import Job
 
@@ -123,7 +123,7 @@ def cancel_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
 )
 def delete_job(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> Response:
     try:
-        job = store.delete_job(job_id, owner)
+        job = delete_finished_job(store, settings, job_id, owner)  # files first: frees a full disk
     except JobNotFound:
         raise HTTPException(404, f"no job {job_id}") from None
     except InvalidState as exc:
