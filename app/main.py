@@ -217,12 +217,12 @@ def problem_protocol() -> type:
 
     class ProblemH11Protocol(H11Protocol):
         def send_400_response(self, msg: str) -> None:
-            body = problem_response(400, f"{msg} (request line or headers malformed or too large)").body
+            body = bytes(problem_response(400, f"{msg} (request line or headers malformed or too large)").body)
             headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode()),
                        (b"x-content-type-options", b"nosniff"), (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                           h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))  # type: ignore[arg-type]
+                self.transport.write(self.conn.send(event))
             self.transport.close()
 
     return ProblemH11Protocol
