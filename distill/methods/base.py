@@ -74,15 +74,20 @@ def _grammar(kind: str, pattern: str, explain: str) -> Callable[[str], str]:
 
     def check(value: str) -> str:
         if not compiled.fullmatch(value):
-            raise PydanticCustomError(kind, "{value!r} is not " + explain, {"value": _shown(value)})
+            raise PydanticCustomError(kind, "'{value}' is not " + explain, {"value": _shown(value)})
         return value
 
     return check
 
 
 def _shown(value: str) -> str:
-    return value[:40] + ("..." if len(value) > 40 else "")
+    """A client's value quoted in an error message: cut short, control characters escaped."""
+    text = value[:64].encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(value) > 64 else "")
 
+
+# Errors whose message already quotes the value (registry.param_problems does not repeat it).
+QUOTING_ERRORS = ("unknown_network", "unknown_dsa_strategy", "unregistered_model")
 
 # A network of distill.nets.build_network, by name (never a path): convnet with its variant tokens, lenet, resnet18.
 NETWORK_PATTERN = r"^(convnet(-(d[1-9]|w[1-9][0-9]{0,3}|bn|in|ln|gn|nn|ap|mp|np))*|lenet|resnet18(-(bn|ap|in))?)$"
@@ -110,7 +115,7 @@ def _model_check(builtin: bool) -> Callable[[str, ValidationInfo], str]:
         names = _allowed_models(builtin)
         if value not in names:
             raise PydanticCustomError("unregistered_model",
-                                      "{value!r} is not a model registered on this server; allowed: {allowed}",
+                                      "'{value}' is not a model registered on this server; allowed: {allowed}",
                                       {"value": _shown(value), "allowed": ", ".join(names) or "none registered"})
         return value
 

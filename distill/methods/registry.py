@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from distill.errors import InvalidRequest, MethodUnavailable, Problem, problem
-from distill.methods.base import Method, MethodParams
+from distill.methods.base import QUOTING_ERRORS, Method, MethodParams
 
 # name -> "module:Class". Each class declares its Params (defaults from its paper) and run(ctx, params).
 METHODS: dict[str, str] = {
@@ -73,6 +73,8 @@ def param_problems(method: type[Method], values: dict[str, Any], *,
             if error["type"] == "extra_forbidden":
                 known = ", ".join(method.Params.model_fields)
                 msg = f"unknown parameter '{_shown(key)}' for {method.name} (known: {known})"
+            elif error["type"] in QUOTING_ERRORS:
+                msg = f"bad value for '{key}': {error['msg']}"
             else:
                 msg = f"bad value for '{key}': {error['msg']} (got {_shown(repr(error.get('input')))})"
             problems.append(problem(loc, msg, error["type"]))
