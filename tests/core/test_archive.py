@@ -98,6 +98,8 @@ def test_an_edited_manifest_is_refused_and_verify_names_the_fields(tmp_path: Pat
     assert [line.split("'")[1] for line in lines[:-1]] == fields and all(line.startswith("changed: manifest field")
                                                                            for line in lines[:-1])
     assert lines[-1].startswith(f"error: {tampered} was modified or is corrupt ({len(fields)} difference")
+    refused = CliRunner().invoke(app, ["eval", str(tampered), "--runs", "1", "--epochs", "1"])
+    assert refused.exit_code == 2 and f"manifest field '{fields[0]}' was" in refused.output
     ok = CliRunner().invoke(app, ["verify", str(path)])
     assert ok.exit_code == 0 and ok.output.startswith("ok: random on toy, ipc 2, 6 images, seed 3")
 
