@@ -38,6 +38,7 @@ def serve(
 
     import uvicorn
 
+    from app.main import problem_protocol
     from workers.local import Supervisor, local_gpu_count
     from workers.logs import UVICORN_LOG_CONFIG
 
@@ -55,7 +56,7 @@ def serve(
         signal.signal(signum, lambda received, _frame: log.info("stopping", extra={"signal": received}))
     try:
         uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
-                    timeout_graceful_shutdown=GRACEFUL_SECONDS)
+                    timeout_graceful_shutdown=GRACEFUL_SECONDS, http=problem_protocol())
     finally:
         supervisor.stop()
 
@@ -78,12 +79,13 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
 
     import uvicorn
 
+    from app.main import problem_protocol
     from workers.logs import UVICORN_LOG_CONFIG
 
     app, _ = _build_app(settings)
     announce(host, port, settings, "workers run elsewhere (distill worker)")
     uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
-                timeout_graceful_shutdown=GRACEFUL_SECONDS)
+                timeout_graceful_shutdown=GRACEFUL_SECONDS, http=problem_protocol())
 
 
 def _bind(settings: ApiSettings, host: str | None, port: int | None) -> tuple[str, int]:

@@ -14,6 +14,8 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import ApiMetrics
@@ -26,8 +28,10 @@ from app.problems import (
 )
 from app.routes import jobs, meta, results, stream
 from app.settings import ApiSettings, get_api_settings
+from app.validation import other_problems
 from app.web import mount_web
 from distill import __version__
+from distill.api_types import PROBLEM_CONTENT_TYPE
 from distill.methods.registry import available_methods
 from workers.jobs import JobStore
 from workers.logs import job_id_var
@@ -80,6 +84,99 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class ProblemBodies:
+    """Error responses that bypass the exception handlers (a file response's malformed ``Range`` 400 and its
+    416) become problem+json too, keeping their status and headers (416's Content-Range)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        body = b""
+
+        async def rewriting_send(message: Message) -> None:
+            nonlocal held, body
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers", [])).get(b"content-type", b"")
+                if message["status"] >= 400 and not kind.startswith((b"application/problem+json", b"application/json")):
+                    held = message
+                    return
+            elif held is not None and message["type"] == "http.response.body":
+                body += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                status = held["status"]
+                detail = body.decode(errors="replace").strip() or None
+                if status == 416:
+                    detail = "the requested range is outside the archive (Content-Range gives its size)"
+                keep = {k: v for k, v in Headers(raw=held.get("headers", [])).items()
+                        if k.lower() not in ("content-type", "content-length")}
+                response = problem_response(status, detail, headers=keep, instance=scope.get("path"))
+                if scope.get("method") == "HEAD":
+                    response.body = b""
+                await response(scope, receive, send)
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewriting_send)
+
+
+class SecurityHeaders:
+    """``X-Content-Type-Options: nosniff`` on every response; a Content-Security-Policy on every page: the job
+    page loads only its own script, style and API (images from blob: and data: URLs it creates itself); /docs
+    (Swagger UI's inline start-up script) gets the same with inline scripts allowed."""
+
+    PAGE = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+    DOCS = PAGE.replace("script-src 'self'", "script-src 'self' 'unsafe-inline'").replace(
+        "style-src 'self'", "style-src 'self' 'unsafe-inline'")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = (self.DOCS if scope.get("path") == "/docs" else self.PAGE).encode()
+
+        async def headed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if dict(headers).get(b"content-type", b"").startswith(b"text/html"):
+                    headers.append((b"content-security-policy", policy))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, headed_send)
+
+
+class StorageGuard:
+    """``POST /jobs`` while DISTILL_HOME is low on space or unwritable: 503 at once (what /healthz reports),
+    rather than a job that is accepted and then fails deep inside. Deleting and reading stay possible."""
+
+    def __init__(self, app: ASGIApp, settings: WorkerSettings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") == "/jobs":
+            state = await run_in_threadpool(self.settings.storage_state)
+            if state != "ok":
+                reason = ("the server is low on storage space; retry later" if state == "low_space"
+                          else "the server's storage is not writable; retry later")
+                response = problem_response(503, reason, kind="storage-unavailable", instance="/jobs",
+                                            headers={"Retry-After": "30"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Observe:
     """Request metrics by route template, and the job id (from /jobs/{id}/...) on every log line."""
 
@@ -110,6 +207,25 @@ class Observe:
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
             job_id_var.reset(token)
+
+
+def problem_protocol() -> type:
+    """uvicorn's h11 protocol answering a request it cannot parse (oversized or malformed headers, a bad request
+    line) with problem+json instead of ``text/plain``: ``uvicorn.run(app, http=problem_protocol())``."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ProblemH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = bytes(problem_response(400, f"{msg} (request line or headers malformed or too large)").body)
+            headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode()),
+                       (b"x-content-type-options", b"nosniff"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return ProblemH11Protocol
 
 
 def _without_auth_in_schema(app: FastAPI) -> None:
@@ -184,10 +300,13 @@ def create_app(
     app.include_router(meta.router)
     mount_web(app)
 
+    app.add_middleware(ProblemBodies)
+    app.add_middleware(StorageGuard, settings=worker_settings)
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
 
-    install_problem_handlers(app, allowed_methods_for(app))
+    install_problem_handlers(app, allowed_methods_for(app), more_errors=other_problems)
 
     @app.exception_handler(SQLAlchemyError)
     async def store_error(request: Request, exc: SQLAlchemyError) -> ProblemResponse:

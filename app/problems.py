@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.api_types import PROBLEM_CONTENT_TYPE, FieldError, Problem, field_pointer
@@ -64,8 +65,10 @@ def _summary(errors: list[FieldError]) -> str:
     return f"{len(errors)} fields were rejected: " + "; ".join(f"{where(e)}: {e.msg}" for e in errors[:5])
 
 
-def install_problem_handlers(app: FastAPI, allowed_methods: Any = None) -> None:
-    """Exception handlers that answer problem+json. ``allowed_methods(path) -> set[str]`` fills 405's Allow."""
+def install_problem_handlers(app: FastAPI, allowed_methods: Any = None, more_errors: Any = None) -> None:
+    """Exception handlers that answer problem+json. ``allowed_methods(path) -> set[str]`` fills 405's Allow;
+    ``more_errors(request, exc) -> list`` adds what a deeper layer finds in a request FastAPI already rejected
+    (run in a thread: it may read the dataset's index), so one response lists every problem."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
@@ -83,7 +86,10 @@ def install_problem_handlers(app: FastAPI, allowed_methods: Any = None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> ProblemResponse:
-        errors = field_errors(exc.errors())
+        raw = list(exc.errors())
+        if more_errors is not None:
+            raw += await run_in_threadpool(more_errors, request, exc)
+        errors = field_errors(raw)
         return problem_response(422, _summary(errors) if errors else "the request was rejected", errors=errors,
                                 kind="invalid-request", instance=request.url.path)
 

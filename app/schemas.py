@@ -49,7 +49,12 @@ class JobCreate(BaseModel):
     method: str = Field(min_length=1, max_length=64, json_schema_extra=_enum_of(lambda: list(METHODS)),
                         description="a registered method (GET /methods)")
     ipc: StrictInt = Field(ge=1, le=10_000, description="images per class; at most the smallest class size")
-    params: dict[str, Any] = Field(default_factory=dict, description="method parameters (GET /methods schema)")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "method parameters, validated against the method's schema (GET /methods): JSON types as given (no \"100\" "
+        "for an integer, no true for a number); every string is an enum, a name matching the schema's pattern "
+        "(networks, augmentation strategies) or a model registered on the server (GET /models), never a path or "
+        "a hub id; at most 256 characters, no control characters. All problems of a request, core fields and "
+        "parameters, come back in one 422."))
     seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
     max_per_class: StrictInt | None = Field(
         None, ge=1, le=1_000_000, description="use at most this many training images per class (quick jobs)"

@@ -17,6 +17,19 @@ list of all members is held in memory. Format 2 = format 1 with ``images`` store
 method's images are 8-bit (the latent methods: a quarter of fp32's bytes); format 1 archives read as before.
 Reading verifies each member's sha256 chunk by chunk and memory-maps ``tensors.safetensors`` out of a plain
 tar instead of reading it into memory.
+
+The manifest itself is covered too: the second member, ``manifest.digest.json``, holds the sha256 of
+``manifest.json`` and of each of its top-level fields, so a reader refuses an edited manifest and
+``distill verify`` names the fields that changed. Archives written before it existed have no such member: they
+are read with a warning (their manifest cannot be checked).
+
+The contract every method's archive keeps (:func:`write_archive` enforces it for all of them):
+
+- images are stored as the method produced them: float pixel scale, nominally [0, 1], or uint8 0-255. Pixel-space
+  methods learn values outside [0, 1] and their published evaluations train on them, so they are not clamped;
+  the manifest's ``image_range`` gives the stored [min, max] in pixel scale (PNGs are clamped, they are a view);
+- weights (when a method gives them, e.g. ``oq``'s cluster masses) are scaled to mean 1.0 over the whole set, so a
+  uniformly weighted set has 1.0 per image and relative weights are unchanged (``weights_mean`` in the manifest).
 """
 
 from __future__ import annotations
@@ -30,7 +43,8 @@ import re
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +62,7 @@ from distill.methods.base import DistilledSet
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.digest.json"  # sha256 of manifest.json and of each of its top-level fields
 TENSORS = "tensors.safetensors"
 METADATA = "metadata.csv"
 
@@ -169,9 +184,39 @@ class _Spool:
         self.hashes[name] = digest.hexdigest()
 
 
+def normalised_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Weights scaled to mean 1.0 (a uniform set: 1.0 per image), their ratios unchanged. Evaluation divides by
+    the mean anyway; a user's weighted loss then has the scale of an unweighted one."""
+    weights = weights.double()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    return (weights * (len(weights) / weights.sum())).float()
+
+
+def image_range(distilled: DistilledSet) -> list[float]:
+    """[min, max] of the images in pixel scale (uint8 storage divided by 255)."""
+    if len(distilled) == 0:
+        return [0.0, 1.0]
+    lo, hi = torch.aminmax(distilled.images)
+    scale = 255.0 if distilled.images.dtype == torch.uint8 else 1.0
+    return [round(float(lo) / scale, 6), round(float(hi) / scale, 6)]
+
+
+def manifest_digest(manifest_bytes: bytes) -> dict[str, Any]:
+    """What ``manifest.digest.json`` holds: the manifest's sha256 and one per top-level field (to name edits)."""
+    fields = json.loads(manifest_bytes)
+    return {"sha256": sha256_bytes(manifest_bytes),
+            "fields": {k: sha256_bytes(json.dumps(v, sort_keys=True).encode()) for k, v in fields.items()}}
+
+
 def write_archive(path: Path, distilled: DistilledSet, manifest: dict[str, Any]) -> str:
-    """Write the archive atomically and streaming (bounded memory: one PNG at a time); returns its sha256."""
+    """Write the archive atomically and streaming (bounded memory: one PNG at a time); returns its sha256.
+
+    Holds every method to the archive contract (module docstring): weights scaled to mean 1.0, the images'
+    range recorded in the manifest, the manifest covered by ``manifest.digest.json``."""
     path = Path(path)
+    if distilled.weights is not None:
+        distilled = replace(distilled, weights=normalised_weights(distilled.weights))
     classes: list[str] = manifest["dataset"]["classes"]
     folders = _unique_folders(classes)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +243,11 @@ def write_archive(path: Path, distilled: DistilledSet, manifest: dict[str, Any])
                 spool.add_file(TENSORS, tensors_path)
             manifest = dict(manifest)
             manifest["format_version"] = FORMAT_VERSION if distilled.images.dtype == torch.uint8 else 1
+            manifest["image_range"] = image_range(distilled)
+            manifest["weights_mean"] = 1.0 if distilled.weights is not None else None
             manifest["files"] = spool.hashes
             manifest_bytes = json.dumps(manifest, indent=2, sort_keys=False).encode()
+            digest_bytes = json.dumps(manifest_digest(manifest_bytes), indent=1).encode()
 
             digest = hashlib.sha256()
             with atomic_output(path) as tmp, open(tmp, "wb") as out:
@@ -207,7 +255,8 @@ def write_archive(path: Path, distilled: DistilledSet, manifest: dict[str, Any])
                     digest.update(block)
                     out.write(block)
 
-                emit(_tar_header(MANIFEST, len(manifest_bytes), spool.mtime) + manifest_bytes + _pad(len(manifest_bytes)))
+                for name, data in ((MANIFEST, manifest_bytes), (MANIFEST_DIGEST, digest_bytes)):
+                    emit(_tar_header(name, len(data), spool.mtime) + data + _pad(len(data)))
                 spool_handle.seek(0)
                 while block := spool_handle.read(1 << 18):
                     emit(block)
@@ -335,14 +384,13 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
     if not isinstance(files, dict) or TENSORS not in files:
         raise ArchiveError(f"{path}: manifest lists no files")
     if verify:
-        for name, expected in files.items():
-            if name not in hashes:
-                raise ArchiveError(f"{path}: member {name} is missing")
-            if hashes[name] != expected:
-                raise ArchiveError(f"{path}: sha256 mismatch for {name} (the archive was modified or is corrupt)")
-        unexpected = set(hashes) - set(files) - {MANIFEST}
-        if unexpected:
-            raise ArchiveError(f"{path}: unexpected members {sorted(unexpected)[:3]}")
+        changes = _changes(contents, hashes, manifest)
+        if changes:
+            raise ArchiveError(f"{path}: {changes[0]} (the archive was modified or is corrupt"
+                               + (f"; {len(changes) - 1} more: distill verify lists them)" if len(changes) > 1 else ")"))
+        if MANIFEST_DIGEST not in contents:
+            warnings.warn(f"{path.name} predates {MANIFEST_DIGEST}: its members are verified, its manifest is not",
+                          stacklevel=2)
     try:
         tensors = mapped if mapped is not None else load_safetensors(contents[TENSORS])
     except Exception as exc:  # safetensors raises its own error types
@@ -364,6 +412,65 @@ def read_archive(path: Path, verify: bool = True) -> Archive:
     if num_classes and len(distilled.labels) and (distilled.labels.min() < 0 or distilled.labels.max() >= num_classes):
         raise ArchiveError(f"{path}: labels out of range for {num_classes} classes")
     return Archive(manifest=manifest, distilled=distilled)
+
+
+def _changes(contents: dict[str, bytes], hashes: dict[str, str], manifest: dict[str, Any]) -> list[str]:
+    """Every difference between an archive and what its writer recorded, one line each (empty: intact)."""
+    out: list[str] = []
+    recorded = contents.get(MANIFEST_DIGEST)
+    if recorded is not None:
+        try:
+            digest = json.loads(recorded)
+            expected_fields = dict(digest["fields"])
+            expected_sha = str(digest["sha256"])
+        except (ValueError, KeyError, TypeError):
+            out.append(f"{MANIFEST_DIGEST} is unreadable")
+        else:
+            if sha256_bytes(contents[MANIFEST]) != expected_sha:
+                now = manifest_digest(contents[MANIFEST])["fields"]
+                edited = sorted(k for k in set(now) | set(expected_fields) if now.get(k) != expected_fields.get(k))
+                def how(key: str) -> str:
+                    return "added" if key not in expected_fields else "removed" if key not in now else "changed"
+
+                if edited:
+                    out += [f"manifest field '{k}' was {how(k)}" for k in edited]
+                else:
+                    out.append(f"{MANIFEST} was re-encoded (same fields, different bytes)")
+    listed = manifest.get("files")
+    files: dict[str, Any] = listed if isinstance(listed, dict) else {}
+    for name, expected in files.items():
+        if name not in hashes:
+            out.append(f"member {name} is missing")
+        elif hashes[name] != expected:
+            out.append(f"member {name} was changed (sha256 mismatch)")
+    unexpected = sorted(set(hashes) - set(files) - {MANIFEST, MANIFEST_DIGEST})
+    out += [f"member {name} was added" for name in unexpected]
+    return out
+
+
+def verify_archive(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """``distill verify``: the manifest (when readable) and every change found, one line each (empty: intact).
+    An archive from before ``manifest.digest.json`` says so in the list's place of the manifest check."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArchiveError(f"{path}: no such archive")
+    try:
+        contents, hashes, _mapped = _read_members(path)
+    except (tarfile.TarError, EOFError, OSError, ValueError, KeyError, zlib_error()) as exc:
+        raise ArchiveError(f"{path}: not a readable distilled-set archive ({exc})") from exc
+    if MANIFEST not in contents:
+        raise ArchiveError(f"{path}: malformed archive, no {MANIFEST}")
+    try:
+        manifest = json.loads(contents[MANIFEST])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, [f"{MANIFEST} is not valid JSON (it was modified or is corrupt)"]
+    if not isinstance(manifest, dict):
+        return None, [f"{MANIFEST} is not a JSON object"]
+    changes = _changes(contents, hashes, manifest)
+    if MANIFEST_DIGEST not in contents:
+        changes.append(f"no {MANIFEST_DIGEST} (written before manifests were covered): the manifest itself is "
+                       "not verifiable")
+    return manifest, changes
 
 
 def preview_sample(path: Path, max_classes: int = 10, max_per_class: int = 10) -> Archive:
@@ -466,7 +573,21 @@ class ArchiveDataset(torch.utils.data.Dataset):
 
 
 def load_dataset(path: Path | str, transform: Any = None, verify: bool = True) -> ArchiveDataset:
-    """Read (and verify) an archive and return it as a torch Dataset, ready for a DataLoader."""
+    """Read (and verify) an archive and return it as a torch Dataset, ready for a DataLoader.
+
+    Verification checks every member's sha256 and the manifest's own (``manifest.digest.json``); a modified
+    archive raises :class:`distill.errors.ArchiveError` (``distill verify ARCHIVE`` lists what changed).
+
+    The contract, the same for every method: items are ``(image, label, weight, soft_label)``.
+
+    - ``image``: float C x H x W in pixel scale. Real-image selections and decoded latents lie in [0, 1];
+      pixel-space methods (dc, dsa, dm, mtt, datm, dd, oq's refinement) store their learned pixels unclamped, as
+      their published evaluations train on them: ``dataset.manifest["image_range"]`` gives [min, max]. Clamp
+      with ``transform=lambda x: x.clamp(0, 1)`` if your pipeline needs [0, 1].
+    - ``weight``: mean 1.0 over the set (a uniform set is 1.0 per image; ``oq``'s cluster masses keep their
+      ratios): a weighted loss ``(w * loss).mean()`` has the scale of an unweighted one.
+    - ``soft_label``: the archive's teacher logits, or the one-hot label.
+    """
     return ArchiveDataset(read_archive(Path(path), verify=verify), transform=transform)
 
 

@@ -268,14 +268,24 @@ def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @app.command()
 def verify(archive: Annotated[Path, typer.Argument(help="archive to check")]) -> None:
-    """Check an archive's integrity (every member's sha256) and print its manifest summary."""
-    from distill.archive import read_archive
+    """Check an archive's integrity (every member's sha256 and the manifest's own) and print its summary; a
+    modified archive prints one `changed:` line per difference (members, manifest fields) and exits 1."""
+    from distill.archive import MANIFEST_DIGEST, verify_archive
 
     with user_errors():
-        loaded = read_archive(_archive_file(archive))
-        m = loaded.manifest
-        typer.echo(f"ok: {m['method']} on {m['dataset']['name']}, ipc {m['ipc']}, {m['num_images']} images, "
-                   f"seed {m['seed']}, code {m['code_version']}")
+        m, changes = verify_archive(_archive_file(archive))
+    old = [c for c in changes if c.startswith(f"no {MANIFEST_DIGEST}")]
+    changed = [c for c in changes if c not in old]
+    for line in changed:
+        typer.echo(f"changed: {line}", err=True)
+    if changed or m is None:
+        typer.echo(f"error: {archive} was modified or is corrupt ({len(changed)} difference"
+                   f"{'s' if len(changed) != 1 else ''})", err=True)
+        raise typer.Exit(1)
+    for line in old:
+        typer.echo(f"warning: {line}", err=True)
+    typer.echo(f"ok: {m.get('method')} on {m.get('dataset', {}).get('name')}, ipc {m.get('ipc')}, "
+               f"{m.get('num_images')} images, seed {m.get('seed')}, code {m.get('code_version')}")
 
 
 COMMANDS_GROUP = "distill.commands"

@@ -136,20 +136,26 @@ class Settings(BaseSettings):
 
     @property
     def home_dir(self) -> Path:
-        path = self.home.expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._state_dir(self.home.expanduser())
 
     @property
     def cache_dir(self) -> Path:
-        path = self.home_dir / "cache"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._state_dir(self.home_dir / "cache")
 
     @property
     def artifacts_dir(self) -> Path:
-        path = self.home_dir / "artifacts"
-        path.mkdir(parents=True, exist_ok=True)
+        return self._state_dir(self.home_dir / "artifacts")
+
+    def _state_dir(self, path: Path) -> Path:
+        """A folder under DISTILL_HOME, created if needed; one that cannot be created or written is a
+        :class:`DistillError` naming DISTILL_HOME (one line from every command), not a traceback from the first
+        cache or database write."""
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DistillError(f"DISTILL_HOME {self.home} is not writable: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DistillError(f"DISTILL_HOME {self.home} is not writable: permission denied on {path.name}/")
         return path
 
 

@@ -1,10 +1,11 @@
-"""Models by name: the method parameters that name model weights (``encoder``, ``prior``, ``sd``), the names
-an operator registered for them, and what a run may load.
+"""Models by name: the method parameters that name model weights (``encoder``, ``prior``, ``sd``, ``dq``'s
+``teacher_weights``), the names an operator registered for them, and what a run may load.
 
 On the CLI these parameters may be paths (or hub ids): the user owns the machine. A request from the HTTP API
 (``paths=False``) may name only a built-in encoder or a model registered in the settings (``DISTILL_MODELS``,
 or ``[models]`` in the TOML config: name -> directory, relative paths under ``DISTILL_WEIGHTS_DIR``); a run
-then loads the registered directory, which must hold safetensors weights and no pickle files.
+then loads the registered directory, which must hold safetensors weights and no pickle files. The parameter
+types (:data:`distill.methods.base.ModelName`, ``RegisteredModel``) enforce this when a request is validated.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import get_settings
-from distill.errors import DistillError, Problem, problem
+from distill.errors import DistillError
 
-# Method parameters whose value names model weights (quantize's oq and d4m: encoder, prior, sd).
-MODEL_PARAMETERS = ("encoder", "prior", "sd")
+# Method parameters whose value names model weights (quantize's oq and d4m: encoder, prior, sd; dq's teacher).
+MODEL_PARAMETERS = ("encoder", "prior", "sd", "teacher_weights")
 # The encoders quantize loads by name from <weights_dir>/<name> (taef2's .pth with torch's weights-only loader).
 BUILTIN_MODELS = ("taef2", "sd-vae")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -39,20 +40,6 @@ def registered_models() -> dict[str, Path]:
 
 def model_names() -> list[str]:
     return [*BUILTIN_MODELS, *(n for n in registered_models() if n not in BUILTIN_MODELS)]
-
-
-def model_problems(params: dict[str, Any]) -> list[Problem]:
-    """Model parameters that do not name a built-in or registered model (HTTP requests)."""
-    allowed = model_names()
-    problems: list[Problem] = []
-    for key in MODEL_PARAMETERS:
-        value = params.get(key)
-        if value is None or value in allowed:
-            continue
-        shown = str(value)[:64]
-        problems.append(problem(["params", key], f"{key} '{shown}' is not a model registered on this server; "
-                                                 f"allowed: {', '.join(allowed)}", "value_error.unregistered_model"))
-    return problems
 
 
 def check_safetensors(name: str, folder: Path) -> None:

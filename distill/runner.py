@@ -31,7 +31,7 @@ from distill.data.registry import (
 from distill.errors import DistillError, InvalidRequest, Problem, problem
 from distill.methods.base import CheckpointStore, DistilledSet, Executor, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
-from distill.models import model_problems, resolve_models
+from distill.models import resolve_models
 
 
 @dataclass
@@ -88,10 +88,8 @@ def check_request(
     params: MethodParams | None = None
     if request.method in METHODS:
         method_cls = get_method(request.method)
-        params, found = param_problems(method_cls, request.params)
+        params, found = param_problems(method_cls, request.params, paths=request.paths)
         problems += found
-        if params is not None and not request.paths:
-            problems += model_problems(params.model_dump())
         iterations = getattr(params, "iterations", None)
         if max_iterations is not None and isinstance(iterations, int) and iterations > max_iterations:
             problems.append(problem(["params", "iterations"], f"iterations must be <= {max_iterations} on this server",

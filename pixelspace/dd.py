@@ -31,7 +31,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, MethodParams, NetworkName, RunContext
 from pixelspace.realpool import RealPool
 from pixelspace.synthetic import LoopState, init_synthetic, network_iterations, to_pixel
 
@@ -52,7 +52,7 @@ class DDParams(MethodParams):
     decay_factor: float = Field(0.5, gt=0, le=1, description="StepLR gamma.")
     batch_real: int = Field(1024, ge=1, description="Real images per outer step (reference --batch_size).")
     init: Literal["noise", "real"] = Field("noise", description="Distilled image initialisation (reference: randn).")
-    model: str = Field("convnet", description="Network unrolled on (distill.nets name); re-initialised every iteration.")
+    model: NetworkName = Field("convnet", description="Network unrolled on (distill.nets name); re-initialised every iteration.")
     lr_summary: Literal["mean", "final"] = Field(
         "mean", description="Which learned lr the archive's learned_lr holds: mean over the T steps, or the last step's.")
 

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from distill.augment import diff_augment
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
 from pixelspace.precision import REAL_PRECISION_HELP, autocast_context
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
 from pixelspace.synthetic import draw_seed, fresh_network, has_batchnorm, matching_setup, network_iterations
@@ -35,8 +35,9 @@ class DMParams(MethodParams):
         None, gt=0, description="SGD (momentum 0.5) lr of the images; None = 1.0 below IPC 100, 10 from 100 (README).")
     batch_real: int = Field(256, ge=1, description="Real images per class per iteration.")
     init: Literal["noise", "real"] = Field("real", description="Synthetic initialisation (reference default real).")
-    model: str = Field("convnet", description="Embedding network (distill.nets name; reference ConvNet-3, instance norm).")
-    dsa_strategy: str = Field(
+    model: NetworkName = Field(
+        "convnet", description="Embedding network (distill.nets name; reference ConvNet-3, instance norm).")
+    dsa_strategy: DsaStrategy = Field(
         "auto", description="Siamese DSA ops joined by '_'; 'auto' = color_crop_cutout_flip_scale_rotate, no flip for digits.")
     real_chunk: int = Field(512, ge=1, description="Real images per graph-free forward (memory bound; no effect on results).")
     real_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=REAL_PRECISION_HELP)

@@ -14,10 +14,12 @@
    ipc is spread evenly over the bins and, when ipc < num_bins, the leftover picks go to the bins chosen
    first (the most representative GraphCut picks).
 3. Patch dropping + MAE reconstruction (``quantize_pixel.py``) needs the MAE ViT-L checkpoint (downloaded
-   from dl.fbaipublicfiles by the reference); it is not available offline, so ``mae`` must stay unset.
+   from dl.fbaipublicfiles by the reference); it is not available offline, so ``mae`` must stay unset (a set
+   value is rejected when the request is validated).
 
 The teacher is ``distill.evaluate.get_teacher`` (a ConvNet trained on the train split, cached) or the
-network ``teacher_model`` loaded from ``teacher_weights``.
+network ``teacher_model`` loaded from ``teacher_weights``: over HTTP the name of a model the operator
+registered (``DISTILL_MODELS``), never a client path; from the CLI also a file.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.nn import functional as F
 
 from distill.data.registry import to_float
 from distill.errors import DistillError
 from distill.evaluate import EvalConfig, get_teacher
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, MethodParams, NetworkName, RegisteredModel, RunContext
 from distill.nets import Classifier, build_network
 
 
@@ -42,26 +44,34 @@ class DQParams(MethodParams):
     lam: float = Field(1.0, ge=0, description="GraphCut lambda (submodular_function.GraphCut lam=1)")
     features: Literal["gradient", "embedding"] = Field("gradient", description="'gradient': DeepCore's last-layer "
                                                        "gradient features (reference); 'embedding': penultimate features")
-    teacher_model: str = Field("convnet", description="Network whose features drive the selection (reference: "
-                               "ResNet-18 ImageNet-pretrained; no such weights offline, so a ConvNet trained here)")
-    teacher_weights: str | None = Field(None, description="Path to a state dict (safetensors or torch) for "
-                                        "teacher_model, e.g. given pretrained weights; unset: train/reuse the cached teacher")
+    teacher_model: NetworkName = Field("convnet", description="Network whose features drive the selection "
+                                       "(reference: ResNet-18 ImageNet-pretrained; no such weights offline, so a "
+                                       "ConvNet trained here)")
+    teacher_weights: RegisteredModel | None = Field(
+        None, description="A model registered on the server (DISTILL_MODELS: a directory holding one .safetensors "
+                          "state dict for teacher_model), e.g. pretrained weights; unset: train/reuse the cached teacher")
     teacher_epochs: int = Field(15, ge=1, description="Epochs of the cached teacher when it must be trained")
     teacher_max_per_class: int | None = Field(None, ge=1, description="Images per class the teacher trains on "
                                               "(default: the run's --max-per-class, else all)")
-    mae: str | None = Field(None, description="MAE checkpoint for patch dropping + reconstruction "
-                            "(quantize_pixel.py); not available offline, must be unset")
+    mae: None = Field(None, description="MAE checkpoint for patch dropping + reconstruction (quantize_pixel.py); "
+                                        "not available offline, must be unset")
     mask_ratio: float = Field(0.2, ge=0, lt=1, description="Patches dropped before MAE reconstruction (only with mae)")
+
+    @field_validator("mae", mode="before")
+    @classmethod
+    def _no_mae(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("patch dropping + MAE reconstruction needs the MAE ViT-L/16 model and checkpoint "
+                             "(mae_visualize_vit_large_ganloss.pth), which are not available offline; leave mae unset")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ features
 def load_teacher(ctx: RunContext, params: DQParams) -> Classifier:
     ds = ctx.dataset
     if params.teacher_weights:
-        path = Path(params.teacher_weights).expanduser()
-        if not path.exists():
-            raise DistillError(f"teacher_weights not found: {path}")
         net = build_network(params.teacher_model, ds.channels, ds.num_classes, ds.image_size)
+        path = teacher_file(Path(params.teacher_weights).expanduser())
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -78,6 +88,20 @@ def load_teacher(ctx: RunContext, params: DQParams) -> Classifier:
                         teacher_max_per_class=cap, seed=ctx.seed, device=str(ctx.device))
     return get_teacher(ds, config, progress=lambda stage, frac: ctx.progress("teacher", frac),
                        check_cancelled=ctx.check_cancelled).to(ctx.device).eval()
+
+
+def teacher_file(path: Path) -> Path:
+    """The state dict of ``teacher_weights``: a file (CLI), or the one .safetensors file of a directory (a
+    registered model, resolved to its directory by :func:`distill.models.resolve_models`)."""
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise DistillError(f"teacher_weights: {path.name} must hold exactly one .safetensors file "
+                               f"(it holds {len(found)})")
+        return found[0]
+    if not path.exists():
+        raise DistillError(f"teacher_weights not found: {path}")
+    return path
 
 
 def bias_gradients(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -183,11 +207,6 @@ class DatasetQuantization(Method[DQParams]):
     Params = DQParams
 
     def run(self, ctx: RunContext, params: DQParams) -> DistilledSet:
-        if params.mae is not None:
-            raise DistillError(
-                "mae: patch dropping + MAE reconstruction needs the MAE ViT-L/16 model and checkpoint "
-                "(mae_visualize_vit_large_ganloss.pth), which are not available offline; leave mae unset"
-            )
         with ctx.timed("teacher"):
             teacher = load_teacher(ctx, params)
         rng = np.random.default_rng(ctx.seed + 41)
@@ -212,5 +231,6 @@ class DatasetQuantization(Method[DQParams]):
             labels=torch.from_numpy(np.concatenate(labels)),
             extras={"train_index": torch.from_numpy(train_index), "bin": torch.from_numpy(np.concatenate(bin_of))},
             metrics={"bin_sizes_per_class": bin_sizes, "features": params.features, "teacher": params.teacher_model,
-                     "teacher_weights": params.teacher_weights or "cached get_teacher"},
+                     "teacher_weights": Path(params.teacher_weights).name if params.teacher_weights
+                     else "cached get_teacher"},
         )

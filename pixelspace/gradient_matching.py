@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from distill.augment import diff_augment
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
 from pixelspace.gradients import class_chunk_for, detached_params, match_distance, per_class_gradients
 from pixelspace.precision import REAL_PRECISION_HELP
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, real_ce_pass
@@ -63,13 +63,13 @@ class GradientMatchingParams(MethodParams):
     batch_train: int = Field(256, ge=1, description="Batch of the inner-loop network training on the synthetic set.")
     init: Literal["noise", "real"] = Field(
         "noise", description="Synthetic initialisation: Gaussian noise or random real images.")
-    model: str = Field("convnet", description="Network to match on (distill.nets name; reference ConvNet-3, IN).")
+    model: NetworkName = Field("convnet", description="Network to match on (distill.nets name; reference ConvNet-3, IN).")
     dis_metric: Literal["ours", "mse", "cos"] = Field(
         "ours", description="Gradient distance: layer-wise ('ours'), mse or cos.")
     outer_loop: int | None = Field(None, ge=1, description="Matching steps per iteration; None = get_loops(ipc).")
     inner_loop: int | None = Field(
         None, ge=0, description="Network epochs on the synthetic set between matching steps; None = get_loops(ipc).")
-    dsa_strategy: str = Field(
+    dsa_strategy: DsaStrategy = Field(
         "none", description="Siamese augmentation ops joined by '_' ('none' = DC, 'auto' = dataset default).")
     real_chunk: int = Field(
         1024, ge=1, description="Real images per vmapped pass when real_strategy is vmap (bounds memory).")
@@ -82,7 +82,7 @@ class GradientMatchingParams(MethodParams):
 
 class DSAParams(GradientMatchingParams):
     init: Literal["noise", "real"] = Field("real", description="Synthetic initialisation (the DSA README uses real).")
-    dsa_strategy: str = Field(
+    dsa_strategy: DsaStrategy = Field(
         "auto", description="DSA ops joined by '_'; 'auto' = color_crop_cutout_flip_scale_rotate (no flip for digits).")
 
 

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from distill.augment import diff_augment, strategy_for
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
 from pixelspace.precision import precision_dtype
 from pixelspace.synthetic import LoopState
@@ -69,7 +69,7 @@ class TrajectoryParams(MethodParams):
     lr_teacher: float | None = Field(None, gt=0, description="Initial learnable student lr syn_lr (default 0.01)")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic images per student step (default: the whole set)")
     pix_init: Literal["real", "noise"] = Field("real", description="Initialise from random real images or noise")
-    dsa_strategy: str = Field("auto", description="DSA ops applied per sample in student steps; 'auto' = "
+    dsa_strategy: DsaStrategy = Field("auto", description="DSA ops applied per sample in student steps; 'auto' = "
                               "color_crop_cutout_flip_scale_rotate (no flip for digits); 'none' disables")
     zca: bool = Field(False, description="ZCA whitening as in the reference's --zca. Not supported: distill "
                       "evaluation trains on mean/std-normalised pixels, so ZCA-space images would not transfer")
@@ -84,7 +84,7 @@ class TrajectoryParams(MethodParams):
                          "trained once under DISTILL_HOME/experts when missing")
     expert_train_epochs: int = Field(50, ge=1, description="Epochs per expert (buffer.py --train_epochs 50); "
                                      "must be >= max_start_epoch + expert_epochs - 1")
-    expert_model: str = Field("convnet", description="Expert and student network (ConvNet-3 IN in the reference)")
+    expert_model: NetworkName = Field("convnet", description="Expert and student network (ConvNet-3 IN in the reference)")
     expert_lr: float = Field(0.01, gt=0, description="Expert SGD lr (buffer.py --lr_teacher, momentum 0, no decay)")
 
 

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from distill.data.registry import as_pixels
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, MethodParams, ModelName, NetworkName, RunContext
 from quantize.encoders import RESOLUTION_POLICY
 
 KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
@@ -59,12 +59,14 @@ class LatentParams(MethodParams):
     """What every latent method takes; the stages below read only these (each method narrows the last four)."""
 
 
-    encoder: str = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae), an autoencoder "
-                                              "directory or a hub id")
+    encoder: ModelName = Field("taef2", description="taef2 (shared weights), sd-vae (weights_dir/sd-vae) or a model "
+                                                    "registered on the server (GET /models); from the CLI also an "
+                                                    "autoencoder directory or a hub id")
     resolution: int | None = Field(None, ge=8, description="encode resolution in px (multiple of 8); default: "
                                                            + RESOLUTION_POLICY)
-    prior: str | None = Field(None, description="diffusers DiT directory (e.g. from `distill prior train`); "
-                                                "required with decode=diffusion")
+    prior: ModelName | None = Field(None, description="a diffusers DiT registered on the server (GET /models; from the "
+                                                      "CLI also a directory, e.g. from `distill prior train`); "
+                                                      "required with decode=diffusion")
     strength: float = Field(0.7, ge=0.0, le=1.0, description="img2img noise strength of the diffusion decode "
                                                              "(D4M: 0.7; 0 = plain VAE decode)")
     steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
@@ -73,7 +75,7 @@ class LatentParams(MethodParams):
     restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
     labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
                                                                    "soft labels (teacher trained once and cached)")
-    teacher_model: str = Field("convnet", description="teacher network for labels=teacher")
+    teacher_model: NetworkName = Field("convnet", description="teacher network for labels=teacher")
     teacher_epochs: int = Field(15, ge=1, description="teacher training epochs (full train split)")
     teacher_max_per_class: int | None = Field(None, ge=1, description="cap the teacher's training images per class")
     batch_size: int = Field(64, ge=1, description="encode/decode batch size")
@@ -125,7 +127,8 @@ class D4MParams(LatentParams):
     decode: Literal["vae", "diffusion", "sd-img2img"] = Field(
         "vae", description="vae; diffusion (latent DiT prior); sd-img2img (D4M's SD-v1.5 img2img with class-name "
                            "prompts: set sd=PATH and encoder=sd-vae, GPU hosts)")
-    sd: str | None = Field(None, description="Stable Diffusion v1.5 pipeline directory for decode=sd-img2img")
+    sd: ModelName | None = Field(None, description="Stable Diffusion v1.5 pipeline registered on the server (GET "
+                                                   "/models; from the CLI also a directory) for decode=sd-img2img")
     guidance: float = Field(8.0, ge=0.0, description="classifier-free guidance (D4M: 8)")
     kmeans_backend: KMeansBackend = Field("sklearn-partial-fit", description="D4M streams MiniBatchKMeans."
                                                                              "partial_fit; others for comparison")

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from distill.errors import DistillError
 from workers.settings import get_worker_settings
 
 
@@ -85,7 +86,11 @@ def migrate() -> None:
     """Create or upgrade the job store's tables (also done automatically at start-up)."""
     from workers.jobs import JobStore
 
-    store = JobStore.from_settings(get_worker_settings())
+    try:
+        store = JobStore.from_settings(get_worker_settings())
+    except DistillError as exc:  # e.g. DISTILL_HOME not writable: one line, like serve, api and worker
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"job store at revision head: {store.engine.url.render_as_string(hide_password=True)}")
 
 

@@ -9,7 +9,7 @@ import shutil
 from datetime import timedelta
 
 from workers.jobs import JobStore
-from workers.models import utcnow
+from workers.models import TERMINAL, Job, utcnow
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("distill.worker")
@@ -26,6 +26,16 @@ def discard_job_files(settings: WorkerSettings, job_id: str, artifact_name: str 
         archive = settings.artifact_path(artifact_name)
         archive.unlink(missing_ok=True)
         archive.with_name(f"{job_id}.preview.png").unlink(missing_ok=True)
+
+
+def delete_finished_job(store: JobStore, settings: WorkerSettings, job_id: str, owner: str | None) -> Job:
+    """``DELETE /jobs/{id}``: a finished job's files first, then its row. On a full disk the store's own delete
+    needs space (SQLite's journal), so freeing the archive first is what lets the delete, and the next ones,
+    succeed. Raises JobNotFound, or InvalidState for a job that has not finished (nothing is removed then)."""
+    job = store.get_job(job_id, owner)
+    if job.status in TERMINAL:
+        discard_job_files(settings, job.id, job.artifact_path)
+    return store.delete_job(job_id, owner)
 
 
 def sweep_files(store: JobStore, settings: WorkerSettings) -> int:

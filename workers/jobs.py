@@ -216,7 +216,7 @@ class JobStore:
                     session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage,
                                          message="cancel requested", progress=job.progress))
         job = self.get_job(job_id, owner)
-        if job.status in ("succeeded", "failed"):
+        if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not done):
             raise InvalidState(f"job already {job.status}")
         return job
 

@@ -24,7 +24,7 @@ from app.routes.common import (
 )
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
-from workers.janitor import discard_job_files
+from workers.janitor import delete_finished_job, discard_job_files
 from workers.jobs import IdempotencyConflict, InvalidState, JobNotFound
 
 router = APIRouter(tags=["jobs"])
@@ -104,7 +104,7 @@ def cancel_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
 )
 def delete_job(job_id: JobId, owner: OwnerDep, store: StoreDep, settings: WorkerSettingsDep) -> Response:
     try:
-        job = store.delete_job(job_id, owner)
+        job = delete_finished_job(store, settings, job_id, owner)  # files first: frees a full disk
     except JobNotFound:
         raise HTTPException(404, f"no job {job_id}") from None
     except InvalidState as exc:
@@ -160,6 +160,16 @@ def download_artifact(
     filename = f"{job.dataset}-{job.method}-ipc{job.ipc}-{job.id}.tar"
     return FileResponse(path, media_type="application/x-tar", filename=filename,
                         headers={"Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": sha, **cache})
+
+
+@router.head("/jobs/{job_id}/artifact", response_class=Response, responses={
+    200: {"description": "the archive's headers: Content-Length, ETag, Repr-Digest, Accept-Ranges"},
+    **ARTIFACT_RESPONSES}, summary="The archive's size and digest, without its bytes")
+def artifact_headers(
+    found: ArchiveDep,
+    if_none_match: Annotated[str | None, Header(max_length=4096, description="ETags already held: 304 if one matches")] = None,
+) -> Response:
+    return download_artifact(found, if_none_match)  # a file response sends only its headers to HEAD
 
 
 def _etag_matches(header: str, etag: str) -> bool:

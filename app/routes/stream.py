@@ -47,7 +47,8 @@ def wants_stream(request: Request) -> bool:
 
 def resume_point(last_event_id: str | None, after: int | None) -> int | None:
     """Last-Event-ID (what a reconnecting EventSource sends) wins over ``?after=``; garbage means 'from the start'."""
-    if last_event_id is not None and last_event_id.strip().isdigit():
+    if last_event_id is not None and last_event_id.strip().isascii() and last_event_id.strip().isdigit() \
+            and int(last_event_id) <= 2**62:  # a larger id is no event id (the store's ids are 64-bit): start over
         return int(last_event_id.strip())
     return after
 

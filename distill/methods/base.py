@@ -7,16 +7,18 @@ goes, where checkpoints live, which device is used and how cancellation is signa
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from distill.data.registry import Dataset, Split, as_pixels
@@ -54,17 +56,113 @@ def _document_limits(schema: dict[str, Any], model: type[BaseModel]) -> None:
                     option["maximum"] = min(limits[name], option.get("maximum", limits[name]))
 
 
+TEXT_MAX = 256  # the longest string any parameter takes (free text included); names are shorter
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def paths_allowed(info: ValidationInfo) -> bool:
+    """Whether this validation may accept file paths for model parameters: only when the caller says so
+    (``context={"paths": True}``: the CLI, whose user owns the machine). HTTP requests, and any validation
+    without a context, accept registered names only."""
+    return bool(isinstance(info.context, dict) and info.context.get("paths"))
+
+
+def _grammar(kind: str, pattern: str, explain: str) -> Callable[[str], str]:
+    """The validator of a string parameter restricted to a small grammar (network names, augmentation
+    strategies): a mismatch is a one-line error saying what is accepted (the pattern is in the JSON schema)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise PydanticCustomError(kind, "'{value}' is not " + explain, {"value": _shown(value)})
+        return value
+
+    return check
+
+
+def _shown(value: str) -> str:
+    """A client's value quoted in an error message: cut short, control characters escaped."""
+    text = value[:64].encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(value) > 64 else "")
+
+
+# Errors whose message already quotes the value (registry.param_problems does not repeat it).
+QUOTING_ERRORS = ("unknown_network", "unknown_dsa_strategy", "unregistered_model")
+
+# A network of distill.nets.build_network, by name (never a path): convnet with its variant tokens, lenet, resnet18.
+NETWORK_PATTERN = r"^(convnet(-(d[1-9]|w[1-9][0-9]{0,3}|bn|in|ln|gn|nn|ap|mp|np))*|lenet|resnet18(-(bn|ap|in))?)$"
+NetworkName = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": NETWORK_PATTERN}), AfterValidator(
+    _grammar("unknown_network", NETWORK_PATTERN,
+             "a network: convnet[-dN][-wN][-bn|in|ln|gn|nn][-ap|mp|np], lenet or resnet18[-bn|-ap|-in]"))]
+# Differentiable Siamese augmentation (distill.augment.OPS): auto, none, or op families joined by '_'.
+_DSA_OPS = "color|crop|cutout|flip|scale|rotate"
+DSA_PATTERN = rf"^(auto|none|({_DSA_OPS})(_({_DSA_OPS}))*)$"
+DsaStrategy = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": DSA_PATTERN}), AfterValidator(
+    _grammar("unknown_dsa_strategy", DSA_PATTERN,
+             "a DSA strategy: auto, none, or families joined by '_' (color, crop, cutout, flip, scale, rotate)"))]
+
+
+def _allowed_models(builtin: bool) -> list[str]:
+    from distill.models import BUILTIN_MODELS, model_names
+
+    return [n for n in model_names() if builtin or n not in BUILTIN_MODELS]
+
+
+def _model_check(builtin: bool) -> Callable[[str, ValidationInfo], str]:
+    def check(value: str, info: ValidationInfo) -> str:
+        if paths_allowed(info):
+            return value
+        names = _allowed_models(builtin)
+        if value not in names:
+            raise PydanticCustomError("unregistered_model",
+                                      "'{value}' is not a model registered on this server; allowed: {allowed}",
+                                      {"value": _shown(value), "allowed": ", ".join(names) or "none registered"})
+        return value
+
+    return check
+
+
+def _model_schema(builtin: bool) -> Callable[[JsonDict], None]:
+    def schema(json: JsonDict) -> None:
+        json["examples"] = list(_allowed_models(builtin))  # what this server accepts over HTTP (GET /models)
+        json["x-registered-name"] = True
+
+    return schema
+
+
+# Parameters naming model weights: over HTTP a model registered on the server (DISTILL_MODELS; ModelName also
+# the built-in encoders), from the CLI also a path. The JSON schema lists the names registered when it is
+# generated (GET /methods); a run resolves a name to its directory (distill.models.resolve_models).
+ModelName = Annotated[str, Field(max_length=TEXT_MAX, json_schema_extra=_model_schema(True)),
+                      AfterValidator(_model_check(True))]
+RegisteredModel = Annotated[str, Field(max_length=TEXT_MAX, json_schema_extra=_model_schema(False)),
+                            AfterValidator(_model_check(False))]
+
+
 class MethodParams(BaseModel):
     """Base for each method's parameters. Unknown keys are rejected; ``iterations`` is the budget knob. Every
-    budget parameter has an upper bound (:data:`BUDGET_LIMITS`, ``budget_limits``), floats must be finite."""
+    budget parameter has an upper bound (:data:`BUDGET_LIMITS`, ``budget_limits``), floats must be finite.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
-                              json_schema_extra=_document_limits)
+    Types are strict (an integer is not ``"100"`` or ``true``): a client's JSON is taken as typed, and the CLI's
+    ``--set`` strings are converted by validating with ``strict=False``. Every string parameter is an enum
+    (``Literal``), a name of a small grammar (:data:`NetworkName`, :data:`DsaStrategy`) or a registered model
+    (:func:`model_name`); none is longer than :data:`TEXT_MAX` or holds control characters (NUL included).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False,
+                              str_max_length=TEXT_MAX, json_schema_extra=_document_limits)
     budget_limits: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def limits(cls) -> dict[str, int]:
         return {**BUDGET_LIMITS, **cls.budget_limits}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_text(cls, value: Any) -> Any:
+        if isinstance(value, str) and CONTROL.search(value):
+            raise PydanticCustomError("control_character", "text must not contain control characters (NUL included)")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

@@ -15,7 +15,7 @@ from pydantic import Field
 from distill.data.loader import ImageStream
 from distill.data.sampling import random_per_class
 from distill.files import atomic_output
-from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
+from distill.methods.base import DistilledSet, Method, MethodParams, NetworkName, RunContext
 from distill.nets import Classifier
 from distill.teacher import TeacherSpec, get_teacher
 
@@ -41,7 +41,7 @@ class CoresetParams(MethodParams):
     features: Literal["random", "teacher"] = Field(
         "random", description="feature space: a randomly initialised ConvNet or a teacher trained on the dataset"
     )
-    model: str = Field("convnet", description="feature network")
+    model: NetworkName = Field("convnet", description="feature network")
     batch_size: int = Field(500, ge=1, description="images per forward pass when embedding")
     teacher_epochs: int = Field(15, ge=1, description="epochs of the teacher when features=teacher")
 

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from distill.errors import InvalidRequest, MethodUnavailable, Problem, problem
-from distill.methods.base import Method, MethodParams
+from distill.methods.base import QUOTING_ERRORS, Method, MethodParams
 
 # name -> "module:Class". Each class declares its Params (defaults from its paper) and run(ctx, params).
 METHODS: dict[str, str] = {
@@ -53,10 +53,18 @@ def get_method(name: str) -> type[Method]:
     return method
 
 
-def param_problems(method: type[Method], values: dict[str, Any]) -> tuple[MethodParams | None, list[Problem]]:
-    """The method's parameters validated against its model, or the problems (``loc`` under ``params``)."""
+def param_problems(method: type[Method], values: dict[str, Any], *,
+                   paths: bool = False) -> tuple[MethodParams | None, list[Problem]]:
+    """The method's parameters validated against its model, or every problem (``loc`` under ``params``).
+
+    The one validation of method parameters. ``paths=False`` (HTTP requests, and the default): JSON types as
+    given (strict: no ``"100"`` for an integer, no ``true`` for a number) and model parameters name registered
+    models only. ``paths=True`` (the CLI, whose ``--set`` values are strings): values are converted, and model
+    parameters may be paths on this machine.
+    """
     try:
-        return method.Params.model_validate(values), []
+        return method.Params.model_validate(values, strict=None if not paths else False,
+                                            context={"paths": paths}), []
     except ValidationError as exc:
         problems: list[Problem] = []
         for error in exc.errors():
@@ -64,16 +72,24 @@ def param_problems(method: type[Method], values: dict[str, Any]) -> tuple[Method
             key = ".".join(str(p) for p in error["loc"]) or "params"
             if error["type"] == "extra_forbidden":
                 known = ", ".join(method.Params.model_fields)
-                msg = f"unknown parameter '{key}' for {method.name} (known: {known})"
+                msg = f"unknown parameter '{_shown(key)}' for {method.name} (known: {known})"
+            elif error["type"] in QUOTING_ERRORS:
+                msg = f"bad value for '{key}': {error['msg']}"
             else:
-                msg = f"bad value for '{key}': {error['msg']} (got {error.get('input')!r})"
+                msg = f"bad value for '{key}': {error['msg']} (got {_shown(repr(error.get('input')))})"
             problems.append(problem(loc, msg, error["type"]))
         return None, problems
 
 
-def parse_params(method: type[Method], values: dict[str, Any]) -> MethodParams:
-    """Validate parameters against the method's model; :class:`InvalidRequest` lists every problem."""
-    params, problems = param_problems(method, values)
+def _shown(text: str, limit: int = 80) -> str:
+    """A client's value quoted back in an error, cut short (a 60 KB string is not echoed)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_params(method: type[Method], values: dict[str, Any], *, paths: bool = False) -> MethodParams:
+    """Validate parameters against the method's model (:func:`param_problems`); :class:`InvalidRequest` lists
+    every problem."""
+    params, problems = param_problems(method, values, paths=paths)
     if problems or params is None:
         raise InvalidRequest(problems)
     return params

@@ -9,6 +9,7 @@ import io
 import json
 import tarfile
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,19 +74,22 @@ def test_streamed_archive_matches_the_old_format(tmp_path: Path):
     distilled = _set()
     manifest = build_manifest(distilled, dataset=DATASET, method="random", ipc=2, params={}, seed=3)
     old, new = tmp_path / "old.tar", tmp_path / "new.tar"
-    _old_writer(old, distilled, manifest)
+    stored = replace(distilled, weights=arch.normalised_weights(distilled.weights))  # the contract: mean 1.0
+    _old_writer(old, stored, manifest)
     digest = write_archive(new, distilled, manifest)
     assert digest == hashlib.sha256(new.read_bytes()).hexdigest()
     old_members, new_members = _members(old), _members(new)
-    assert list(new_members)[0] == "manifest.json" and list(old_members) == list(new_members)
+    assert list(new_members)[:2] == ["manifest.json", "manifest.digest.json"]
+    assert list(old_members) == [n for n in new_members if n != "manifest.digest.json"]
     for name in old_members:
         if name != "manifest.json":
             assert old_members[name] == new_members[name], name
     assert json.loads(new_members["manifest.json"])["files"] == json.loads(old_members["manifest.json"])["files"]
     assert json.loads(new_members["manifest.json"])["format_version"] == 1  # float images: format 1 unchanged
-    for path in (old, new):  # the old archives stay readable; both verify
-        loaded = read_archive(path).distilled
-        assert torch.equal(loaded.images, distilled.images) and torch.equal(loaded.weights, distilled.weights)
+    with pytest.warns(UserWarning, match="predates manifest.digest.json"):  # old archives: read, with a warning
+        old_loaded = read_archive(old).distilled
+    for loaded in (old_loaded, read_archive(new).distilled):  # both verify
+        assert torch.equal(loaded.images, distilled.images) and torch.equal(loaded.weights, stored.weights)
         assert torch.equal(loaded.extras["latents"], distilled.extras["latents"]) and loaded.learned_lr == 0.0123
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool or partial left
 

@@ -176,3 +176,24 @@ def test_existing_directories_are_one_error_line(tmp_path: Path):
         result = invoke(command, tmp_path)
         assert result.exit_code == 2
         assert result.output.strip() == f"error: {tmp_path} is a directory, not an archive (a .tar written by `distill run`)"
+
+
+@pytest.mark.parametrize("command", [
+    ["migrate-db"],
+    ["eval", "ARCHIVE", "--runs", "1", "--epochs", "1", "--test-limit", "50"],  # with its random-subset control
+    ["run", "herding", "-d", "mnist", "--ipc", "1", "--max-per-class", "5", "--set", "features=teacher",
+     "--set", "teacher_epochs=1", "-o", "OUT"],  # the teacher cache
+])
+def test_an_unwritable_home_is_one_error_line(tmp_path: Path, random_archive: Path, command: list[str]):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where DISTILL_HOME's parent should be")
+    out = tmp_path / "x.tar"
+    args = [str(random_archive) if a == "ARCHIVE" else str(out) if a == "OUT" else a for a in command]
+    env = {**os.environ, "DISTILL_HOME": str(blocker / "home")}
+    env.pop("DISTILL_DATABASE_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"error: DISTILL_HOME {blocker / 'home'} is not writable: Not a directory"
+    assert not out.exists()

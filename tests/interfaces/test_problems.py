@@ -75,3 +75,24 @@ def test_page_and_offline_docs_are_served(http: httpx.Client) -> None:
     docs = http.get("/docs").text
     assert "/static/swagger/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
     assert http.get("/redoc").status_code == 404  # it would need a CDN
+
+
+def test_every_problem_of_a_submission_in_one_response_and_one_cli_line_each(server: Server,
+                                                                            http: httpx.Client) -> None:
+    """Core fields (FastAPI) and method parameters (the core) are reported together: API, then CLI."""
+    body = {**QUICK, "method": "herding", "ipc": 0, "params": {"batch_size": "abc", "model": "../../etc/passwd"}}
+    rejected = problem(http.post("/jobs", json=body), 422)
+    assert sorted(e.pointer for e in rejected.errors) == ["/ipc", "/params/batch_size", "/params/model"]
+    proc = server.cli("submit", "herding", "-d", "mnist", "--ipc", "0", "--set", "batch_size=abc",
+                      "--set", "dsa=1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert any("ipc" in line for line in lines) and any("batch_size" in line for line in lines)
+    assert any("unknown parameter 'dsa'" in line for line in lines)
+
+
+def test_security_headers_on_the_page(http: httpx.Client) -> None:
+    page = http.get("/")
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self';" in page.headers["content-security-policy"]

@@ -30,7 +30,7 @@ def test_load_dataset_in_one_call(tmp_path: Path) -> None:
     dataset = load_dataset(path)
     assert len(dataset) == 6 and dataset.classes[0] == "airplane"
     image, label, weight, soft = dataset[1]
-    assert image.shape == (3, 32, 32) and label == 0 and abs(weight - 0.3) < 1e-6 and soft.shape == (3,)
+    assert image.shape == (3, 32, 32) and label == 0 and abs(weight - 0.6) < 1e-6 and soft.shape == (3,)  # 0.3 at mean 1.0
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert [tuple(t.shape) for t in batch] == [(4, 3, 32, 32), (4,), (4,), (4, 3)]
     flipped = load_dataset(path, transform=lambda x: x.flip(-1))

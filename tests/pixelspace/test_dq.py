@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,7 @@ def test_dq_selects_distinct_real_images(mnist, tmp_path):
     save_file(build_network("convnet-w16", 1, 10, 28, seed=3).state_dict(), str(weights))
     ctx = RunContext(dataset=mnist, ipc=3, seed=0, max_per_class=40)
     params = parse_params(DatasetQuantization, {"teacher_model": "convnet-w16", "teacher_weights": str(weights),
-                                                "num_bins": 4})
+                                                "num_bins": 4}, paths=True)  # the CLI may name a file
     out = DatasetQuantization().run(ctx, params)
     assert torch.bincount(out.labels).tolist() == [3] * 10
     index = out.extras["train_index"].numpy()
@@ -62,7 +64,38 @@ def test_dq_selects_distinct_real_images(mnist, tmp_path):
 
 def test_dq_rejects_mae_and_missing_weights(mnist):
     ctx = RunContext(dataset=mnist, ipc=1, max_per_class=20)
-    with pytest.raises(DistillError, match="not available offline"):
-        DatasetQuantization().run(ctx, parse_params(DatasetQuantization, {"mae": "/nope/mae.pth"}))
+    with pytest.raises(DistillError, match="not available offline"):  # at validation, before any work
+        parse_params(DatasetQuantization, {"mae": "/nope/mae.pth"}, paths=True)
     with pytest.raises(DistillError, match="teacher_weights not found"):
-        DatasetQuantization().run(ctx, parse_params(DatasetQuantization, {"teacher_weights": "/nope/t.safetensors"}))
+        DatasetQuantization().run(ctx, parse_params(DatasetQuantization, {"teacher_weights": "/nope/t.safetensors"},
+                                                    paths=True))
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "../../../../etc/hostname", "org/model", "teacher.safetensors",
+                                   "taef2", "t\x00"])
+def test_http_teacher_weights_is_a_registered_name_never_a_path(value):
+    """Over HTTP (paths=False) teacher_weights names a model the operator registered; the built-in encoders are
+    not teachers, and a path never reaches the file system (it is refused before the job exists)."""
+    with pytest.raises(DistillError, match="teacher_weights"):
+        parse_params(DatasetQuantization, {"teacher_weights": value})
+
+
+def test_registered_teacher_is_loaded_from_its_directory(mnist, tmp_path, monkeypatch):
+    from distill.config import reload_settings
+    from distill.runner import RunRequest, run_to_archive
+
+    folder = tmp_path / "teachers" / "mnist-w16"
+    folder.mkdir(parents=True)
+    save_file(build_network("convnet-w16", 1, 10, 28, seed=3).state_dict(), str(folder / "model.safetensors"))
+    monkeypatch.setenv("DISTILL_MODELS", f'{{"mnist-teacher": "{folder}"}}')
+    reload_settings()
+    try:
+        params = {"teacher_model": "convnet-w16", "teacher_weights": "mnist-teacher", "num_bins": 2}
+        assert parse_params(DatasetQuantization, params).teacher_weights == "mnist-teacher"
+        request = RunRequest(dataset="mnist", method="dq", ipc=1, params=params, max_per_class=12, paths=False)
+        result = run_to_archive(request, tmp_path / "dq.tar")
+        assert result.manifest["params"]["teacher_weights"] == "mnist-teacher"  # the name, not the directory
+        assert str(tmp_path) not in json.dumps(result.manifest)
+    finally:
+        monkeypatch.delenv("DISTILL_MODELS")
+        reload_settings()

@@ -38,10 +38,10 @@ def test_oq_run_then_eval(oq_archive: Path, mnist_store):
     metrics = manifest["metrics"]
     assert metrics["latent_cache"] == mnist_store.folder.name  # the session's cache was reused, not re-encoded
     assert metrics["resolution"] == 64 and metrics["latent_shape"] == [32, 8, 8]
-    # weights are the cluster masses: they sum to 1 per class and equal counts / class size
+    # weights are the cluster masses (counts / class size), stored at mean 1.0 (the archive contract): mass x ipc
     counts = torch.tensor(metrics["counts"], dtype=torch.float32)
     assert (counts.sum(1) == 50).all()
-    torch.testing.assert_close(d.weights.view(10, 10), counts / 50)
+    torch.testing.assert_close(d.weights.view(10, 10), counts / 50 * 10)
     # with the same centroids, uniform weights can only be worse (the Voronoi masses are optimal)
     for weighted, uniform in zip(metrics["w2_weighted"], metrics["w2_uniform"], strict=True):
         assert weighted <= uniform + 1e-6
@@ -213,7 +213,7 @@ def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     from quantize.methods import resolve_refine_iterations
 
     def resolved(method: str, size: int, **values) -> int:
-        return resolve_refine_iterations(parse_params(get_method(method), values), size)
+        return resolve_refine_iterations(parse_params(get_method(method), values, paths=True), size)  # CLI values
 
     assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == 200
     assert resolved("oq", 64) == resolved("oq", 224) == 0
