@@ -213,7 +213,7 @@ def submit(
 def _wait(client: Client, job: Job, timeout: float | None, quiet: bool) -> Job:
     progress = None if quiet else Progress()
     try:
-        return client.wait(job, timeout=timeout, on_progress=progress)
+        return client.wait(job, timeout=timeout, on_progress=progress, raise_on_failure=False)
     finally:
         if progress is not None:
             progress.close()

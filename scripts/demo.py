@@ -97,7 +97,7 @@ def main() -> None:
                 except ApiError as exc:
                     raise SystemExit(f"error: POST /jobs -> {exc.status}: " + "; ".join(exc.lines())) from None
                 print(f"POST /jobs {json.dumps(request)} -> job {job.id}", flush=True)
-                job = client.wait(job, on_progress=Follow(), poll=2.0)
+                job = client.wait(job, on_progress=Follow(), poll=2.0, raise_on_failure=False)
                 if job.status != "succeeded":
                     raise SystemExit(f"error: job {job.id} {job.status}: {job.error}")
                 client.download(job, args.out)  # resumable, sha256-checked, temporary name then rename

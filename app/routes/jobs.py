@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 
 from app import schemas
 from app.deps import MetricsDep, OwnerDep, SettingsDep, StoreDep, WorkerSettingsDep
+from app.jobview import job_fields
 from app.validation import checked_job_request
 from distill.files import atomic_write_bytes
 from workers.janitor import discard_job_files
@@ -27,7 +28,7 @@ NOT_FOUND: Responses = {404: {"model": schemas.Problem, "description": "no such 
 UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
 
 
-def to_schema(job: Job) -> schemas.Job:
+def to_schema(job: Job, evaluation: Job | None = None) -> schemas.Job:
     artifact = None
     if job.status == "succeeded" and job.artifact_path and job.artifact_sha256:
         artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
@@ -37,8 +38,21 @@ def to_schema(job: Job) -> schemas.Job:
         id=job.id, status=cast(schemas.JobStatus, job.status), stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         cancel_requested=job.cancel_requested_at is not None, request=schemas.JobRequest(**job_request(job)),
-        error=error, artifact=artifact,
+        error=error, artifact=artifact, **job_fields(job, evaluation),
     )
+
+
+def estimate_for(store: JobStore, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The duration estimate recorded with a new job; a job is never refused for want of one."""
+    from distill.methods.registry import get_method
+    from workers.estimates import estimate
+
+    try:
+        defaults = get_method(request["method"]).Params().model_dump(mode="json")
+        return estimate(store, request["method"], request["dataset"], request.get("max_per_class"),
+                        request.get("params") or {}, defaults)
+    except Exception:
+        return None
 
 
 def _find(store: JobStore, job_id: str, owner: str) -> Job:
@@ -69,7 +83,8 @@ def create_job(
 ) -> schemas.Job:
     request = checked_job_request(body, settings)
     try:
-        job, replayed = store.create_job(owner, request, idempotency_key)
+        job, replayed = store.create_job(owner, request, idempotency_key, name=body.name,
+                                         estimate=estimate_for(store, request))
     except IdempotencyConflict as exc:
         raise HTTPException(409, str(exc)) from None
     if not replayed:
@@ -94,12 +109,14 @@ def list_jobs(
     except JobNotFound:
         raise RequestValidationError([{"loc": ["query", "after"], "msg": f"no job {after}",
                                        "type": "value_error.unknown_cursor"}]) from None
-    return schemas.JobList(data=[to_schema(j) for j in jobs], has_more=has_more)
+    evaluations = store.latest_evaluations([j.id for j in jobs])
+    return schemas.JobList(data=[to_schema(j, evaluations.get(j.id)) for j in jobs], has_more=has_more)
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, responses={**UNAUTHORIZED, **NOT_FOUND})
 def get_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
-    return to_schema(_find(store, job_id, owner))
+    job = _find(store, job_id, owner)
+    return to_schema(job, store.latest_evaluations([job.id]).get(job.id))
 
 
 @router.post(
