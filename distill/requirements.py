@@ -78,7 +78,7 @@ def missing(method: str, given: dict[str, Any], effective: dict[str, Any]) -> li
         lacking = [p for p in need.packages if not _has_package(p)]
         weights_missing = need.weights is not None and not _has_weights(need.weights)
         if lacking or weights_missing:
-            out.append((need.key, need.describe(source[need.key]) + " (not on this server)"))
+            out.append((need.key, need.describe(source[need.key]) + " (missing here)"))
     return out
 
 

@@ -19,6 +19,7 @@ from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
 from distill.methods.base import Executor
 from distill.models import registered_models
+from distill.progress import score_text
 from workers.janitor import discard_checkpoints
 from workers.jobs import HeartbeatResult, JobStore, Lease
 from workers.logs import job_context
@@ -310,7 +311,7 @@ def execute_evaluation(store: JobStore, job: Job, lease: Lease, settings: Worker
 
 
 def _score_text(score: dict[str, Any]) -> str:
-    return f"{score['mean']:.2f} %" if score["runs"] == 1 else f"{score['mean']:.2f} ± {score['std']:.2f} %"
+    return score_text(score["mean"], score["std"], score["runs"])
 
 
 def evaluation_summary(result: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ its accuracy, control and gain then show on both jobs (``evaluation``). A rerun 
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 

@@ -25,7 +25,7 @@ def test_submit_wait_download_then_inspect(server: Server, tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     assert "sha256 verified" in run.stdout and read_archive(out).manifest["ipc"] == 2
     # not a terminal: periodic plain progress lines on stderr, no bar
-    assert "submitted job_" in run.stderr and "succeeded stage=" in run.stderr
+    assert "submitted job_" in run.stderr and "estimate " in run.stderr and "succeeded 100% overall" in run.stderr
     job_id = run.stdout.split()[0]
     status = json.loads(server.cli("status", job_id, "--json").stdout)
     assert status["status"] == "succeeded" and hashlib.sha256(out.read_bytes()).hexdigest() == status["artifact"]["sha256"]
