@@ -11,6 +11,7 @@ from typing import Any
 
 from distill.api_types import Estimate, EvaluationResult, JobStatus, Score, StageState
 from distill.progress import overall_progress
+from workers.execution import PREPARE_STAGE
 from workers.models import Job, utcnow
 
 
@@ -41,7 +42,8 @@ def progress_fields(job: Job) -> dict[str, Any]:
     if job.started_at is not None:
         elapsed = max(0.0, ((job.finished_at or utcnow()) - job.started_at).total_seconds())
     running = job.status == "running"
-    current = job.stage if running else None
+    # a running job that has not reported a stage yet is loading its data and models
+    current = (job.stage or PREPARE_STAGE) if running else None
     if job.status == "succeeded":
         overall, eta = 1.0, None
     elif job.status == "queued":

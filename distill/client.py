@@ -275,10 +275,11 @@ class Client:
         return Job.model_validate(self._request("POST", f"/jobs/{_job_id(job)}/rerun",
                                                 json={"name": name} if name is not None else {}).json())
 
-    def evaluate(self, job: JobRef, *, runs: int | None = None, epochs: int | None = None) -> Job:
+    def evaluate(self, job: JobRef, *, runs: int | None = None, epochs: int | None = None,
+                 test_limit: int | None = None) -> Job:
         """Queue an evaluation of a succeeded job's archive (`distill eval`'s protocol, with its random-subset
         control); returns the evaluation job. Its result appears as ``evaluation`` on both jobs."""
-        body = {k: v for k, v in (("runs", runs), ("epochs", epochs)) if v is not None}
+        body = {k: v for k, v in (("runs", runs), ("epochs", epochs), ("test_limit", test_limit)) if v is not None}
         return Job.model_validate(self._request("POST", f"/jobs/{_job_id(job)}/evaluations", json=body).json())
 
     def latest(self) -> Job | None:

@@ -51,17 +51,39 @@ def estimate(store: JobStore, method: str, dataset: str, max_per_class: int | No
     """``{"seconds", "stages": [[stage, seconds], ...], "basis", "jobs", "work"}`` for a job about to be queued."""
     effective = {**(defaults or {}), **params}
     work = work_units(dataset, max_per_class, effective)
-    history = store.stage_history(method, dataset, limit=HISTORY_JOBS)
+    return _from_history_or_prior(store, method, dataset, "distill", work, PRIORS.get(method, ITERATIVE_PRIOR))
+
+
+# An evaluation trains ``runs`` students for ``epochs`` on the distilled set, then the same on the random control:
+# its work is runs x epochs x distilled images (at 32x32 pixels) x 2.
+EVALUATION_PRIOR = (10.0, 2e-3, [("evaluate", 1.0)])
+
+
+def estimate_evaluation(store: JobStore, dataset: str, images: int, runs: int, epochs: int) -> dict[str, Any]:
+    from distill.data.registry import DATASETS
+
+    spec = DATASETS.get(dataset)
+    size = spec.image_size if spec is not None else 32
+    work = 2.0 * runs * epochs * images * (size / 32) ** 2
+    return _from_history_or_prior(store, "evaluate", dataset, "evaluate", work, EVALUATION_PRIOR)
+
+
+def _from_history_or_prior(store: JobStore, method: str, dataset: str, kind: str, work: float,
+                           prior: tuple[float, float, list[tuple[str, float]]]) -> dict[str, Any]:
+    history = store.stage_history(method, dataset, limit=HISTORY_JOBS, kind=kind)
     if history:
         per_stage: dict[str, list[float]] = {}
         for past_work, log in history:
+            seconds_of: dict[str, float] = {}  # a resumed job may list a stage twice
             for stage, seconds in log:
-                per_stage.setdefault(stage, []).append(float(seconds) / max(past_work, 1e-9))
-        order = [stage for stage, _ in history[0][1]]
+                seconds_of[str(stage)] = seconds_of.get(str(stage), 0.0) + float(seconds)
+            for stage, seconds in seconds_of.items():
+                per_stage.setdefault(stage, []).append(seconds / max(past_work, 1e-9))
+        order = list(dict.fromkeys(str(stage) for stage, _ in history[0][1]))
         stages = [(stage, work * sorted(per_stage[stage])[len(per_stage[stage]) // 2]) for stage in order]
         basis = "history"
     else:
-        fixed, rate, shares = PRIORS.get(method, ITERATIVE_PRIOR)
+        fixed, rate, shares = prior
         seconds = fixed + rate * work
         stages = [(stage, seconds * share) for stage, share in shares]
         basis = "prior"

@@ -29,6 +29,7 @@ from workers.settings import WorkerSettings
 log = logging.getLogger("distill.worker")
 
 PROGRESS_WRITE_SECONDS = 0.5
+PREPARE_STAGE = "prepare"
 
 
 def artifact_name(job_id: str) -> str:
@@ -146,9 +147,9 @@ class _JobControl:
     def _close_stage(self) -> None:
         """Record the time of the stage that just ended (called under the lock)."""
         now = time.monotonic()
-        if self.stage is not None:
-            self.stage_log.append([self.stage, round(now - self._stage_started, 3)])
-            self._log_dirty = True
+        # before the method's first report the job loads its data and models: "prepare", real time too
+        self.stage_log.append([self.stage or PREPARE_STAGE, round(now - self._stage_started, 3)])
+        self._log_dirty = True
         self._stage_started = now
 
     def finished_log(self) -> list[list[Any]]:

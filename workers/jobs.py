@@ -291,13 +291,15 @@ class JobStore:
         with self.read() as session:
             return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
-    def stage_history(self, method: str, dataset: str, limit: int = 3) -> list[tuple[float, list[list[Any]]]]:
-        """(work, stage log) of the most recent succeeded jobs of a method on a dataset, newest first: what an
-        estimate learns from (:mod:`workers.estimates`)."""
+    def stage_history(self, method: str, dataset: str, limit: int = 3,
+                      kind: str = "distill") -> list[tuple[float, list[list[Any]]]]:
+        """(work, stage log) of the most recent succeeded jobs of a method on a dataset (evaluations: of any
+        method), newest first: what an estimate learns from (:mod:`workers.estimates`)."""
         with self.read() as session:
+            same = [Job.kind == kind] + ([Job.method == method] if kind == "distill" else [])
             rows = session.execute(
                 select(Job.estimate, Job.stage_log).where(
-                    Job.status == "succeeded", Job.kind == "distill", Job.method == method, Job.dataset == dataset,
+                    Job.status == "succeeded", *same, Job.dataset == dataset,
                     Job.stage_log.is_not(None), Job.estimate.is_not(None))
                 .order_by(Job.seq.desc()).limit(limit)
             ).all()

@@ -7,6 +7,8 @@ its accuracy, control and gain then show on both jobs (``evaluation``). A rerun 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -14,7 +16,7 @@ from app import schemas
 from app.deps import OwnerDep, SettingsDep, StoreDep
 from app.routes.jobs import NOT_FOUND, UNAUTHORIZED, JobId, _find, estimate_for, to_schema
 from app.validation import checked_job_request
-from workers.jobs import job_request
+from workers.jobs import JobStore, job_request
 
 router = APIRouter(tags=["jobs"])
 
@@ -51,9 +53,23 @@ def create_evaluation(job_id: JobId, body: EvaluationCreate, response: Response,
     params = body.model_dump(exclude_none=True)
     request = {**job_request(parent), "params": params}
     job, _ = store.create_job(owner, request, name=parent.name, kind="evaluate", parent_id=parent.id,
-                              estimate=None)
+                              estimate=evaluation_estimate(store, parent.dataset, parent.ipc, params))
     response.headers["Location"] = f"/jobs/{job.id}"
     return to_schema(job)
+
+
+def evaluation_estimate(store: JobStore, dataset: str, ipc: int, params: dict[str, int]) -> dict[str, Any] | None:
+    """The evaluation's duration on this host, from the budget `distill eval` would use (a guess never refuses)."""
+    from distill.data.registry import DATASETS
+    from workers.estimates import estimate_evaluation
+    from workers.execution import evaluation_config
+
+    try:
+        config = evaluation_config(params, "cpu")
+        classes = DATASETS[dataset].num_classes if dataset in DATASETS else 10
+        return estimate_evaluation(store, dataset, ipc * classes, config.runs, config.resolved_epochs())
+    except Exception:
+        return None
 
 
 @router.post(

@@ -23,14 +23,15 @@ def test_estimate_overall_progress_name_rerun_evaluate_delete(client: Client, se
     assert [s.state for s in job.stages] and all(s.state == "pending" for s in job.stages)
     done = client.wait(job, timeout=120)
     assert done.overall_progress == 1.0 and done.elapsed_seconds is not None and done.eta_seconds is None
-    assert [s.name for s in done.stages] == ["select", "archive"] and all(s.state == "done" for s in done.stages)
+    assert [s.name for s in done.stages] == ["prepare", "select", "archive"]
+    assert all(s.state == "done" for s in done.stages)
     events = list(client.events(done))
     assert all(e.stage is not None and e.progress is not None for e in events), events
 
     again = client.rerun(done)  # same request and name; this method has now run here: the estimate learns
     assert again.id != done.id and again.name == "first try" and again.request == done.request
     assert again.estimate is not None and again.estimate.basis == "history" and again.estimate.jobs >= 1
-    assert [s.name for s in again.estimate.stages] == ["select", "archive"]
+    assert [s.name for s in again.estimate.stages] == ["prepare", "select", "archive"]
     client.wait(again, timeout=120)
 
     folder_job = client.wait(client.submit("random", "tiny-folder", 2, name="tiny"), timeout=120)
