@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app import schemas
 from app.deps import OwnerDep, SettingsDep, StoreDep
-from app.routes.jobs import NOT_FOUND, UNAUTHORIZED, JobId, _find, estimate_for, to_schema
+from app.routes.jobs import NOT_FOUND, UNAUTHORIZED, JobId, Responses, _find, estimate_for, to_schema
 from app.validation import checked_job_request
 from workers.jobs import JobStore, job_request
 
 router = APIRouter(tags=["jobs"])
+BODY: Responses = {400: {"model": schemas.Problem, "description": "body is not UTF-8 JSON"},
+                   413: {"model": schemas.Problem, "description": "request body too large"}}
 
 
 class EvaluationCreate(BaseModel):
@@ -40,7 +42,8 @@ class Rerun(BaseModel):
 
 @router.post(
     "/jobs/{job_id}/evaluations", status_code=202, response_model=schemas.Job,
-    responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "the job has no archive"}},
+    responses={**UNAUTHORIZED, **NOT_FOUND, **BODY,
+               409: {"model": schemas.Problem, "description": "the job has no archive"}},
     summary="Evaluate a succeeded job's archive (accuracy, random-subset control, gain) as a job of its own",
 )
 def create_evaluation(job_id: JobId, body: EvaluationCreate, response: Response, owner: OwnerDep,
@@ -74,7 +77,8 @@ def evaluation_estimate(store: JobStore, dataset: str, ipc: int, params: dict[st
 
 @router.post(
     "/jobs/{job_id}/rerun", status_code=202, response_model=schemas.Job,
-    responses={**UNAUTHORIZED, **NOT_FOUND, 409: {"model": schemas.Problem, "description": "not a distillation job"}},
+    responses={**UNAUTHORIZED, **NOT_FOUND, **BODY,
+               409: {"model": schemas.Problem, "description": "not a distillation job"}},
     summary="Queue a new job with the same request (checked again: this server may have changed)",
 )
 def rerun(job_id: JobId, response: Response, owner: OwnerDep, store: StoreDep, settings: SettingsDep,
