@@ -111,8 +111,8 @@ function timeText(job) {
   if (job.status === "queued") return job.estimate ? `about ${duration(job.estimate.seconds)}` : "";
   if (job.elapsed_seconds === null || job.elapsed_seconds === undefined) return "";
   if (job.status !== "running") return duration(job.elapsed_seconds);
-  return `${duration(job.elapsed_seconds)} elapsed` +
-    (job.eta_seconds !== null && job.eta_seconds !== undefined ? ` · about ${duration(job.eta_seconds)} left` : "");
+  return `${duration(job.elapsed_seconds)}` +
+    (job.eta_seconds !== null && job.eta_seconds !== undefined ? `, about ${duration(job.eta_seconds)} left` : " elapsed");
 }
 
 function scoreText(score) {
@@ -182,7 +182,7 @@ function updateRow(row, job) {
   const cells = row.children;
   row.dataset.status = job.status;
   cells[1].replaceChildren(badge(job.status),
-    job.error && job.status !== "cancelled" ? h("div", {class: "reason"}, job.error.message) : null);
+    ...(job.error && job.status !== "cancelled" ? [h("div", {class: "reason"}, job.error.message)] : []));
   cells[6].replaceChildren(progressBar(job));
   cells[7].textContent = timeText(job);
   cells[8].textContent = resultText(job);
@@ -754,8 +754,8 @@ function initKey() {
 
 async function initVersion() {
   try {
-    const health = await (await fetch("/healthz")).json();
-    document.getElementById("version").textContent = "distillery " + health.version;
+    const health = await (await fetch("/healthz", {headers: headers()})).json();
+    document.getElementById("version").textContent = "distillery" + (health.version ? " " + health.version : "");
   } catch (e) { /* the footer stays empty */ }
 }
 
