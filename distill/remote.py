@@ -186,13 +186,13 @@ class Progress:
             return
         if self.bar is None:  # one bar for the whole job: it never restarts at a stage change
             self.bar = tqdm(total=1000, leave=False, dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+                            bar_format="{percentage:3.0f}% |{bar}| {desc}")
         position = [s.name for s in job.stages]
-        where = f" ({position.index(job.stage) + 1}/{len(position)})" if job.stage in position else ""
-        self.bar.set_description_str(f"{job.status} {job.stage or ''}{where} {100 * job.progress:.0f}%".strip(),
-                                     refresh=False)
+        where = f" {position.index(job.stage) + 1}/{len(position)}" if job.stage in position else ""
         left = f", about {duration(job.eta_seconds)} left" if job.eta_seconds is not None else ""
-        self.bar.set_postfix_str(f"{duration(job.elapsed_seconds or 0)} elapsed{left}", refresh=False)
+        stage = f"{job.stage or 'starting'}{where} at {100 * job.progress:.0f}%, " if job.status == "running" else ""
+        self.bar.set_description_str(f"{job.status}: {stage}{duration(job.elapsed_seconds or 0)} elapsed{left}",
+                                     refresh=False)
         target = int(job.overall_progress * 1000)
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
