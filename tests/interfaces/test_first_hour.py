@@ -4,6 +4,11 @@ the method catalogue saying what this host can run."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from distill.client import Client, InvalidRequest, JobFailed, NotFound
@@ -71,3 +76,18 @@ def test_methods_say_what_this_host_can_run_and_names_are_bounded(client: Client
     assert caught.value.errors[0].loc == ["body", "name"]
     datasets = {d.name: d for d in client.datasets()}
     assert all((d.unavailable_reason is None) == d.available for d in datasets.values())
+
+
+def test_missing_weights_are_refused_before_any_work(tmp_path: Path) -> None:
+    """Without the encoder's weights, `oq` is refused at once (exit 2, one line naming the parameter), and
+    `distill methods oq` says so, instead of failing after minutes of encoding."""
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    env = {**os.environ, "DISTILL_WEIGHTS_DIR": str(empty), "DISTILL_HOME": str(tmp_path / "home")}
+    distill = Path(sys.executable).with_name("distill")
+    run = subprocess.run([str(distill), "run", "oq", "--dataset", "mnist", "--ipc", "1", "--max-per-class", "5",
+                          "--out", str(tmp_path / "x.tar")], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "encoder=taef2 needs" in run.stderr and not (tmp_path / "x.tar").exists()
+    shown = subprocess.run([str(distill), "methods", "oq"], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "not available here: encoder=taef2 needs" in shown.stdout
+    assert "parameters (distill run/submit --set KEY=VALUE):" in shown.stdout and "kmeans_backend=" in shown.stdout
