@@ -10,27 +10,50 @@ FAISS_EXTRA ?= $(if $(findstring gpu,$(TORCH_CONSTRAINTS)),gpu,cpu)
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: setup demo test lint bench-baselines clean
+PIP := $(BIN)/pip --disable-pip-version-check --quiet --quiet
+
+.PHONY: setup setup-dev setup-test demo demo-intro test lint bench-baselines clean
 
 setup: $(VENV)/.installed
 
+# The Python environment the demo needs (no system packages); the dev tools come with setup-dev, the test
+# system packages with setup-test.
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS) scripts/setup-system.sh
-	bash scripts/setup-system.sh
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev,$(FAISS_EXTRA)]'
-	touch $@
+	@bash scripts/setup-system.sh demo
+	@echo "setting up $(VENV): torch (CPU build), FastAPI, FAISS (first time: a few minutes)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@$(PIP) install -c $(TORCH_CONSTRAINTS) -e '.[$(FAISS_EXTRA)]'
+	@touch $@
+
+setup-dev: $(VENV)/.dev-installed
+
+# pytest, selenium, ruff, mypy ...: the tests and the linters, not the demo.
+$(VENV)/.dev-installed: $(VENV)/.installed
+	@$(PIP) install -c $(TORCH_CONSTRAINTS) -e '.[dev,$(FAISS_EXTRA)]'
+	@touch $@
+
+# What only the tests need: the dev tools, Fashion-MNIST, and chromium + chromium-driver for the browser tests.
+setup-test: setup-dev
+	@bash scripts/setup-system.sh test
 
 # The main job on the embedded default: `distill serve` (API + local worker, SQLite), POST /jobs for the headline
-# method oq on MNIST at 10 images per class (500 training images per class seen), download the archive, evaluate it.
-demo: setup
-	$(BIN)/python scripts/demo.py --method oq --dataset mnist --ipc 10 --max-per-class 500 --out $(OUT)/mnist-oq-10.tar
-	$(BIN)/distill eval $(OUT)/mnist-oq-10.tar --runs 2 --epochs 300 --test-limit 2000
+# method oq on MNIST at 10 images per class (500 training images per class seen), download the archive, and the
+# server's evaluation of it against a random real subset of the same size.
+demo: demo-intro setup
+	@$(BIN)/python scripts/demo.py --method oq --dataset mnist --ipc 10 --max-per-class 500 \
+		--out $(OUT)/mnist-oq-10.tar --evaluate --eval-runs 2 --eval-epochs 300 --eval-test-limit 2000
 
-test: setup
+demo-intro:
+	@echo "make demo: set up $(VENV) (first time only), start distill serve on loopback, distill MNIST to 10"
+	@echo "images per class with oq (from 500 per class), download the archive, evaluate it on the server"
+	@echo "against 10 random real images per class. On a small CPU host: tens of minutes; the server's estimate"
+	@echo "follows once the job is queued. One line per stage below."
+
+test: setup-test
 	bash scripts/run-tests.sh $(BIN)/python
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 

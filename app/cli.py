@@ -50,6 +50,7 @@ def serve(
     log.info("serving", extra={"host": host, "port": port, "workers": count, "gpus": gpus})
     where = f"{count} local worker{'s' if count != 1 else ''} ({f'{gpus} GPU' if gpus else 'CPU'})" if count else "no workers"
     announce(host, port, settings, where)
+    report_methods()
     # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that would end this
     # process before the supervisor stops its workers, so catch it here and stop them below.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,6 +73,22 @@ def announce(host: str, port: int, settings: ApiSettings, workers: str) -> None:
     typer.echo(f"distillery: web page {base}/  ·  API {base} (docs {base}/docs)  ·  {workers}  ·  {keys}", err=True)
 
 
+def report_methods() -> None:
+    """Each method's hard requirements, checked once at start: the operator sees what users will be refused,
+    and why, before anyone submits (GET /methods says the same to clients)."""
+    from distill.methods.registry import available_methods
+    from distill.requirements import method_requirements
+
+    found = available_methods()
+    missing = {name: reason for name, cls in found.items()
+               if (reason := method_requirements(name, cls.Params().model_dump())[1]) is not None}
+    if not missing:
+        typer.echo(f"methods: all {len(found)} can run here", err=True)
+        return
+    typer.echo(f"methods: {len(found) - len(missing)} of {len(found)} can run here with their defaults; "
+               + "; ".join(f"{name}: {reason}" for name, reason in missing.items()), err=True)
+
+
 def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogOption = True) -> None:
     """Run only the HTTP API (workers run elsewhere: `distill worker`)."""
     settings = get_api_settings()
@@ -84,6 +101,7 @@ def api(host: HostOption = None, port: PortOption = None, access_log: AccessLogO
 
     app, _ = _build_app(settings)
     announce(host, port, settings, "workers run elsewhere (distill worker)")
+    report_methods()
     uvicorn.run(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG, access_log=access_log,
                 timeout_graceful_shutdown=GRACEFUL_SECONDS, http=problem_protocol())
 

@@ -26,7 +26,7 @@ from app.problems import (
     install_problem_handlers,
     problem_response,
 )
-from app.routes import jobs, meta, results, stream
+from app.routes import evaluations, jobs, meta, results, stream
 from app.settings import ApiSettings, get_api_settings
 from app.validation import other_problems
 from app.web import mount_web
@@ -295,6 +295,7 @@ def create_app(
     app.state.store = store
     app.state.metrics = metrics
     app.include_router(jobs.router)
+    app.include_router(evaluations.router)
     app.include_router(stream.router)
     app.include_router(results.router)
     app.include_router(meta.router)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from pydantic.json_schema import JsonDict, JsonValue
@@ -37,6 +37,10 @@ def _enum_of(names: Callable[[], list[str]]) -> Callable[[JsonDict], None]:
     return extra
 
 
+# A person's label: printable text on one line, never interpreted (no paths, no markup meaning).
+JobName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
 class JobCreate(BaseModel):
     """A distillation request. Parameters are validated against the method's own model at submission."""
 
@@ -59,6 +63,7 @@ class JobCreate(BaseModel):
     max_per_class: StrictInt | None = Field(
         None, ge=1, le=1_000_000, description="use at most this many training images per class (quick jobs)"
     )
+    name: JobName | None = Field(None, description="a label for the job, shown in lists (bounded text)")
 
 
 class ModelInfo(BaseModel):

@@ -48,6 +48,44 @@ class Artifact(BaseModel):
     preview_url: str
 
 
+class StageEstimate(BaseModel):
+    name: str
+    seconds: float = Field(description="estimated wall time of the stage on this host")
+
+
+class Estimate(BaseModel):
+    seconds: float = Field(description="estimated wall time of the whole job on this host, made at submit")
+    stages: list[StageEstimate]
+    basis: Literal["history", "prior"] = Field(
+        description="history: stage times of earlier jobs of this method and dataset on this host, scaled by the "
+                    "images read (times iterations); prior: a rough static figure per method, until one has run")
+    jobs: int = Field(0, description="earlier jobs the estimate comes from (0 for the prior)")
+
+
+class StageState(BaseModel):
+    name: str
+    state: Literal["done", "running", "pending"]
+    seconds: float | None = Field(None, description="done: measured; running/pending: estimated")
+
+
+class Score(BaseModel):
+    mean: float = Field(description="test accuracy in percent, mean over the runs")
+    std: float = Field(description="standard deviation over the runs (0 for one run)")
+    runs: int
+
+
+class EvaluationResult(BaseModel):
+    """`distill eval`'s protocol on a finished job's archive: students trained on the distilled set, and the
+    control: the same protocol on a random real subset of the same size."""
+
+    job_id: str = Field(description="the evaluation job")
+    status: JobStatus
+    accuracy: Score | None = None
+    control: Score | None = None
+    gain: float | None = Field(None, description="accuracy minus control, in points")
+    protocol: dict[str, Any] = Field(default_factory=dict, description="model, epochs, runs, augmentation ...")
+
+
 class Job(_UtcModel):
     model_config = ConfigDict(extra="ignore")  # a newer server may add fields; an older client keeps working
 
@@ -64,6 +102,17 @@ class Job(_UtcModel):
     request: JobRequest
     error: JobError | None
     artifact: Artifact | None
+    name: str | None = Field(None, description="the submitter's label for the job")
+    kind: Literal["distill", "evaluate"] = Field(
+        "distill", description="distill makes an archive; evaluate trains students on the archive of parent_id")
+    parent_id: str | None = Field(None, description="evaluate: the job whose archive is evaluated")
+    estimate: Estimate | None = None
+    overall_progress: float = Field(0.0, ge=0, le=1, description="fraction of the whole job done, across stages")
+    elapsed_seconds: float | None = Field(None, description="wall time since the job started (until it ended)")
+    eta_seconds: float | None = Field(None, description="estimated seconds left (running jobs)")
+    stages: list[StageState] = Field(default_factory=list, description="the job's stages in order")
+    evaluation: EvaluationResult | None = Field(
+        None, description="distill: its latest evaluation; evaluate: its own result")
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +147,7 @@ class DatasetInfo(BaseModel):
     channels: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
     image_size: int | None = Field(description="null for an operator's ImageFolder (known once loaded)")
     available: bool = Field(True, description="whether this server has the dataset's files; jobs need it")
+    unavailable_reason: str | None = Field(None, description="why jobs cannot use it here, when they cannot")
 
 
 class MethodInfo(BaseModel):
@@ -105,6 +155,10 @@ class MethodInfo(BaseModel):
     summary: str
     family: str
     parameters: dict[str, Any] = Field(description="JSON schema of the method's parameters, with defaults")
+    available: bool = Field(True, description="whether this server can run the method with its defaults now")
+    unavailable_reason: str | None = Field(None, description="what is missing when it cannot (package, weights)")
+    requirements: list[str] = Field(default_factory=list,
+                                    description="what the method needs with its defaults (packages, weights)")
 
 
 class FieldError(BaseModel):

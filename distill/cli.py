@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from distill.errors import DistillError
-from distill.progress import ProgressLines
+from distill.progress import ProgressLines, score_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill image-classification datasets.")
 
@@ -172,14 +172,16 @@ def eval_(
         else:
             what = f"{extra.get('method')} ipc {extra.get('ipc')}" if extra else "whole dataset"
             typer.echo(
-                f"{result.dataset} {what}: {result.accuracy_mean:.2f} ± {result.accuracy_std:.2f} % "
+                f"{result.dataset} {what}: {score_text(result.accuracy_mean, result.accuracy_std, result.runs)} "
                 f"({result.runs} x {result.model}, {result.epochs} epochs, protocol {result.protocol}, "
                 f"{result.test_images} test images, {result.wall_seconds:.0f}s)"
             )
             typer.echo("runs: " + ", ".join(f"{a:.2f}" for a in result.accuracies))
             if result.control is not None and result.gain is not None:
-                typer.echo(f"control, random real ipc {control_ipc}: {result.control.accuracy_mean:.2f} ± "
-                           f"{result.control.accuracy_std:.2f} %; gain {result.gain:+.2f} points")
+                control = result.control
+                typer.echo(f"control, random real ipc {control_ipc}: "
+                           f"{score_text(control.accuracy_mean, control.accuracy_std, control.runs)}; "
+                           f"gain {result.gain:+.2f} points")
 
 
 def _archive_file(path: Path) -> Path:
@@ -249,21 +251,37 @@ def config_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @app.command()
-def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the methods with their parameters and defaults."""
-    from distill.methods.registry import available_methods
+def methods(
+    name: Annotated[str | None, typer.Argument(help="one method: its parameters, defaults and requirements")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the methods (one line each, and whether this host can run them); NAME shows one method's parameters."""
+    from distill.errors import InvalidRequest
+    from distill.methods.registry import METHODS, available_methods, get_method, unknown_method
+    from distill.requirements import method_requirements
 
     with user_errors():
-        found = available_methods()
+        if name is not None and name not in METHODS:
+            raise InvalidRequest([unknown_method(name)])
+        found = {name: get_method(name)} if name is not None else available_methods()
     if as_json:
-        typer.echo(json.dumps({name: {"summary": m.summary, "family": m.family,
-                                      "params": m.Params.model_json_schema()} for name, m in found.items()}))
+        typer.echo(json.dumps({key: {"summary": m.summary, "family": m.family,
+                                     "params": m.Params.model_json_schema()} for key, m in found.items()}))
         return
-    for name, method in found.items():
-        typer.echo(f"{name:<8} [{method.family}] {method.summary}")
-        for key, field in method.Params.model_fields.items():
+    for key, method in found.items():
+        needs, missing = method_requirements(key, method.Params().model_dump())
+        here = f"  (not available here: {missing})" if missing else ""
+        typer.echo(f"{key:<8} [{method.family}] {method.summary}{here}")
+        if name is None:
+            continue
+        if needs:
+            typer.echo(f"needs: {', '.join(needs)}")
+        typer.echo("parameters (distill run/submit --set KEY=VALUE):")
+        for param, field in method.Params.model_fields.items():
             default = field.default if field.default is not None else "none"
-            typer.echo(f"    {key}={default}  {field.description or ''}".rstrip())
+            typer.echo(f"    {param}={default}  {field.description or ''}".rstrip())
+    if name is None:
+        typer.echo("distill methods NAME: one method's parameters and defaults")
 
 
 @app.command()

@@ -4,7 +4,10 @@
 
     with Client("http://127.0.0.1:8000", api_key=None) as client:
         job = client.submit("random", "mnist", ipc=10, max_per_class=50)
-        job = client.wait(job, timeout=600, on_progress=lambda j: print(j.stage, j.progress))
+        try:
+            job = client.wait(job, timeout=600, on_progress=lambda j: print(j.stage, j.overall_progress))
+        except JobFailed as exc:                     # failed or cancelled: exc.reason says why
+            raise SystemExit(f"no archive: {exc.reason}")
         client.download(job, "mnist-random-10.tar")   # resumable, sha256-verified, atomic
 
 Results are the API's own models (:mod:`distill.api_types`). Every error response becomes an
@@ -56,6 +59,16 @@ class WaitTimeout(ClientError, TimeoutError):
     def __init__(self, job: Job, timeout: float):
         super().__init__(f"job {job.id} still {job.status} after {timeout:g}s")
         self.job = job
+
+
+class JobFailed(ClientError):
+    """The job ended without an archive (failed or cancelled): ``job`` is its final state, ``reason`` why."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.status = job.status
+        self.reason = f"{job.error.code}: {job.error.message}" if job.error is not None else job.status
+        super().__init__(f"job {job.id} {job.status}: {self.reason}")
 
 
 class ApiError(ClientError):
@@ -160,6 +173,12 @@ def _error_class(status: int) -> type[ApiError]:
     return ApiError
 
 
+def server_url(value: str) -> str:
+    """``host:port`` (no scheme) means ``http://host:port``: what people type after seeing the server's banner."""
+    value = value.strip().rstrip("/")
+    return value if "://" in value else f"http://{value}"
+
+
 def _job_id(job: JobRef) -> str:
     return job.id if isinstance(job, Job) else str(job)
 
@@ -169,7 +188,7 @@ class Client:
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None):
-        self.url = (url or os.environ.get("DISTILL_SERVER") or DEFAULT_SERVER).rstrip("/")
+        self.url = server_url(url or os.environ.get("DISTILL_SERVER") or DEFAULT_SERVER)
         if api_key is None:
             api_key = os.environ.get("DISTILL_API_KEY") or None
         headers = {"User-Agent": f"distill-client/{__version__}", "Accept": "application/json"}
@@ -214,11 +233,13 @@ class Client:
     # -- jobs ----------------------------------------------------------------------------------------------
 
     def submit(self, method: str, dataset: str, ipc: int, *, params: dict[str, Any] | None = None, seed: int = 0,
-               max_per_class: int | None = None, idempotency_key: str | None = None) -> Job:
+               max_per_class: int | None = None, idempotency_key: str | None = None, name: str | None = None) -> Job:
         """Queue a job. With ``idempotency_key`` a retried submission returns the same job, never a second one."""
         body: dict[str, Any] = {"method": method, "dataset": dataset, "ipc": ipc, "params": params or {}, "seed": seed}
         if max_per_class is not None:
             body["max_per_class"] = max_per_class
+        if name is not None:
+            body["name"] = name
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return Job.model_validate(self._request("POST", "/jobs", json=body, headers=headers).json())
 
@@ -244,6 +265,26 @@ class Client:
             if not page.has_more or not page.data:
                 return
             after = page.data[-1].id
+
+    def delete(self, job: JobRef) -> None:
+        """Remove a finished job, its events, its evaluations and its archive."""
+        self._request("DELETE", f"/jobs/{_job_id(job)}")
+
+    def rerun(self, job: JobRef, *, name: str | None = None) -> Job:
+        """Queue a new job with the same request (and name, unless another is given)."""
+        return Job.model_validate(self._request("POST", f"/jobs/{_job_id(job)}/rerun",
+                                                json={"name": name} if name is not None else {}).json())
+
+    def evaluate(self, job: JobRef, *, runs: int | None = None, epochs: int | None = None,
+                 test_limit: int | None = None) -> Job:
+        """Queue an evaluation of a succeeded job's archive (`distill eval`'s protocol, with its random-subset
+        control); returns the evaluation job. Its result appears as ``evaluation`` on both jobs."""
+        body = {k: v for k, v in (("runs", runs), ("epochs", epochs), ("test_limit", test_limit)) if v is not None}
+        return Job.model_validate(self._request("POST", f"/jobs/{_job_id(job)}/evaluations", json=body).json())
+
+    def latest(self) -> Job | None:
+        """The caller's newest job, or None."""
+        return next(iter(self.list(limit=1)), None)
 
     def cancel(self, job: JobRef) -> Job:
         """Ask the job to stop (a queued job is cancelled at once, a running one at its next check)."""
@@ -324,11 +365,12 @@ class Client:
             time.sleep(0.5)
 
     def wait(self, job: JobRef, timeout: float | None = None, on_progress: Callable[[Job], None] | None = None,
-             poll: float = 1.0) -> Job:
-        """Block until the job is finished (succeeded, failed or cancelled) and return it.
+             poll: float = 1.0, *, raise_on_failure: bool = True) -> Job:
+        """Block until the job is finished and return it when it succeeded.
 
-        ``on_progress(job)`` is called whenever status, stage or progress change. Raises :class:`WaitTimeout`
-        after ``timeout`` seconds (the job keeps running on the server)."""
+        A job that failed or was cancelled raises :class:`JobFailed` carrying the reason (``raise_on_failure=False``
+        returns it instead). ``on_progress(job)`` is called whenever status, stage or progress change. Raises
+        :class:`WaitTimeout` after ``timeout`` seconds (the job keeps running on the server)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         current = self.get(job)
         seen: tuple[Any, ...] | None = None
@@ -338,6 +380,8 @@ class Client:
                 on_progress(current)
             seen = state
             if current.terminal:
+                if raise_on_failure and current.status != "succeeded":
+                    raise JobFailed(current)
                 return current
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(current, timeout or 0)

@@ -32,6 +32,7 @@ from distill.errors import DistillError, InvalidRequest, Problem, problem
 from distill.methods.base import CheckpointStore, DistilledSet, Executor, Method, MethodParams, ProgressSink, RunContext
 from distill.methods.registry import METHODS, get_method, param_problems, unknown_method
 from distill.models import resolve_models
+from distill.requirements import requirement_problems
 
 
 @dataclass
@@ -90,6 +91,8 @@ def check_request(
         method_cls = get_method(request.method)
         params, found = param_problems(method_cls, request.params, paths=request.paths)
         problems += found
+        if params is not None:  # packages and weights the values need, before minutes of work
+            problems += requirement_problems(request.method, request.params, params.model_dump())
         iterations = getattr(params, "iterations", None)
         if max_iterations is not None and isinstance(iterations, int) and iterations > max_iterations:
             problems.append(problem(["params", "iterations"], f"iterations must be <= {max_iterations} on this server",

@@ -13,11 +13,13 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from distill.config import get_settings as get_core_settings
 from distill.errors import Cancelled, DistillError
 from distill.methods.base import Executor
 from distill.models import registered_models
+from distill.progress import score_text
 from workers.janitor import discard_checkpoints
 from workers.jobs import HeartbeatResult, JobStore, Lease
 from workers.logs import job_context
@@ -27,6 +29,7 @@ from workers.settings import WorkerSettings
 log = logging.getLogger("distill.worker")
 
 PROGRESS_WRITE_SECONDS = 0.5
+PREPARE_STAGE = "prepare"
 
 
 def artifact_name(job_id: str) -> str:
@@ -63,7 +66,8 @@ def redact_paths(text: str) -> str:
 class _JobControl:
     """Shared state between the method's thread (progress, cancel checks) and the heartbeat thread."""
 
-    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings, stop_flag: threading.Event | None):
+    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings, stop_flag: threading.Event | None,
+                 resumed_log: list[Any] | None = None):
         self.store = store
         self.lease = lease
         self.heartbeat_seconds = settings.heartbeat_seconds
@@ -71,6 +75,10 @@ class _JobControl:
         self.stop_flag = stop_flag
         self.stage: str | None = None
         self.fraction = 0.0
+        # [[stage, seconds], ...] of the stages finished so far, in order (the job row keeps it for estimates)
+        self.stage_log: list[list[Any]] = [list(item) for item in (resumed_log or [])]
+        self._stage_started = time.monotonic()
+        self._log_dirty = False
         self.cancel_requested = False
         self.lost = False
         self._last_write = 0.0
@@ -107,8 +115,10 @@ class _JobControl:
                 return
             self._last_write = now
             stage, fraction = self.stage, self.fraction
+            stage_log = [list(item) for item in self.stage_log] if self._log_dirty else None
+            self._log_dirty = False
         try:
-            result = self.store.heartbeat(self.lease, stage, fraction)
+            result = self.store.heartbeat(self.lease, stage, fraction, stage_log)
         except Exception:  # a database hiccup must not kill the job; the next beat retries
             log.warning("heartbeat failed", exc_info=True)
             return
@@ -124,6 +134,8 @@ class _JobControl:
     def progress(self, stage: str, fraction: float, message: str | None = None) -> None:
         changed = stage != self.stage
         with self._lock:
+            if changed:
+                self._close_stage()
             self.stage, self.fraction = stage, fraction
         if changed:
             self._event(f"stage {stage} started", stage, fraction)
@@ -131,6 +143,20 @@ class _JobControl:
         if message:
             self._event(message, stage, fraction)
         self._write(force=changed)
+
+    def _close_stage(self) -> None:
+        """Record the time of the stage that just ended (called under the lock)."""
+        now = time.monotonic()
+        # before the method's first report the job loads its data and models: "prepare", real time too
+        self.stage_log.append([self.stage or PREPARE_STAGE, round(now - self._stage_started, 3)])
+        self._log_dirty = True
+        self._stage_started = now
+
+    def finished_log(self) -> list[list[Any]]:
+        with self._lock:
+            self._close_stage()
+            self.stage = None
+            return [list(item) for item in self.stage_log]
 
     def log(self, message: str) -> None:
         log.info(message, extra={"stage": self.stage})
@@ -158,8 +184,10 @@ def execute_job(
     """Run a claimed job to its end and record the outcome. Returns the final status (or 'lost'/'released')."""
     from distill.runner import RunRequest, run_to_archive
 
+    if job.kind == "evaluate":
+        return execute_evaluation(store, job, lease, settings, stop_flag=stop_flag)
     with job_context(job.id):
-        control = _JobControl(store, lease, settings, stop_flag)
+        control = _JobControl(store, lease, settings, stop_flag, resumed_log=job.stage_log)
         checkpoint_dir = settings.job_dir(job.id) / "checkpoints"
         resumed = sorted(p.stem for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.exists() else []
         log.info("job started", extra={"attempt": lease.attempt, "method": job.method, "dataset": job.dataset})
@@ -193,7 +221,8 @@ def execute_job(
         control.stop()
         size = Path(result.path).stat().st_size
         timings = {k: float(v) for k, v in result.manifest.get("timings", {}).items()}
-        if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings):
+        if store.finish(lease, "succeeded", artifact=(artifact_name(job.id), size, result.sha256), timings=timings,
+                        stage_log=control.finished_log()):
             discard_checkpoints(settings, job.id)
             log.info("job succeeded", extra={"bytes": size, "sha256": result.sha256,
                                             "seconds": round(time.perf_counter() - started, 3)})
@@ -215,3 +244,84 @@ def _stopped(store: JobStore, lease: Lease, control: _JobControl, stop_flag: thr
     store.release(lease, "worker shutting down; job re-queued")
     log.info("job released (worker shutting down)")
     return "released"
+
+
+EVALUATION_STAGE = "evaluate"
+
+
+def evaluation_config(params: dict[str, Any], device: str) -> Any:
+    """`distill eval`'s protocol with the job's budget (runs, epochs, test images); everything else its defaults."""
+    from distill.evaluate import EvalConfig
+
+    config = EvalConfig(device=device)
+    for key in ("runs", "epochs", "test_limit"):
+        if params.get(key) is not None:
+            setattr(config, key, int(params[key]))
+    return config
+
+
+def execute_evaluation(store: JobStore, job: Job, lease: Lease, settings: WorkerSettings, *,
+                       stop_flag: threading.Event | None = None) -> str:
+    """Train students on the parent job's archive and on the random-subset control (`distill eval`'s protocol),
+    reporting one ``evaluate`` stage whose fraction covers both, and record accuracy, control and gain."""
+    from distill.archive import read_archive
+    from distill.data.registry import get_dataset
+    from distill.evaluate import evaluate_distilled
+    from distill.runner import resolve_device
+
+    with job_context(job.id):
+        control = _JobControl(store, lease, settings, stop_flag)
+        control.start()
+
+        def progress(_stage: str, fraction: float) -> None:
+            if control.is_cancelled():
+                raise Cancelled("evaluation cancelled")
+            control.progress(EVALUATION_STAGE, min(max(fraction, 0.0), 1.0))
+
+        try:
+            parent = store.get_job(job.parent_id or "")
+            if parent.status != "succeeded" or not parent.artifact_path:
+                raise DistillError(f"job {job.parent_id} has no archive to evaluate")
+            path = settings.artifact_path(parent.artifact_path)
+            if not path.is_file():
+                raise DistillError(f"the archive of {parent.id} is no longer in storage")
+            progress(EVALUATION_STAGE, 0.0)
+            loaded = read_archive(path)
+            dataset = get_dataset(loaded.dataset)
+            config = evaluation_config(dict(job.params or {}), str(resolve_device(settings.device)))
+            ipc = int(loaded.manifest.get("ipc") or len(loaded.distilled) // dataset.num_classes)
+            result = evaluate_distilled(loaded.distilled, dataset, config, progress=progress, control_ipc=ipc)
+        except Cancelled:
+            return _stopped(store, lease, control, stop_flag)
+        except Exception as exc:  # DistillError or a bug: record it, keep the worker alive
+            control.stop()
+            code = exc.code if isinstance(exc, DistillError) else "internal_error"
+            message = str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, DistillError):
+                log.exception("evaluation crashed")
+            store.finish(lease, "failed", error=(code, redact_paths(message)), stage_log=control.finished_log())
+            return "failed"
+        control.stop()
+        summary = evaluation_summary(result)
+        control.log(f"accuracy {_score_text(summary['accuracy'])}"
+                    + (f", control {_score_text(summary['control'])}, gain {summary['gain']:+.2f} points"
+                       if summary.get("control") else ""))
+        if store.finish(lease, "succeeded", result=summary, stage_log=control.finished_log()):
+            return "succeeded"
+        return "lost"
+
+
+def _score_text(score: dict[str, Any]) -> str:
+    return score_text(score["mean"], score["std"], score["runs"])
+
+
+def evaluation_summary(result: Any) -> dict[str, Any]:
+    """An EvalResult as the job row keeps it: accuracy and control (mean, std, runs), gain, protocol."""
+
+    def score(r: Any) -> dict[str, Any]:
+        return {"mean": round(r.accuracy_mean, 3), "std": round(r.accuracy_std, 3), "runs": r.runs}
+
+    return {"accuracy": score(result), "control": score(result.control) if result.control is not None else None,
+            "gain": round(result.gain, 3) if result.gain is not None else None,
+            "protocol": {"protocol": result.protocol, "model": result.model, "epochs": result.epochs,
+                         "runs": result.runs, "test_images": result.test_images, "seconds": result.wall_seconds}}

@@ -68,6 +68,12 @@ def fingerprint(request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _position(session: Session, job_id: str) -> tuple[str | None, float | None]:
+    """The job's current stage and progress, for an event that happens between the method's own reports."""
+    row = session.execute(select(Job.stage, Job.progress).where(Job.id == job_id)).first()
+    return (row.stage, row.progress) if row is not None else (None, None)
+
+
 def job_request(job: Job) -> dict[str, Any]:
     return {
         "dataset": job.dataset,
@@ -114,12 +120,15 @@ class JobStore:
             session.execute(select(1))
 
     # ------------------------------------------------------------------------------------ API side
-    def create_job(self, owner: str, request: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
+    def create_job(self, owner: str, request: dict[str, Any], idempotency_key: str | None = None, *,
+                   name: str | None = None, estimate: dict[str, Any] | None = None, kind: str = "distill",
+                   parent_id: str | None = None) -> tuple[Job, bool]:
         """Queue a job; with an idempotency key, a repeat of the same request returns the first job.
 
         Returns ``(job, replayed)``. Raises :class:`IdempotencyConflict` when the key was used for another body.
         """
-        digest = fingerprint(request)
+        digest = fingerprint({**request, **({"name": name} if name else {}),
+                              **({"kind": kind, "parent_id": parent_id} if kind != "distill" else {})})
         if idempotency_key is not None:
             existing = self._by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -139,11 +148,15 @@ class JobStore:
             progress=0.0,
             attempts=0,
             created_at=utcnow(),
+            name=name,
+            kind=kind,
+            parent_id=parent_id,
+            estimate=estimate,
         )
         try:
             with self.write() as session:
                 session.add(job)
-                session.add(JobEvent(job_id=job.id, created_at=job.created_at, level="info", stage=None,
+                session.add(JobEvent(job_id=job.id, created_at=job.created_at, level="info", stage="queued",
                                      message="job queued", progress=0.0))
         except IntegrityError:
             # Two requests with the same key raced; the other one won.
@@ -204,7 +217,7 @@ class JobStore:
                         error_code="cancelled", error_message="cancelled before it started")
             )
             if done:
-                session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage,
+                session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage or "queued",
                                      message="cancelled while queued", progress=job.progress))
             else:
                 requested = _updated(
@@ -221,15 +234,31 @@ class JobStore:
         return job
 
     def delete_job(self, job_id: str, owner: str | None = None) -> Job:
-        """Remove a finished job and its events from the store (the caller removes its files)."""
+        """Remove a finished job, its events and its finished evaluations from the store (the caller removes
+        its files). A job with an evaluation still queued or running is refused: cancel that first."""
         job = self.get_job(job_id, owner)
         if job.status not in TERMINAL:
             raise InvalidState(f"job is {job.status}: cancel it first")
         with self.write() as session:
-            session.execute(delete(JobEvent).where(JobEvent.job_id == job.id))
+            children = list(session.scalars(select(Job).where(Job.parent_id == job.id)))
+            busy = [child.id for child in children if child.status not in TERMINAL]
+            if busy:
+                raise InvalidState(f"evaluation {busy[0]} of this job is not finished: cancel it first")
+            ids = [job.id, *(child.id for child in children)]
+            session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
+            session.execute(delete(Job).where(Job.parent_id == job.id, Job.status.in_(TERMINAL)))
             if not _updated(session, delete(Job).where(Job.id == job.id, Job.status.in_(TERMINAL))):
                 raise InvalidState("job changed meanwhile")
         return job
+
+    def latest_evaluations(self, job_ids: list[str]) -> dict[str, Job]:
+        """The newest evaluation job of each of these jobs (those that have one)."""
+        if not job_ids:
+            return {}
+        with self.read() as session:
+            rows = session.scalars(select(Job).where(Job.parent_id.in_(job_ids), Job.kind == "evaluate")
+                                   .order_by(Job.seq)).all()
+        return {row.parent_id: row for row in rows if row.parent_id is not None}
 
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         with self.read() as session:
@@ -244,7 +273,9 @@ class JobStore:
     def forget_artifact(self, job_id: str, reason: str) -> None:
         with self.write() as session:
             session.execute(update(Job).where(Job.id == job_id).values(artifact_path=None))
-            session.add(JobEvent(job_id=job_id, created_at=utcnow(), level="info", message=reason))
+            stage, progress = _position(session, job_id)
+            session.add(JobEvent(job_id=job_id, created_at=utcnow(), level="info", message=reason, stage=stage,
+                                 progress=progress))
 
     def list_events(self, job_id: str, owner: str | None, *, after: int | None = None,
                     limit: int = 100) -> tuple[list[JobEvent], bool]:
@@ -259,6 +290,21 @@ class JobStore:
     def counts_by_status(self) -> dict[str, int]:
         with self.read() as session:
             return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+    def stage_history(self, method: str, dataset: str, limit: int = 3,
+                      kind: str = "distill") -> list[tuple[float, list[list[Any]]]]:
+        """(work, stage log) of the most recent succeeded jobs of a method on a dataset (evaluations: of any
+        method), newest first: what an estimate learns from (:mod:`workers.estimates`)."""
+        with self.read() as session:
+            same = [Job.kind == kind] + ([Job.method == method] if kind == "distill" else [])
+            rows = session.execute(
+                select(Job.estimate, Job.stage_log).where(
+                    Job.status == "succeeded", *same, Job.dataset == dataset,
+                    Job.stage_log.is_not(None), Job.estimate.is_not(None))
+                .order_by(Job.seq.desc()).limit(limit)
+            ).all()
+        return [(float(estimate.get("work") or 1.0), list(log)) for estimate, log in rows
+                if isinstance(estimate, dict) and log]
 
     def stage_timings(self, recent: int = 1000) -> dict[str, tuple[int, float]]:
         """Per stage: (jobs, total seconds) over the most recent succeeded jobs."""
@@ -295,7 +341,9 @@ class JobStore:
             if claimed is None:
                 return None
             job_id, attempt = claimed
-            session.add(JobEvent(job_id=job_id, created_at=now, level="info", stage=None,
+            stage, progress = _position(session, job_id)
+            session.add(JobEvent(job_id=job_id, created_at=now, level="info", stage=stage or "starting",
+                                 progress=progress,
                                  message=f"claimed by {worker_id} (attempt {attempt} of {self.max_attempts})"))
         job = self.get_job(job_id)
         return job, Lease(job_id, worker_id, attempt)
@@ -304,8 +352,11 @@ class JobStore:
         return and_(Job.id == lease.job_id, Job.worker_id == lease.worker_id, Job.attempts == lease.attempt,
                     Job.status == "running")
 
-    def heartbeat(self, lease: Lease, stage: str | None = None, progress: float | None = None) -> HeartbeatResult:
+    def heartbeat(self, lease: Lease, stage: str | None = None, progress: float | None = None,
+                  stage_log: list[list[Any]] | None = None) -> HeartbeatResult:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if stage_log is not None:
+            values["stage_log"] = stage_log
         if stage is not None:
             values["stage"] = stage
         if progress is not None:
@@ -327,12 +378,18 @@ class JobStore:
 
     def add_event(self, job_id: str, message: str, *, level: str = "info", stage: str | None = None,
                   progress: float | None = None) -> None:
+        """Every event says where the job was: a caller that names no stage gets the job's current one."""
         with self.write() as session:
+            if stage is None or progress is None:
+                current_stage, current_progress = _position(session, job_id)
+                stage = stage if stage is not None else current_stage
+                progress = progress if progress is not None else current_progress
             session.add(JobEvent(job_id=job_id, created_at=utcnow(), level=level, stage=stage,
                                  message=message[:4000], progress=progress))
 
     def finish(self, lease: Lease, status: str, *, error: tuple[str, str] | None = None,
-               artifact: tuple[str, int, str] | None = None, timings: dict[str, float] | None = None) -> bool:
+               artifact: tuple[str, int, str] | None = None, timings: dict[str, float] | None = None,
+               stage_log: list[list[Any]] | None = None, result: dict[str, Any] | None = None) -> bool:
         """Record the end of a job; a no-op (returns False) when the lease was lost meanwhile."""
         assert status in TERMINAL
         values: dict[str, Any] = {"status": status}
@@ -344,13 +401,19 @@ class JobStore:
             values.update(artifact_path=artifact[0], artifact_bytes=artifact[1], artifact_sha256=artifact[2])
         if timings is not None:
             values["timings"] = timings
+        if stage_log is not None:
+            values["stage_log"] = stage_log
+        if result is not None:
+            values["result"] = result
         with self.write() as session:
             now = values["finished_at"] = values["heartbeat_at"] = utcnow()
+            stage, progress = _position(session, lease.job_id)
             done = _updated(session, update(Job).where(self._held(lease)).values(**values))
             if done:
                 message = status if error is None else f"{status}: {error[1]}"
                 session.add(JobEvent(job_id=lease.job_id, created_at=now, level="error" if status == "failed" else "info",
-                                     stage=None, message=message[:4000], progress=values.get("progress")))
+                                     stage=values.get("stage", stage), message=message[:4000],
+                                     progress=values.get("progress", progress)))
         return bool(done)
 
     def sweep_stale(self, now: datetime | None = None) -> int:
@@ -391,7 +454,9 @@ class JobStore:
                 .values(status="queued", worker_id=None, heartbeat_at=None, attempts=Job.attempts - 1)
             )
             if done:
-                session.add(JobEvent(job_id=lease.job_id, created_at=now, level="warn", message=reason))
+                stage, progress = _position(session, lease.job_id)
+                session.add(JobEvent(job_id=lease.job_id, created_at=now, level="warn", message=reason, stage=stage,
+                                     progress=progress))
         return bool(done)
 
     def abandon(self, lease: Lease, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""Structured JSON logs on stdout: one object per line, with the job id on every line logged inside a job.
+"""Logs on stdout: one JSON object per line (with the job id on every line logged inside a job) when stdout is
+not a terminal, plain readable lines on a terminal; DISTILL_LOG_FORMAT=json|plain|auto chooses.
 
 The job id and worker id live in context variables, so any logger (ours, uvicorn's, a method's) picks them
 up without being passed them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,10 +44,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+class PlainFormatter(logging.Formatter):
+    """``12:03:04 info  job started  job=job_.. method=oq``: what a person watching a terminal reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        extras = []
+        job_id = getattr(record, "job_id", None) or job_id_var.get()
+        if job_id:
+            extras.append(f"job={job_id}")
+        for key, value in vars(record).items():
+            if key not in _RESERVED and key not in ("job_id", "worker_id") and not key.startswith("_") \
+                    and key != "color_message":
+                extras.append(f"{key}={value}")
+        text = f"{when} {record.levelname.lower():<7} {record.getMessage()}" + ("  " + " ".join(extras) if extras else "")
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def log_format() -> str:
+    """json or plain: DISTILL_LOG_FORMAT when set to one of them, else plain on a terminal and JSON elsewhere."""
+    chosen = os.environ.get("DISTILL_LOG_FORMAT", "auto").strip().lower()
+    if chosen in ("json", "plain"):
+        return chosen
+    try:
+        return "plain" if sys.stdout.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+class AutoFormatter(logging.Formatter):
+    """The formatter :func:`log_format` picks, decided once per process (uvicorn builds it from a dict config)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+        self._inner: logging.Formatter = PlainFormatter() if log_format() == "plain" else JsonFormatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._inner.format(record)
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Route the root, uvicorn and our loggers through one JSON handler on stdout (idempotent)."""
+    """Route the root, uvicorn and our loggers through one handler on stdout (idempotent)."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(AutoFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -60,7 +103,7 @@ def configure_logging(level: str = "INFO") -> None:
 UVICORN_LOG_CONFIG: dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "workers.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "workers.logs.AutoFormatter"}},
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"handlers": ["stdout"], "level": "INFO"},
     "loggers": {

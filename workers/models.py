@@ -56,11 +56,23 @@ class Job(Base):
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A person's label for the job (bounded text, never interpreted).
+    name: Mapped[str | None] = mapped_column(String(100))
+    # "distill" (makes an archive) or "evaluate" (trains students on the archive of ``parent_id``).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="distill", server_default="distill")
+    parent_id: Mapped[str | None] = mapped_column(String(40))
+    # Set at submit: {"seconds": total, "stages": [[stage, seconds], ...], "basis": "history"|"prior", ...}.
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # What the worker saw: [[stage, seconds], ...] in order; the next estimate of this method learns from it.
+    stage_log: Mapped[list[Any] | None] = mapped_column(JSON)
+    # An evaluation job's result: accuracy, control and gain (mean, std, runs), and the protocol.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_status_seq", "status", "seq"),
         Index("ix_jobs_owner_seq", "owner", "seq"),
+        Index("ix_jobs_parent_id", "parent_id"),
     )
 
 

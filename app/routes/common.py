@@ -1,5 +1,5 @@
 """Pieces the job routes share (``jobs``, ``stream``, ``results``): path parameters, documented error responses,
-the Job schema of a stored job, and the dependency that finds a finished job's archive.
+the Job schema of a stored job, the estimate recorded at submit, and the dependency that finds a finished job's archive.
 
 They live here, not in one of the route modules, so that no route module imports another.
 """
@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 
 from app import schemas
 from app.deps import OwnerDep, StoreDep, WorkerSettingsDep
+from app.jobview import job_fields
 from workers.jobs import JobNotFound, JobStore, job_request
 from workers.models import Job
 
@@ -23,7 +24,8 @@ NOT_FOUND: Responses = {404: {"model": schemas.Problem, "description": "no such 
 UNAUTHORIZED: Responses = {401: {"model": schemas.Problem, "description": "missing or invalid API key"}}
 
 
-def to_schema(job: Job) -> schemas.Job:
+def to_schema(job: Job, evaluation: Job | None = None) -> schemas.Job:
+    """The API's view of a stored job, with its latest evaluation's results when it has one."""
     artifact = None
     if job.status == "succeeded" and job.artifact_path and job.artifact_sha256:
         artifact = schemas.Artifact(url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes or 0,
@@ -33,8 +35,21 @@ def to_schema(job: Job) -> schemas.Job:
         id=job.id, status=cast(schemas.JobStatus, job.status), stage=job.stage, progress=min(max(job.progress or 0.0, 0.0), 1.0),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
         cancel_requested=job.cancel_requested_at is not None, request=schemas.JobRequest(**job_request(job)),
-        error=error, artifact=artifact,
+        error=error, artifact=artifact, **job_fields(job, evaluation),
     )
+
+
+def estimate_for(store: JobStore, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The duration estimate recorded with a new job; a job is never refused for want of one."""
+    from distill.methods.registry import get_method
+    from workers.estimates import estimate
+
+    try:
+        defaults = get_method(request["method"]).Params().model_dump(mode="json")
+        return estimate(store, request["method"], request["dataset"], request.get("max_per_class"),
+                        request.get("params") or {}, defaults)
+    except Exception:
+        return None
 
 
 def find_job(store: JobStore, job_id: str, owner: str) -> Job:

@@ -19,6 +19,7 @@ from app.routes.common import (
     UNAUTHORIZED,
     ArchiveDep,
     JobId,
+    estimate_for,
     find_job,
     to_schema,
 )
@@ -50,7 +51,8 @@ def create_job(
 ) -> schemas.Job:
     request = checked_job_request(body, settings)
     try:
-        job, replayed = store.create_job(owner, request, idempotency_key)
+        job, replayed = store.create_job(owner, request, idempotency_key, name=body.name,
+                                         estimate=estimate_for(store, request))
     except IdempotencyConflict as exc:
         raise HTTPException(409, str(exc)) from None
     if not replayed:
@@ -75,12 +77,14 @@ def list_jobs(
     except JobNotFound:
         raise RequestValidationError([{"loc": ["query", "after"], "msg": f"no job {after}",
                                        "type": "value_error.unknown_cursor"}]) from None
-    return schemas.JobList(data=[to_schema(j) for j in jobs], has_more=has_more)
+    evaluations = store.latest_evaluations([j.id for j in jobs])
+    return schemas.JobList(data=[to_schema(j, evaluations.get(j.id)) for j in jobs], has_more=has_more)
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, responses={**UNAUTHORIZED, **NOT_FOUND})
 def get_job(job_id: JobId, owner: OwnerDep, store: StoreDep) -> schemas.Job:
-    return to_schema(find_job(store, job_id, owner))
+    job = find_job(store, job_id, owner)
+    return to_schema(job, store.latest_evaluations([job.id]).get(job.id))
 
 
 @router.post(

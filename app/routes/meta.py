@@ -13,6 +13,7 @@ from app.deps import MaybeOwnerDep, MetricsDep, OwnerDep, SettingsDep, StoreDep,
 from distill import __version__
 
 router = APIRouter()
+MISSING_FILES = "its files are not on this server (the operator can fetch them: distill fetch)"
 
 
 @router.get("/datasets", response_model=list[schemas.DatasetInfo], tags=["catalogue"])
@@ -29,20 +30,23 @@ def list_datasets() -> list[schemas.DatasetInfo]:
         spec = DATASETS.get(name)
         if spec is not None:
             out.append(schemas.DatasetInfo(name=name, description=spec.description, num_classes=spec.num_classes,
-                                           channels=spec.channels, image_size=spec.image_size, available=available))
+                                           channels=spec.channels, image_size=spec.image_size, available=available,
+                                           unavailable_reason=None if available else MISSING_FILES))
             continue
         try:
             num_classes: int | None = len(imagefolder_class_counts(operator[name])) if available else None
         except DistillError:
             num_classes, available = None, False
         out.append(schemas.DatasetInfo(name=name, description="ImageFolder registered by the operator",
-                                       num_classes=num_classes, channels=None, image_size=None, available=available))
+                                       num_classes=num_classes, channels=None, image_size=None, available=available,
+                                       unavailable_reason=None if available else MISSING_FILES))
     return out
 
 
 @lru_cache(maxsize=4)
 def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
     from distill.methods.registry import available_methods
+    from distill.requirements import method_requirements
 
     out = []
     for name, cls in available_methods().items():
@@ -51,14 +55,17 @@ def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
         for option in iterations.get("anyOf", [iterations]):  # this server's ceiling, documented
             if option.get("type") == "integer":
                 option["maximum"] = min(option.get("maximum", max_iterations), max_iterations)
-        out.append(schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family, parameters=parameters))
+        needs, reason = method_requirements(name, cls.Params().model_dump())
+        out.append(schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family, parameters=parameters,
+                                      available=reason is None, unavailable_reason=reason, requirements=needs))
     return tuple(out)
 
 
 @router.get("/methods", response_model=list[schemas.MethodInfo], tags=["catalogue"])
 def list_methods(settings: SettingsDep) -> list[schemas.MethodInfo]:
     """Methods available on this server, each with its parameters as JSON schema: defaults from its paper,
-    bounds on every budget parameter ("maximum", with this server's ceiling on iterations)."""
+    bounds on every budget parameter ("maximum", with this server's ceiling on iterations), and whether this
+    server can run it with its defaults (a missing package or weights: ``unavailable_reason``)."""
     return list(_methods(settings.max_iterations))
 
 

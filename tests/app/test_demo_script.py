@@ -21,11 +21,17 @@ def run_demo(tmp_path: Path, out: Path, *args: str) -> subprocess.CompletedProce
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_demo_submits_a_job_and_downloads_a_verified_archive(tmp_path: Path):
+def test_demo_submits_a_job_downloads_a_verified_archive_and_evaluates_it(tmp_path: Path):
     out = tmp_path / "out" / "mnist-random-2.tar"
-    done = run_demo(tmp_path, out, "--method", "random", "--ipc", "2", "--max-per-class", "20")
+    done = run_demo(tmp_path, out, "--method", "random", "--ipc", "2", "--max-per-class", "20", "--evaluate",
+                    "--eval-runs", "1", "--eval-epochs", "2", "--eval-test-limit", "200")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "succeeded" in done.stdout and f"wrote {out}" in done.stdout
+    lines = done.stdout.splitlines()
+    assert "succeeded" in done.stdout and f"wrote {out}" in done.stdout and "estimate: " in done.stdout
+    result = next(line for line in lines if line.startswith("result: random accuracy "))
+    assert "random real images, same size: " in result and "gain " in result and "±" not in result  # one run
+    assert "the page: " in lines[-1] and done.stderr == ""
+    assert len(lines) <= 40, done.stdout  # a screen, not a log
     archive = read_archive(out)  # sha256 of every member verified
     assert archive.manifest["method"] == "random" and archive.manifest["ipc"] == 2
     assert len(archive.distilled) == 20

@@ -63,3 +63,22 @@ def test_serve_runs_jobs_and_enforces_cancel(tmp_path: Path) -> None:
     released = store.get_job(running)
     assert released.status == "queued" and released.attempts == 0 and released.worker_id is None
     store.engine.dispose()
+
+
+def test_logs_are_plain_on_a_terminal_and_json_elsewhere(monkeypatch) -> None:  # noqa: ANN001
+    """`distill serve` on a terminal prints readable lines; piped or collected, one JSON object per line."""
+    import json
+    import logging
+
+    from workers.logs import AutoFormatter, log_format
+
+    record = logging.makeLogRecord({"name": "distill.worker", "levelname": "INFO", "msg": "job started",
+                                    "method": "oq"})
+    monkeypatch.setenv("DISTILL_LOG_FORMAT", "plain")
+    assert log_format() == "plain"
+    plain = AutoFormatter().format(record)
+    assert plain.endswith("info    job started  method=oq") and not plain.startswith("{")
+    monkeypatch.setenv("DISTILL_LOG_FORMAT", "json")
+    assert json.loads(AutoFormatter().format(record))["msg"] == "job started"
+    monkeypatch.setenv("DISTILL_LOG_FORMAT", "auto")
+    assert log_format() == "json"  # pytest captures stdout: not a terminal

@@ -1,6 +1,7 @@
 """The web page in a real headless browser (Debian's chromium + chromium-driver, driven by selenium) against a
-real `distill serve`: API key handling, the submit form with field errors, the live job list, the job page
-with its preview and manifest, and the archive downloaded by the page and verified.
+real `distill serve`: API key handling, the submit form with field errors, the live job list with one overall
+bar per job, the job page with its estimate, stages, preview and manifest, the archive downloaded by the page
+and verified, an evaluation started from the page, and the comparison of a dataset's jobs.
 
 Set DISTILL_SCREENSHOTS=DIR to save PNGs of the list, a job page and the form at 1280 px (docs/screenshots/).
 """
@@ -115,6 +116,8 @@ def test_bad_form_values_show_field_errors(server: Server, browser) -> None:  # 
     # the method's own parameters are checked by the server too; their errors land next to their fields
     ipc.clear()
     ipc.send_keys("1")
+    assert not find(driver, "#param-batch_size").is_displayed()  # method parameters start folded
+    find(driver, "#advanced summary").click()
     batch = find(driver, "#param-batch_size")
     batch.clear()
     batch.send_keys("big", Keys.ENTER)
@@ -128,9 +131,10 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
     open_page(driver, server, "/#/new")
     Select(find(driver, "#f-method")).select_by_value("dm")
     Select(find(driver, "#f-dataset")).select_by_value("mnist")
-    for field, value in (("#f-ipc", "3"), ("#f-max_per_class", "10")):
+    for field, value in (("#f-ipc", "3"), ("#f-max_per_class", "10"), ("#f-name", "watch me")):
         find(driver, field).clear()
         find(driver, field).send_keys(value)
+    find(driver, "#advanced summary").click()
     for name, value in WATCHABLE.items():
         control = find(driver, f"#param-{name}")
         if control.tag_name == "select":
@@ -170,9 +174,13 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
     assert values == sorted(values)  # the bar only moves forward, without a page reload
     shot(driver, "jobs.png")
 
+    assert "watch me" in driver.find_element(By.CSS_SELECTOR, row).text  # the name, not only the id
+    assert "iterations=40" in driver.find_element(By.CSS_SELECTOR, f"{row} td.params").text
     link = find(driver, f"{row} a")
     link.send_keys(Keys.ENTER)  # the row link survives the list's refreshes, so the keyboard can open it
     wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#events li"))
+    assert "estimate at submit" in visible_text(driver, "#job-timing")
+    assert driver.find_elements(By.CSS_SELECTOR, "#stages li")  # the stage list, before and while it runs
     with Client(server.url, api_key=KEY) as client:
         job = client.wait(job_id, timeout=300)
     assert job.status == "succeeded", job.error
@@ -182,6 +190,10 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
     log = driver.find_element(By.ID, "events").text
     assert "job queued" in log and "succeeded" in log  # the streamed event log reached the end
     assert driver.find_elements(By.ID, "cancel") == []  # nothing to cancel any more
+    wait_until(lambda: all(li.get_attribute("class").endswith("done")
+                           for li in driver.find_elements(By.CSS_SELECTOR, "#stages li")))
+    assert "distill" in [li.get_attribute("data-stage") for li in driver.find_elements(By.CSS_SELECTOR, "#stages li")]
+    assert find(driver, "#rerun").is_displayed() and find(driver, "#evaluate").is_displayed()
     shot(driver, "job.png", height=1500)
 
     find(driver, "#download").click()
@@ -200,9 +212,14 @@ def test_cancel_from_the_job_page_and_phone_width(server: Server, browser) -> No
         try:
             open_page(driver, server, f"/#/jobs/{job.id}")
             find(driver, "#cancel").click()
+            driver.switch_to.alert.dismiss()  # the page asks first: dismissed, nothing happens
+            time.sleep(0.5)
+            assert not client.get(job).cancel_requested
+            find(driver, "#cancel").click()
+            driver.switch_to.alert.accept()
             wait_until(lambda: "cancel requested" in driver.find_element(By.ID, "job-status").text
                        or "cancelled" in driver.find_element(By.ID, "job-status").text)
-            assert client.wait(job, timeout=180).status == "cancelled"
+            assert client.wait(job, timeout=180, raise_on_failure=False).status == "cancelled"
             wait_until(lambda: "cancelled" in driver.find_element(By.ID, "job-status").text, timeout=60)
         finally:
             if not client.get(job).terminal:
@@ -217,6 +234,37 @@ def test_cancel_from_the_job_page_and_phone_width(server: Server, browser) -> No
             assert overflow <= 0, f"{page} is wider than a phone screen by {overflow}px"
     finally:
         driver.set_window_size(1280, 900)
+
+
+def test_evaluate_from_the_page_then_compare(server: Server, browser) -> None:  # noqa: ANN001
+    driver, _ = browser
+    with Client(server.url, api_key=KEY) as client:
+        first = client.wait(client.submit("random", "tiny-folder", 2, name="two per class"), timeout=120)
+        second = client.wait(client.submit("random", "tiny-folder", 3, name="three per class"), timeout=120)
+    open_page(driver, server, f"/#/jobs/{first.id}")
+    find(driver, "#eval-runs").send_keys("1")
+    find(driver, "#eval-epochs").send_keys("2")
+    find(driver, "#evaluate").click()
+    wait_until(lambda: "#/jobs/job_" in driver.current_url and first.id not in driver.current_url)
+    evaluation_id = driver.current_url.rsplit("/", 1)[1]
+    wait_until(lambda: "gain over the control" in driver.find_element(By.ID, "evaluation").text, timeout=240)
+    result = driver.find_element(By.ID, "evaluation").text
+    assert "random-subset control" in result and "1 × convnet, 2 epochs" in result
+    with Client(server.url, api_key=KEY) as client:
+        done = client.get(first)
+    assert done.evaluation is not None and done.evaluation.job_id == evaluation_id
+    assert f"{done.evaluation.accuracy.mean:.2f} %" in result
+
+    open_page(driver, server, "/#/")
+    find(driver, '#compare-links a[data-dataset="tiny-folder"]').click()
+    row = find(driver, f'#compare-rows tr[data-job="{first.id}"]')
+    assert driver.find_elements(By.CSS_SELECTOR, f'#compare-rows tr[data-job="{second.id}"]')
+    assert find(driver, "#compare-rows tr").get_attribute("data-job") == first.id  # evaluated first (by gain)
+    cells = {c.get_attribute("data-label"): c.text for c in row.find_elements(By.CSS_SELECTOR, "td")}
+    assert cells["Accuracy"] == f"{done.evaluation.accuracy.mean:.2f} %"
+    assert cells["Control"] == f"{done.evaluation.control.mean:.2f} %" and cells["Gain"].lstrip("+-")
+    assert cells["Method"] == "random" and cells["IPC"] == "2" and cells["Time"]
+    shot(driver, "compare.png")
 
 
 def test_docs_work_offline(server: Server, browser) -> None:  # noqa: ANN001

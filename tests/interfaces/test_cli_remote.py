@@ -25,7 +25,7 @@ def test_submit_wait_download_then_inspect(server: Server, tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     assert "sha256 verified" in run.stdout and read_archive(out).manifest["ipc"] == 2
     # not a terminal: periodic plain progress lines on stderr, no bar
-    assert "submitted job_" in run.stderr and "succeeded stage=" in run.stderr
+    assert "submitted job_" in run.stderr and "estimate " in run.stderr and "succeeded 100% overall" in run.stderr
     job_id = run.stdout.split()[0]
     status = json.loads(server.cli("status", job_id, "--json").stdout)
     assert status["status"] == "succeeded" and hashlib.sha256(out.read_bytes()).hexdigest() == status["artifact"]["sha256"]
@@ -92,3 +92,29 @@ def test_serve_says_where_the_page_and_api_are(server: Server) -> None:
     lines = [line for line in server.log.read_text().splitlines() if line.startswith("distillery: ")]
     assert lines == [f"distillery: web page {server.url}/  ·  API {server.url} (docs {server.url}/docs)  ·  "
                      "1 local worker (CPU)  ·  API keys required"]
+
+
+def test_name_evaluate_status_rerun_delete(server: Server) -> None:
+    run = server.cli("submit", "random", "-d", "tiny-folder", "--ipc", "2", "--name", "cli tiny", "--evaluate",
+                     "--eval-runs", "1", "--eval-epochs", "2")
+    assert run.returncode == 0, run.stderr
+    job_id = run.stdout.split()[0]
+    assert '"cli tiny"' in run.stdout and "accuracy " in run.stdout and "control " in run.stdout, run.stdout
+    assert "±" not in run.stdout  # one run: no spread to show
+    assert "estimate " in run.stderr and f"evaluating {job_id} as job_" in run.stderr
+    latest = server.cli("status")  # no id: the latest job, here the evaluation
+    assert latest.returncode == 0 and f"evaluation of {job_id}" in latest.stdout and "stages: " in latest.stdout
+    listing = server.cli("jobs", "--limit", "5")
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(job_id))
+    assert "cli tiny" in row and "accuracy " in row and "succeeded" in row
+    again = server.cli("rerun", job_id, "--name", "again")
+    assert again.returncode == 0, again.stderr
+    rerun_id = again.stdout.strip()
+    # host:port without a scheme is accepted (http assumed)
+    bare = server.cli("status", rerun_id, DISTILL_SERVER=server.url.removeprefix("http://"))
+    assert bare.returncode == 0 and '"again"' in bare.stdout, bare.stderr
+    with Client(server.url, api_key=KEY) as client:
+        client.wait(rerun_id, timeout=120)
+    assert server.cli("delete", job_id).stdout.strip() == f"deleted {job_id}"
+    gone = server.cli("status", job_id)
+    assert gone.returncode == 2 and "404" in gone.stderr

@@ -10,7 +10,7 @@ import pytest
 from service_support.helpers import wait_until
 
 from distill.archive import load_dataset, read_archive
-from distill.client import ChecksumMismatch, Client, InvalidRequest, NotFound, Unauthorized
+from distill.client import ChecksumMismatch, Client, InvalidRequest, JobFailed, NotFound, Unauthorized
 
 from .conftest import KEY, OTHER_KEY, QUICK, SLOW_PARAMS, Server
 
@@ -80,8 +80,10 @@ def test_cancel_a_running_job(client: Client) -> None:
     try:
         wait_until(lambda: (j := client.get(job)).status == "running" and j.stage == "distill", timeout=120)
         assert client.cancel(job).cancel_requested
-        done = client.wait(job, timeout=120)
-        assert done.status == "cancelled" and done.artifact is None
+        with pytest.raises(JobFailed) as caught:
+            client.wait(job, timeout=120)
+        assert caught.value.status == "cancelled" and caught.value.job.artifact is None
+        assert "cancelled" in caught.value.reason
     finally:
         if not client.get(job).terminal:
             client.cancel(job)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.progress import ProgressLines, eta
+from distill.progress import ProgressLines, eta, overall_progress, score_text
 
 
 def test_progress_lines() -> None:
@@ -24,6 +24,25 @@ def test_progress_lines() -> None:
     ticking("train", 0.25)
     ticking("train", 0.5)
     assert lines[-1].startswith("eval: train 50% (eta ")
+
+
+def test_overall_progress_never_restarts_at_a_stage_change() -> None:
+    plan = [("encode", 60.0), ("quantize", 30.0), ("decode", 10.0)]
+    seen = []
+    for done, current, fraction in (([], "encode", 0.0), ([], "encode", 0.5), ([("encode", 70.0)], "quantize", 0.0),
+                                    ([("encode", 70.0)], "quantize", 0.9), ([("encode", 70.0), ("quantize", 31.0)],
+                                                                            "decode", 0.5)):
+        seen.append(overall_progress(plan, done, current, fraction)[0])
+    assert seen == sorted(seen) and seen == pytest.approx([0.0, 0.3, 0.6, 0.87, 0.95])
+    # twice as slow as estimated so far: the time left is the estimate's remainder, doubled
+    fraction, left = overall_progress(plan, [("encode", 120.0)], "quantize", 0.0, elapsed=120.0)
+    assert (fraction, left) == pytest.approx((0.6, 80.0))
+    # a stage the estimate did not know (e.g. after a change of method code) counts with its measured time
+    assert overall_progress(plan, [("teacher", 100.0)], "encode", 0.0)[0] == pytest.approx(0.5)
+
+
+def test_one_run_has_no_spread() -> None:
+    assert score_text(96.584, 0.0, 1) == "96.58 %" and score_text(96.584, 0.081, 2) == "96.58 ± 0.08 %"
 
 
 def test_eta_counts_from_where_a_stage_resumed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,4 +88,4 @@ def test_job_watcher_joining_part_way_times_from_where_it_joined(monkeypatch: py
     watcher(Job.model_construct(id="j1", status="running", stage="encode", progress=0.5))
     clock[0] = 100.0
     watcher(Job.model_construct(id="j1", status="running", stage="encode", progress=0.75))
-    assert capsys.readouterr().err.splitlines()[-1] == "j1 running stage=encode 75% eta 1m40s"
+    assert capsys.readouterr().err.splitlines()[-1] == "j1 running 0% overall, stage=encode 75%, eta 1m40s"
