@@ -110,6 +110,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_task_device(name: str | torch.device = "auto") -> torch.device:
+    """A device name as a concrete device: ``auto`` is this process's current CUDA device (the GPU its task was
+    given) or the CPU, and an index-less ``cuda`` gets the current index (models cached per device stay put)."""
+    from distill.runner import resolve_device
+
+    device = resolve_device(str(name))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def round_to_multiple(value: int, multiple: int = 8) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 

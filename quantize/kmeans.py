@@ -160,8 +160,10 @@ def _flat_index(d: int, gpu: bool) -> Any:
 
     if not gpu:
         return faiss.IndexFlatL2(d)
+    import torch
+
     config = faiss.GpuIndexFlatConfig()
-    config.device = 0  # Ray / CUDA_VISIBLE_DEVICES give each worker its own device 0
+    config.device = torch.cuda.current_device()  # the GPU this process's task was given (workers.ray_executor)
     return faiss.GpuIndexFlatL2(faiss_gpu_resources(), d, config)
 
 

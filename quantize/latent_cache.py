@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -99,14 +99,20 @@ class SplitSpec:
     seed: int = 0
 
 
-@lru_cache(maxsize=2)
 def _encoder(spec: EncoderSpec):
-    from distill.runner import resolve_device
+    """The encoder of ``spec`` on the device it names; ``auto`` (a fan-out child): the GPU this task was given,
+    else the CPU. Cached per concrete device, so a reused process given another GPU loads it there."""
+    from quantize.encoders import resolve_task_device
+
+    return _load_encoder(replace(spec, device=str(resolve_task_device(spec.device))))
+
+
+@lru_cache(maxsize=2)
+def _load_encoder(spec: EncoderSpec):
     from quantize.encoders import load_encoder
 
-    # "auto" (a fan-out child): the GPU this process was given, else the CPU
-    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution,
-                        device=resolve_device(spec.device), batch_size=spec.batch_size)
+    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution, device=spec.device,
+                        batch_size=spec.batch_size)
 
 
 @lru_cache(maxsize=2)

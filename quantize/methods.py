@@ -274,11 +274,12 @@ def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torc
 
 def _decode_job(job: dict[str, Any]) -> torch.Tensor:
     """One chunk of centroids decoded in this process (picklable entry point for ``executor.map``, one GPU)."""
-    from distill.runner import resolve_device
+    from quantize.encoders import resolve_task_device
     from quantize.latent_cache import _encoder
 
     spec = job["encoder"]
-    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"], device=resolve_device(spec.device),
+    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"],
+                        device=resolve_task_device(spec.device),
                         seed=job["seed"], channels=job["channels"], size=job["size"],
                         class_names=job["class_names"], first_index=job["first_index"]).cpu()
 
@@ -327,9 +328,9 @@ def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) 
 def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
     from distill.data import get_dataset
     from distill.evaluate import EvalConfig, get_teacher
-    from distill.runner import resolve_device
+    from quantize.encoders import resolve_task_device
 
-    params, device = job["params"], resolve_device(job["device"])
+    params, device = job["params"], resolve_task_device(job["device"])
     dataset = get_dataset(job["dataset"])
     config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
                         teacher_max_per_class=params.teacher_max_per_class, device=str(device))
