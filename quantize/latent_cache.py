@@ -218,7 +218,7 @@ def encode_shards(folder: Path, shards: dict[int, np.ndarray], split: Split, enc
             "valid": np.zeros(len(shards[shard]), dtype=np.uint8)})
         rows = row0 + np.flatnonzero(np.isin(chunk, kept))
         if len(kept):
-            state["latents"][torch.from_numpy(rows)] = encoder.encode(images.float().div_(255.0)).half().cpu()
+            state["latents"][torch.from_numpy(rows)] = encoder.encode(images).half()  # uint8 to the device
             state["valid"][rows] = 1
         if progress is not None:
             progress(len(chunk))
