@@ -2,7 +2,9 @@
 
 ``kmeans(x, k, ...)`` is a plain function over a float32 ``n x d`` array with interchangeable backends:
 
-- ``faiss`` (default of ``oq``): ``faiss.Kmeans`` (exact Lloyd iterations, BLAS distance computations, GPU
+- ``auto`` (default of ``oq``): ``faiss`` when FAISS can be imported, else ``torch`` (the same seeds and Lloyd
+  iterations); :attr:`KMeansResult.backend` says which ran, and the job's manifest records it.
+- ``faiss``: ``faiss.Kmeans`` (exact Lloyd iterations, BLAS distance computations, GPU
   index when faiss sees a GPU). faiss has no k-means++, so each restart is seeded with greedy k-means++
   (:func:`kmeanspp`: scikit-learn's variant in float32 BLAS, in a random projection for wide latents) and
   passed through ``init_centroids``; faiss' subsampling is disabled (``max_points_per_centroid = n``) so
@@ -36,7 +38,7 @@ import numpy as np
 
 from distill.errors import DistillError
 
-BACKENDS = ("faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch")
+BACKENDS = ("auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch")
 EXACT_OT_MAX_ENTRIES = 20_000_000  # n*K above which w2_uniform switches from exact EMD to Sinkhorn (160 MB of cost)
 
 
@@ -47,7 +49,7 @@ class KMeansResult:
     counts: np.ndarray  # K int64, Voronoi cell sizes
     weights: np.ndarray  # K float64, counts / n (sum to 1)
     inertia: float  # sum of squared distances to the nearest centroid
-    backend: str
+    backend: str  # the backend that ran (``auto`` resolved)
     seconds: float
 
     @property
@@ -127,6 +129,23 @@ def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None,
         chosen.append(int(candidates[best]))
         closest = distances[:, best]
     return np.ascontiguousarray(x[chosen])
+
+
+def faiss_available() -> bool:
+    """Whether FAISS can be imported here (the ``cpu`` or ``gpu`` extra; GPU images without a matching wheel
+    have none)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``faiss`` when importable, else ``torch``; any other backend as it is."""
+    if backend != "auto":
+        return backend
+    return "faiss" if faiss_available() else "torch"
 
 
 def faiss_has_gpu() -> bool:
@@ -280,7 +299,7 @@ def kmeans(
     iterations: int = 25,
     restarts: int = 1,
     seed: int = 0,
-    backend: str = "faiss",
+    backend: str = "auto",
     km_expand: int = 1,
     minibatch_size: int = 1024,
     gpu: bool | None = None,
@@ -292,6 +311,7 @@ def kmeans(
         raise DistillError(f"unknown k-means backend '{backend}'; known: {', '.join(BACKENDS)}")
     if iterations < 0 or restarts < 1:
         raise DistillError("k-means needs iterations >= 0 and restarts >= 1")
+    backend = resolve_backend(backend)
     start = time.perf_counter()
     if backend == "faiss":
         centroids = _faiss(x, k, iterations, restarts, seed, gpu)

@@ -37,7 +37,7 @@ from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, RunContext
 from quantize.encoders import RESOLUTION_POLICY
 
-KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
+KMeansBackend = Literal["auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 
 # refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, sections 5c, 5d).
@@ -82,7 +82,7 @@ class LatentParams(MethodParams):
     # Declared here for the shared stages; each method redeclares them with its own choices, defaults and help.
     decode: str = "vae"
     guidance: float = 4.0
-    kmeans_backend: KMeansBackend = "faiss"
+    kmeans_backend: KMeansBackend = "auto"
     iterations: int = 25
 
     @property
@@ -98,8 +98,10 @@ class LatentOQParams(LatentParams):
                                "centroid, masses kept; diffusion (hosts with a pretrained decoder, prior=PATH): "
                                "through the latent diffusion prior; vae: the VAE decoder (blurry averages)")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
-    kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
-                                                               "torch (the same Lloyd on the job's device), "
+    kmeans_backend: KMeansBackend = Field("auto", description="auto (faiss when installed, else torch; the "
+                                                              "manifest records which ran), faiss (exact Lloyd, "
+                                                              "k-means++ init), torch (the same Lloyd on the "
+                                                              "task's device), "
                                                                "sklearn-minibatch, sklearn-partial-fit (D4M) or "
                                                                "sklearn (Lloyd)")
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
@@ -179,7 +181,7 @@ def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
                               for k in range(len(centroids))])
         centroids = (centroids.reshape(shape) * gain + offset).reshape(len(centroids), -1)
     out = {
-        "label": job["label"], "centroids": centroids, "counts": result.counts.tolist(),
+        "label": job["label"], "centroids": centroids, "counts": result.counts.tolist(), "backend": result.backend,
         "w2_weighted": result.error, "seconds": result.seconds, "n": len(x),
         "members": store.class_indices(job["label"])[members].tolist(),
         "w2_members": w2_weighted(x, x[members]),
@@ -233,6 +235,8 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "w2_uniform": [r.get("w2_uniform") for r in results],
         "w2_uniform_method": sorted({r["w2_uniform_method"] for r in results if "w2_uniform_method" in r}),
         "kmeans_seconds": [r["seconds"] for r in results],
+        # the backend(s) that ran (kmeans_backend=auto resolves per process: FAISS may exist on some hosts only)
+        "kmeans_backends": sorted({r.get("backend", params.kmeans_backend) for r in results}),
         "members": [r["members"] for r in results],
         "w2_members": [r["w2_members"] for r in results],
     }
@@ -388,7 +392,9 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     metrics: dict[str, Any] = {
         "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
         "resolution_policy": "explicit (resolution=N)" if params.resolution else RESOLUTION_POLICY,
-        "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
+        "latent_cache": store.folder.name, "decode": params.decode,
+        "kmeans_backend": ",".join(quant.get("kmeans_backends", [params.kmeans_backend])),
+        "kmeans_backend_requested": params.kmeans_backend,
         "refine_iterations": refine_iterations,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
