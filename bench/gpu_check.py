@@ -329,7 +329,8 @@ def save_random_vae(folder: Path, config: dict[str, Any], seed: int = 0) -> Path
 
     if not (folder / "config.json").exists():
         torch.manual_seed(seed)
-        AutoencoderKL(**config).save_pretrained(folder)
+        model: Any = AutoencoderKL(**config)  # diffusers' stubs hide ModelMixin's methods
+        model.save_pretrained(folder)
     return folder
 
 
@@ -450,10 +451,12 @@ def section_dit(c: Context) -> None:
     s, device = c.sizes, c.device
     torch.manual_seed(0)
     dtype = model_dtype(device)
-    model = DiTTransformer2DModel(**s.dit).to(device, dtype).eval().requires_grad_(False)
+    model: Any = DiTTransformer2DModel(**s.dit)
+    model = model.to(device, dtype).eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     channels, side = s.dit["in_channels"], s.dit["sample_size"]
-    prior = LatentPrior(model, dict(DDPMScheduler().config), s.dit["num_embeds_ada_norm"],
+    scheduler: Any = DDPMScheduler()
+    prior = LatentPrior(model, dict(scheduler.config), s.dit["num_embeds_ada_norm"],
                         torch.zeros(channels), torch.ones(channels))
     decode_with_prior(torch.randn(2, channels, side, side), torch.zeros(2, dtype=torch.long), prior, strength=1.0,
                       steps=1, device=device, batch_size=2)  # warm-up
@@ -536,7 +539,8 @@ def section_resnet18(c: Context) -> None:
         if not c.enough("resnet18", layout, 5.0):
             continue
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        model = build_network("resnet18", 3, 1000, s.resnet_px, seed=0).to(device, memory_format=fmt)
+        model: Any = build_network("resnet18", 3, 1000, s.resnet_px, seed=0).to(device)
+        model = model.to(memory_format=fmt)
         inputs = x.contiguous(memory_format=fmt)
         _train_steps(model, inputs, y, dtype, 2)  # warm-up (cuDNN autotune)
         with measured(device) as m:
@@ -788,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     context = Context(table, sizes, device, work)
     try:
         for name in wanted:
-            table.guarded(name, sizes.limit_s or LIMITS[name], lambda name=name: BODIES[name](context))
+            body = BODIES[name]
+            table.guarded(name, sizes.limit_s or LIMITS[name], lambda body=body: body(context))  # type: ignore[misc]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
