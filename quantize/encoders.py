@@ -5,14 +5,15 @@ Backends (``load_encoder(name)``):
 - ``taef2``: TAEF2, a tiny trained autoencoder for the FLUX.2 latent space (32 channels, /8), loaded strictly
   from ``<weights_dir>/taef2``. diffusers' ``AutoencoderTiny`` lacks TAEF2's "pool" branch (a residual
   ``Conv1x1 -> GroupNorm(4) -> ReLU -> Conv1x1`` in encoder blocks 11-13 and decoder blocks 3-5), so we add
-  it; without it the weights load only non-strictly and reconstruct at 17.5 dB instead of 32 dB.
+  it; without it the weights load only non-strictly and reconstruct far worse.
 - ``sd-vae``: Stable Diffusion's ``AutoencoderKL`` (4 channels, scaling 0.18215) from ``<weights_dir>/sd-vae``.
 - ``PATH``: a diffusers directory holding an ``AutoencoderKL`` or ``AutoencoderTiny`` (``config.json``; a full
   pipeline directory with a ``vae/`` sub-folder works too), or a folder with ``taef2_{encoder,decoder}.pth``.
 - ``org/name``: a hub id, for hosts whose Hugging Face cache holds it.
 
 Small images are upsampled before encoding: these autoencoders downsample by 8 and were trained on large
-images (TAEF2 on CIFAR: 24.5 dB at 32 px, 32.2 dB at 64 px), so 28/32 px datasets encode at 64 px by default.
+images (TAEF2 reconstructs CIFAR much better at 64 px than at 32 px), so 28/32 px datasets encode at 64 px by
+default.
 Grayscale images are repeated to RGB and decoded back to one channel by averaging.
 """
 
@@ -291,8 +292,8 @@ def wrap_autoencoder_kl(vae, name: str, key: str, resolution: int, device: torch
     def decode_fn(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z / scale + shift).sample
 
-    # Measured on the CPU (SD's VAE shape, fp32, 256 px): about 5 full-resolution activations of the first
-    # stage's width live at the peak of encode and of decode, i.e. ~170 MB per image (docs/IMAGENET.md).
+    # About 5 full-resolution activations of the first stage's width live at the peak of encode and of decode
+    # (SD's VAE shape; docs/IMAGENET.md).
     element = torch.finfo(dtype).bits // 8
     per_image = 5 * resolution**2 * int(vae.config.block_out_channels[0]) * element
     return LatentEncoder(

@@ -13,12 +13,13 @@ Both compose the same stages, each checkpointed for resume:
    cell's W2-best member (``decode=nearest``: the training image whose latent is nearest the centroid;
    replacing the centroid by a point m of its cell costs n_k * |c_k - m|^2 of transport, least for that
    member), quantizing each image's latent grid standardised per channel (``latent_norm=instance``).
-   Defaults per host (docs/bench-parts/latent.md, 2026-11-30): no pretrained decoder, or only a
+   Defaults per host (the comparison is in docs/bench-parts/latent.md): no pretrained decoder, or only a
    self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
-   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
+   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not compared there).
 4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 below 64 px without a diffusion decode): a
-   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the measured winner on such hosts.
+   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the winner on such hosts in the
+   comparison above.
 
 ``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
 """
@@ -45,11 +46,9 @@ REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_BELOW_PX = 64
 REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images below {REFINE_AUTO_BELOW_PX} px unless the decode is a diffusion model "
-    "(measured at IPC 10: CIFAR-10 37.75 -> 45.93 %, above herding 39.75; Fashion-MNIST 81.85 vs herding 79.27; "
-    "at IPC 50 on CIFAR-10 44.00 -> 49.98, random 44.85; "
-    "about 2.6 s per iteration on one CPU core, seconds on a GPU), else 0 (a diffusion decode is DDOQ's own "
-    f"setting, not measured with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads 256 real "
-    "images per class, hours for ImageNet's 1000 classes)")
+    "(where it raised CIFAR-10 and Fashion-MNIST above herding: docs/BENCHMARKS.md), else 0 (a diffusion decode "
+    f"is DDOQ's own setting, not compared with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads "
+    "256 real images per class, hours for ImageNet's 1000 classes)")
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
                "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
                + REFINE_AUTO_HELP)
@@ -107,7 +106,7 @@ class LatentOQParams(LatentParams):
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
                                                    "sklearn-minibatch; passes for sklearn-partial-fit)")
     latent_norm: Literal["none", "instance"] = Field(
-        "instance", description="instance (default; +1.4 / +1.6 points on CIFAR-10 / Fashion-MNIST IPC 10): quantize "
+        "instance", description="instance (default; better on CIFAR-10 and Fashion-MNIST, docs/BENCHMARKS.md): quantize "
                                 "each image's latent grid standardised per channel, cells blind to offset and gain "
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
@@ -309,7 +308,7 @@ def decode_chunk(encoder, latents: torch.Tensor, labels: torch.Tensor, params: L
         names = [class_names[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
     # kept as uint8 (what the PNGs hold anyway): the decode-stage checkpoint and the archive then need a quarter
-    # of fp32's memory (ImageNet IPC 50 at 256 px: 9.8 GB, not 39 GB)
+    # of fp32's memory
     parts = [(encoder.decode(part.float(), channels=channels, size=size).clamp(0, 1) * 255).round().to(torch.uint8)
              for part in latents.split(max(1, params.batch_size))]
     return torch.cat(parts) if parts else torch.empty((0, channels, size, size), dtype=torch.uint8)
