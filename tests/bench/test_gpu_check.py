@@ -95,3 +95,26 @@ def test_sections_are_bounded_rows_are_written_as_measured_and_bad_arguments_are
     assert (tmp_path / "table.md").read_text().count("\n| ") == 4
     assert gpu_check.main(["--sections", "nope"]) == 2
     assert gpu_check.main(["--budget-s", "0"]) == 2
+
+
+def test_the_imagenet_projection_is_one_table_and_measured_rates_replace_the_assumed_ones(tmp_path: Path) -> None:
+    script = REPO / "bench" / "imagenet_projection.py"
+    assumed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"section": "encode", "setting": "SD-VAE encoder, uint8 on the device", "key":
+                                "encode_img_s", "value": 500.0, "status": "ok"}) + "\n"
+                    + json.dumps({"section": "encode", "setting": "failed", "key": "loader_img_s", "value": 1.0,
+                                  "status": "error"}) + "\n")
+    measured = subprocess.run([sys.executable, str(script), "--rates", str(rows)], capture_output=True, text=True,
+                              check=True).stdout
+    for out in (assumed, measured):
+        table = [line for line in out.splitlines() if line.startswith("|")]
+        assert table[0] == "| stage | IPC 10 | IPC 50 | basis |" and len(table) == 12
+        assert out.count("\n\n") == 1  # a title and one table
+    encode = [line for line in measured.splitlines() if "SD-VAE encode" in line][0]
+    assert "500 img/s (measured: SD-VAE encoder, uint8 on the device)" in encode
+    assert "43.1 min" in encode  # 1,281,167 images / 500 img/s x 1.01 overlap; the error row is ignored
+    assert "3,000 img/s" in assumed and "measured" not in assumed
+    bad = subprocess.run([sys.executable, str(script), "--rates", str(tmp_path / "missing.jsonl")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
