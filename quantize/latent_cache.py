@@ -245,12 +245,15 @@ def loader_split(split: Split, folder: Path) -> Split:
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Executor entry point: encode one shard in this process and write it; returns what ran where and when.
 
-    The loader runs as many processes as the task was granted CPUs."""
+    A file-backed split is decoded by as many loader processes as the task was granted CPUs."""
     start = time.time()
     folder = Path(job.folder)
     order = np.array(read_order(folder)[job.rows[0] : job.rows[1]], dtype=np.int64)
     split = split_at_size(_split(job.split), job.encoder.resolution)  # files decoded at the encode resolution
-    encode_shards(folder, {job.shard: order}, split, _encoder(job.encoder), num_workers=task_loader_workers())
+    from distill.data.loader import is_file_backed
+
+    workers = task_loader_workers() if is_file_backed(split) else None  # in-memory splits are just indexed
+    encode_shards(folder, {job.shard: order}, split, _encoder(job.encoder), num_workers=workers)
     return {"shard": job.shard, "rows": job.rows[1] - job.rows[0], "start": start, "end": time.time(),
             "pid": os.getpid(), "host": os.uname().nodename}
 
