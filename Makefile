@@ -12,7 +12,7 @@ OUT ?= out
 
 PIP := $(BIN)/pip --disable-pip-version-check --quiet --quiet
 
-.PHONY: setup setup-dev setup-test demo demo-intro test lint bench-baselines clean
+.PHONY: setup setup-dev setup-test demo demo-intro test lint bench-baselines gpu-kit clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ lint: setup-dev
 
 bench-baselines: setup
 	$(BIN)/python bench/baselines.py --epochs 300 --epochs-ipc50 100 --runs 2 --test-limit 2000
+
+# The device kit for a lent GPU machine (bench/gpu_kit.py: wheels the image lacks + MNIST, in build/gpu-kit);
+# the device call then runs `bash bench/gpu_run.sh` with build/gpu-kit carried.
+gpu-kit: setup
+	$(BIN)/python bench/gpu_kit.py
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -5,14 +5,15 @@ Backends (``load_encoder(name)``):
 - ``taef2``: TAEF2, a tiny trained autoencoder for the FLUX.2 latent space (32 channels, /8), loaded strictly
   from ``<weights_dir>/taef2``. diffusers' ``AutoencoderTiny`` lacks TAEF2's "pool" branch (a residual
   ``Conv1x1 -> GroupNorm(4) -> ReLU -> Conv1x1`` in encoder blocks 11-13 and decoder blocks 3-5), so we add
-  it; without it the weights load only non-strictly and reconstruct at 17.5 dB instead of 32 dB.
+  it; without it the weights load only non-strictly and reconstruct far worse.
 - ``sd-vae``: Stable Diffusion's ``AutoencoderKL`` (4 channels, scaling 0.18215) from ``<weights_dir>/sd-vae``.
 - ``PATH``: a diffusers directory holding an ``AutoencoderKL`` or ``AutoencoderTiny`` (``config.json``; a full
   pipeline directory with a ``vae/`` sub-folder works too), or a folder with ``taef2_{encoder,decoder}.pth``.
 - ``org/name``: a hub id, for hosts whose Hugging Face cache holds it.
 
 Small images are upsampled before encoding: these autoencoders downsample by 8 and were trained on large
-images (TAEF2 on CIFAR: 24.5 dB at 32 px, 32.2 dB at 64 px), so 28/32 px datasets encode at 64 px by default.
+images (TAEF2 reconstructs CIFAR much better at 64 px than at 32 px), so 28/32 px datasets encode at 64 px by
+default.
 Grayscale images are repeated to RGB and decoded back to one channel by averaging.
 """
 
@@ -110,6 +111,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_task_device(name: str | torch.device = "auto") -> torch.device:
+    """A device name as a concrete device: ``auto`` is this process's current CUDA device (the GPU its task was
+    given) or the CPU, and an index-less ``cuda`` gets the current index (models cached per device stay put)."""
+    from distill.runner import resolve_device
+
+    device = resolve_device(str(name))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def round_to_multiple(value: int, multiple: int = 8) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
@@ -152,26 +164,31 @@ class LatentEncoder:
             budget = get_settings().autoencoder_memory_gb * 2**30
         return max(1, min(batch_size, int(budget // self.activation_bytes_per_image)))
 
-    def prepare(self, images01: torch.Tensor) -> torch.Tensor:
-        """[0, 1] N x C x H x W (C = 1 or 3, any size) -> [-1, 1] RGB at the encode resolution."""
-        if images01.ndim != 4:
-            raise DistillError(f"images must be N x C x H x W, got shape {tuple(images01.shape)}")
-        x = images01.float()
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> float32 [-1, 1] RGB at the encode resolution, on the encoder's device.
+
+        ``uint8`` batches (0-255, what the loader yields) travel as uint8, a quarter of fp32's bytes (without
+        blocking when pinned), and are converted, scaled, repeated to RGB and resized on the device; float
+        batches are [0, 1]. N x C x H x W, C = 1 or 3, any size."""
+        if images.ndim != 4:
+            raise DistillError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
+        if images.shape[1] not in (1, 3):
+            raise DistillError(f"encoders take 1- or 3-channel images, got {images.shape[1]} channels")
+        x = images.to(self.device, non_blocking=images.device.type == "cpu" and images.is_pinned())
+        x = x.float().div_(255.0) if images.dtype == torch.uint8 else x.float()
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        elif x.shape[1] != 3:
-            raise DistillError(f"encoders take 1- or 3-channel images, got {x.shape[1]} channels")
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = resize(x, self.resolution)
         return x.clamp(0, 1).mul(2).sub(1)
 
     @torch.inference_mode()
-    def encode(self, images01: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """[0, 1] images -> float32 CPU latents N x latent_channels x R/8 x R/8."""
+    def encode(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Images (uint8 0-255 or float [0, 1], see :meth:`prepare`) -> float32 CPU latents N x C x R/8 x R/8."""
         batch_size = self.bounded_batch(batch_size or self.batch_size)
         out = []
-        for start in range(0, len(images01), batch_size):
-            x = self.prepare(images01[start : start + batch_size]).to(self.device, self.dtype)
+        for start in range(0, len(images), batch_size):
+            x = self.prepare(images[start : start + batch_size]).to(self.dtype)
             out.append(self.encode_fn(x).float().cpu())
         if not out:
             return torch.empty((0, *self.latent_shape))
@@ -275,8 +292,8 @@ def wrap_autoencoder_kl(vae, name: str, key: str, resolution: int, device: torch
     def decode_fn(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z / scale + shift).sample
 
-    # Measured on the CPU (SD's VAE shape, fp32, 256 px): about 5 full-resolution activations of the first
-    # stage's width live at the peak of encode and of decode, i.e. ~170 MB per image (docs/IMAGENET.md).
+    # About 5 full-resolution activations of the first stage's width live at the peak of encode and of decode
+    # (SD's VAE shape; docs/IMAGENET.md).
     element = torch.finfo(dtype).bits // 8
     per_image = 5 * resolution**2 * int(vae.config.block_out_channels[0]) * element
     return LatentEncoder(

@@ -2,7 +2,9 @@
 
 ``kmeans(x, k, ...)`` is a plain function over a float32 ``n x d`` array with interchangeable backends:
 
-- ``faiss`` (default of ``oq``): ``faiss.Kmeans`` (exact Lloyd iterations, BLAS distance computations, GPU
+- ``auto`` (default of ``oq``): ``faiss`` when FAISS can be imported, else ``torch`` (the same seeds and Lloyd
+  iterations); :attr:`KMeansResult.backend` says which ran, and the job's manifest records it.
+- ``faiss``: ``faiss.Kmeans`` (exact Lloyd iterations, BLAS distance computations, GPU
   index when faiss sees a GPU). faiss has no k-means++, so each restart is seeded with greedy k-means++
   (:func:`kmeanspp`: scikit-learn's variant in float32 BLAS, in a random projection for wide latents) and
   passed through ``init_centroids``; faiss' subsampling is disabled (``max_points_per_centroid = n``) so
@@ -36,8 +38,8 @@ import numpy as np
 
 from distill.errors import DistillError
 
-BACKENDS = ("faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch")
-EXACT_OT_MAX_ENTRIES = 20_000_000  # n*K above which w2_uniform switches from exact EMD to Sinkhorn (160 MB of cost)
+BACKENDS = ("auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch")
+EXACT_OT_MAX_ENTRIES = 20_000_000  # n*K above which w2_uniform switches from exact EMD to Sinkhorn (float64 costs)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class KMeansResult:
     counts: np.ndarray  # K int64, Voronoi cell sizes
     weights: np.ndarray  # K float64, counts / n (sum to 1)
     inertia: float  # sum of squared distances to the nearest centroid
-    backend: str
+    backend: str  # the backend that ran (``auto`` resolved)
     seconds: float
 
     @property
@@ -94,9 +96,9 @@ def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None,
              project_dim: int | None = SEED_PROJECTION_DIM) -> np.ndarray:
     """Greedy k-means++ seeding (Arthur & Vassilvitskii; scikit-learn's variant with 2 + log k local trials).
 
-    Written here in float32 BLAS because scikit-learn's ``kmeans_plusplus`` took 10-20x longer than the faiss
-    Lloyd iterations it seeds. Seeding is sequential and re-reads every point per centre (memory bound: 0.6 s
-    for 1300 x 4096, K = 100, several times the Lloyd iterations), so points wider than ``project_dim`` are
+    Written here in float32 BLAS because scikit-learn's ``kmeans_plusplus`` took many times longer than the
+    faiss Lloyd iterations it seeds. Seeding is sequential and re-reads every point per centre (memory bound,
+    several times the Lloyd iterations for wide latents and large K), so points wider than ``project_dim`` are
     seeded in a seeded Gaussian (Johnson-Lindenstrauss) projection, which preserves k-means costs up to
     1 +- eps for O(log k / eps^2) dimensions; the chosen *points* are returned in the full space and Lloyd
     refines them there. ``project_dim=None`` seeds in the full space.
@@ -127,6 +129,23 @@ def kmeanspp(x: np.ndarray, k: int, seed: int, local_trials: int | None = None,
         chosen.append(int(candidates[best]))
         closest = distances[:, best]
     return np.ascontiguousarray(x[chosen])
+
+
+def faiss_available() -> bool:
+    """Whether FAISS can be imported here (the ``cpu`` or ``gpu`` extra; GPU images without a matching wheel
+    have none)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``faiss`` when importable, else ``torch``; any other backend as it is."""
+    if backend != "auto":
+        return backend
+    return "faiss" if faiss_available() else "torch"
 
 
 def faiss_has_gpu() -> bool:
@@ -160,8 +179,10 @@ def _flat_index(d: int, gpu: bool) -> Any:
 
     if not gpu:
         return faiss.IndexFlatL2(d)
+    import torch
+
     config = faiss.GpuIndexFlatConfig()
-    config.device = 0  # Ray / CUDA_VISIBLE_DEVICES give each worker its own device 0
+    config.device = torch.cuda.current_device()  # the GPU this process's task was given (workers.ray_executor)
     return faiss.GpuIndexFlatL2(faiss_gpu_resources(), d, config)
 
 
@@ -262,7 +283,7 @@ def d4m_partial_fit(x: np.ndarray, k: int, *, seed: int, km_expand: int = 1, pas
 
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=chunk, n_init="auto")
     rng = np.random.default_rng(seed)
-    # Chunks of K points gain nothing from threads; OpenMP spin-waits made each call ~1 s on a busy 2-core host.
+    # Chunks of K points gain nothing from threads, and OpenMP spin-waits slowed each call on a busy host.
     with threadpool_limits(limits=1):
         for _ in range(max(1, passes)):
             order = rng.permutation(len(x))
@@ -278,7 +299,7 @@ def kmeans(
     iterations: int = 25,
     restarts: int = 1,
     seed: int = 0,
-    backend: str = "faiss",
+    backend: str = "auto",
     km_expand: int = 1,
     minibatch_size: int = 1024,
     gpu: bool | None = None,
@@ -290,6 +311,7 @@ def kmeans(
         raise DistillError(f"unknown k-means backend '{backend}'; known: {', '.join(BACKENDS)}")
     if iterations < 0 or restarts < 1:
         raise DistillError("k-means needs iterations >= 0 and restarts >= 1")
+    backend = resolve_backend(backend)
     start = time.perf_counter()
     if backend == "faiss":
         centroids = _faiss(x, k, iterations, restarts, seed, gpu)
@@ -336,8 +358,8 @@ def w2_uniform(x: np.ndarray, centroids: np.ndarray, method: str = "auto") -> tu
     """Squared W2 between the empirical measure (1/n each) and the uniform measure on the centroids (1/K each).
 
     Balanced capacities make this a transportation problem (n sources, K sinks), not a nearest-centroid
-    assignment. ``exact``: the transportation problem solved exactly by POT's network simplex (``ot.emd2``;
-    milliseconds at n = 1300, K = 100, where scipy's HiGHS LP took 0.7-2.2 s per class), used up to
+    assignment. ``exact``: the transportation problem solved exactly by POT's network simplex (``ot.emd2``,
+    far faster than a general LP solver on these problems), used up to
     ``EXACT_OT_MAX_ENTRIES``. ``sinkhorn``: log-domain Sinkhorn with epsilon-scaling down to 1e-4 of the mean
     cost, then the plan's transport cost (an upper bound within ~0.1 % of the exact value in our tests).
     Replicating each centroid n/K times and solving a linear assignment is exact only when K divides n.

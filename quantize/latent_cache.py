@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from distill.config import get_settings
-from distill.data.registry import Split, SubsetSplit, split_at_size
+from distill.data.registry import FileSplit, Split, SubsetSplit, split_at_size
 from distill.errors import DistillError
 from distill.files import atomic_output, atomic_write_json
 from distill.methods.base import Executor
@@ -51,6 +51,10 @@ CACHE_VERSION = 2  # 2: order in order.npy, per-row valid mask, skipped files
 META = "meta.json"
 COMPLETE = "complete.json"
 ORDER = "order.npy"
+FILES = "files.npy"  # the file names of a file-backed split (fixed-width UTF-8), memory-mapped by loader processes
+# CPUs the scheduler granted the running task (set by the job layer's executor, e.g. workers.ray_executor): the
+# number of loader processes a shard task decodes with.
+TASK_CPUS_ENV = "DISTILL_TASK_CPUS"
 DEFAULT_SHARD_SIZE = 2048
 # With an executor a split is cut into at least FANOUT_SHARDS shards (each >= MIN_FANOUT_SHARD rows) so that a
 # small job still spreads over several GPUs; ImageNet's 1.28M rows make 626 shards of 2,048 anyway.
@@ -99,14 +103,20 @@ class SplitSpec:
     seed: int = 0
 
 
-@lru_cache(maxsize=2)
 def _encoder(spec: EncoderSpec):
-    from distill.runner import resolve_device
+    """The encoder of ``spec`` on the device it names; ``auto`` (a fan-out child): the GPU this task was given,
+    else the CPU. Cached per concrete device, so a reused process given another GPU loads it there."""
+    from quantize.encoders import resolve_task_device
+
+    return _load_encoder(replace(spec, device=str(resolve_task_device(spec.device))))
+
+
+@lru_cache(maxsize=2)
+def _load_encoder(spec: EncoderSpec):
     from quantize.encoders import load_encoder
 
-    # "auto" (a fan-out child): the GPU this process was given, else the CPU
-    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution,
-                        device=resolve_device(spec.device), batch_size=spec.batch_size)
+    return load_encoder(spec.name, image_size=spec.image_size, resolution=spec.resolution, device=spec.device,
+                        batch_size=spec.batch_size)
 
 
 @lru_cache(maxsize=2)
@@ -154,13 +164,96 @@ def read_order(folder: Path) -> np.ndarray:
     return np.load(folder / ORDER, mmap_mode="r")
 
 
+def task_loader_workers() -> int | None:
+    """Loader processes for a task the scheduler granted CPUs (:data:`TASK_CPUS_ENV`), else None (the loader's
+    own default: the ``loader_workers`` setting or every core, right for a process that owns the host)."""
+    granted = os.environ.get(TASK_CPUS_ENV, "").strip()
+    return max(1, int(float(granted))) if granted else None
+
+
+class MappedNames:
+    """A split's file names as a read-only memory-mapped array (``files.npy``).
+
+    It pickles as its path: each loader process maps the file itself instead of receiving the whole list (an
+    ImageNet split's 1.28M names) with every stream, i.e. with every shard a task encodes."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._array: np.ndarray | None = None
+
+    def _names(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, index: int) -> str:
+        return bytes(self._names()[index]).decode("utf-8")
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.path, self._array = Path(state["path"]), None
+
+
+class MappedFileSplit(FileSplit):
+    """A :class:`FileSplit` whose names are :class:`MappedNames`; its labels stay in this process (loader
+    processes only decode), so what a loader process receives does not grow with the split."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "files": self.files, "size": self.size, "channels": self.channels,
+                "labels": np.zeros(0, dtype=np.int64)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _base_file_split(split: Split) -> FileSplit | None:
+    while isinstance(split, SubsetSplit):
+        split = split.parent
+    return split if isinstance(split, FileSplit) else None
+
+
+def write_file_names(folder: Path, split: Split) -> None:
+    """``files.npy`` of a file-backed split (through subset views), once per cache folder."""
+    base = _base_file_split(split)
+    path = folder / FILES
+    if base is None or isinstance(base.files, MappedNames):
+        return
+    if path.exists() and len(np.load(path, mmap_mode="r")) == len(base.files):
+        return
+    names = np.array([name.encode("utf-8") for name in base.files], dtype=np.bytes_)
+    with atomic_output(path, suffix=".npy") as tmp:
+        np.save(tmp, names)
+
+
+def loader_split(split: Split, folder: Path) -> Split:
+    """``split`` with its file names read from ``folder``'s ``files.npy`` (when written): what loader processes
+    unpickle is then a path, not the name list."""
+    if isinstance(split, SubsetSplit):
+        parent = loader_split(split.parent, folder)
+        return split if parent is split.parent else SubsetSplit(parent, split.index)
+    if isinstance(split, FileSplit) and not isinstance(split, MappedFileSplit) and (folder / FILES).exists():
+        names: Any = MappedNames(folder / FILES)
+        return MappedFileSplit(split.root, names, split.labels, split.size, split.channels)
+    return split
+
+
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
-    """Executor entry point: encode one shard in this process and write it; returns what ran where and when."""
+    """Executor entry point: encode one shard in this process and write it; returns what ran where and when.
+
+    A file-backed split is decoded by as many loader processes as the task was granted CPUs."""
     start = time.time()
     folder = Path(job.folder)
     order = np.array(read_order(folder)[job.rows[0] : job.rows[1]], dtype=np.int64)
     split = split_at_size(_split(job.split), job.encoder.resolution)  # files decoded at the encode resolution
-    encode_shard(folder, job.shard, order, split, _encoder(job.encoder))
+    from distill.data.loader import is_file_backed
+
+    workers = task_loader_workers() if is_file_backed(split) else None  # in-memory splits are just indexed
+    encode_shards(folder, {job.shard: order}, split, _encoder(job.encoder), num_workers=workers)
     return {"shard": job.shard, "rows": job.rows[1] - job.rows[0], "start": start, "end": time.time(),
             "pid": os.getpid(), "host": os.uname().nodename}
 
@@ -202,7 +295,8 @@ def encode_shards(folder: Path, shards: dict[int, np.ndarray], split: Split, enc
     latent_shape = tuple(encoder.latent_shape)
     pending: dict[int, dict[str, Any]] = {}
     skipped_all: dict[int, str] = {}
-    stream = ImageStream(split, batches=chunks, num_workers=num_workers, device=getattr(encoder, "device", None))
+    stream = ImageStream(loader_split(split, folder), batches=chunks, num_workers=num_workers,
+                         device=getattr(encoder, "device", None))
     remaining = {shard: -(-len(indices) // batch) for shard, indices in shards.items()}
     for n, ((kept, images), (shard, row0), chunk) in enumerate(zip(stream, owners, chunks, strict=True)):
         if check_cancelled is not None and (row0 == 0 or n % 16 == 0):  # at each shard start, and now and then
@@ -212,7 +306,7 @@ def encode_shards(folder: Path, shards: dict[int, np.ndarray], split: Split, enc
             "valid": np.zeros(len(shards[shard]), dtype=np.uint8)})
         rows = row0 + np.flatnonzero(np.isin(chunk, kept))
         if len(kept):
-            state["latents"][torch.from_numpy(rows)] = encoder.encode(images.float().div_(255.0)).half().cpu()
+            state["latents"][torch.from_numpy(rows)] = encoder.encode(images).half()  # uint8 to the device
             state["valid"][rows] = 1
         if progress is not None:
             progress(len(chunk))
@@ -251,10 +345,38 @@ def build_latent_cache(
     """Return the cached latents of ``split``, encoding whatever shards are missing.
 
     ``encoder`` (a loaded :class:`~quantize.encoders.LatentEncoder`) is optional: it is loaded from
-    ``encoder_spec`` only when something has to be encoded in this process.
+    ``encoder_spec`` only when something has to be encoded in this process. Steps: the folder's layout
+    (:func:`_prepare_folder`, which also returns a complete cache as it is), the missing shards copied from the
+    full split's cache, encoded by the executor's tasks or here (:func:`_fill_shards`), then the completion
+    marker (:func:`_complete`).
     """
     folder = cache_folder(split_spec.dataset, encoder_key, encoder_spec.resolution, split_spec.max_per_class,
                           split_spec.seed)
+    prepared = _prepare_folder(folder, split, split_spec, encoder_spec, encoder_key, num_classes, latent_shape,
+                               shard_size, fanout=executor is not None, log=log)
+    if isinstance(prepared, LatentStore):
+        return prepared
+    meta, order = prepared
+    shard_size = int(meta["shard_size"])
+    num_shards = max(1, -(-len(order) // shard_size))
+    missing = [s for s in range(num_shards) if not shard_path(folder, s).exists()]
+    if len(missing) < num_shards:
+        log(f"latent cache {folder.name}: resuming, {num_shards - len(missing)}/{num_shards} shards present")
+    start_time = time.perf_counter()
+    filled = _fill_shards(folder, split, order, missing, shard_size, meta, split_spec, encoder_spec, encoder,
+                          progress, check_cancelled, executor, log)
+    _complete(folder, num_shards, num_classes, len(order), time.perf_counter() - start_time, len(missing), filled, log)
+    if progress is not None:
+        progress(1.0)
+    return LatentStore(folder, meta)
+
+
+def _prepare_folder(folder: Path, split: Split, split_spec: SplitSpec, encoder_spec: EncoderSpec, encoder_key: str,
+                    num_classes: int, latent_shape: tuple[int, int, int], shard_size: int, *, fanout: bool,
+                    log: Callable[[str], None]) -> LatentStore | tuple[dict[str, Any], np.ndarray]:
+    """The folder's meta, row order and file names: a complete matching cache as a store, else (meta, order).
+
+    A folder of another request is rebuilt; an incomplete one of this request keeps its shard layout (resume)."""
     labels = np.asarray(split.labels, dtype=np.int64)
     order, order_hash = _class_order(labels)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=num_classes))]).tolist()
@@ -264,14 +386,12 @@ def build_latent_cache(
         "latent_shape": list(latent_shape), "num_classes": num_classes, "class_offsets": offsets,
         "order_hash": order_hash, "shard_size": shard_size, "dtype": "float16",
     }
-    if executor is not None:  # enough shards to spread over the workers (a resumed layout keeps its own)
-        shard_size = min(shard_size, max(MIN_FANOUT_SHARD, -(-len(labels) // FANOUT_SHARDS)))
-        meta["shard_size"] = shard_size
+    if fanout:  # enough shards to spread over the workers (a resumed layout keeps its own)
+        meta["shard_size"] = min(shard_size, max(MIN_FANOUT_SHARD, -(-len(labels) // FANOUT_SHARDS)))
     existing = _read_json(folder / META)
     if existing is not None:
-        same = all(existing.get(k) == v for k, v in meta.items() if k != "shard_size")
-        if same:
-            meta["shard_size"] = shard_size = int(existing["shard_size"])  # resume with the same shard layout
+        if all(existing.get(k) == v for k, v in meta.items() if k != "shard_size"):
+            meta["shard_size"] = int(existing["shard_size"])  # resume with the same shard layout
             if (folder / COMPLETE).exists():
                 return LatentStore(folder, existing)
         else:
@@ -280,61 +400,62 @@ def build_latent_cache(
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(folder / ORDER, suffix=".npy") as tmp:
         np.save(tmp, order)
+    write_file_names(folder, split)
     atomic_write_json(folder / META, meta)
+    return meta, order
 
-    num_shards = max(1, -(-len(order) // shard_size))
-    missing = [s for s in range(num_shards) if not shard_path(folder, s).exists()]
-    if len(missing) < num_shards:
-        log(f"latent cache {folder.name}: resuming, {num_shards - len(missing)}/{num_shards} shards present")
+
+def _fill_shards(folder: Path, split: Split, order: np.ndarray, missing: list[int], shard_size: int,
+                 meta: dict[str, Any], split_spec: SplitSpec, encoder_spec: EncoderSpec, encoder: Any,
+                 progress: Callable[[float], None] | None, check_cancelled: Callable[[], None] | None,
+                 executor: Executor | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Write the ``missing`` shards: copied from the full split's complete cache, else encoded by the executor's
+    tasks (one per shard), else here. Returns what the completion marker records (shard tasks, copy source)."""
     total = len(order)
     done = total - sum(min(shard_size, total - s * shard_size) for s in missing)
-    start_time = time.perf_counter()
     tasks: list[dict[str, Any]] = []
+    rows = {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}
     full = _full_cache_for(split, meta) if missing else None
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done / max(1, total))
+
     if full is not None:
         assert isinstance(split, SubsetSplit)  # _full_cache_for checked it
         log(f"latent cache {folder.name}: taking the sample's rows from the complete {full.folder.name} "
             "(nothing decoded or encoded)")
-        copy_from_full_cache(folder, {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}, split, full)
+        copy_from_full_cache(folder, rows, split, full)
     elif executor is not None and missing:
         jobs = [ShardJob(str(folder), s, (s * shard_size, min(total, (s + 1) * shard_size)), split_spec,
                          encoder_spec) for s in missing]
 
         def finished(_: int, task: dict[str, Any]) -> None:
-            nonlocal done
-            done += task["rows"]
             tasks.append(task)
-            if progress is not None:
-                progress(done / max(1, total))
+            advance(task["rows"])
 
-        if progress is not None:
-            progress(done / max(1, total))  # the stage starts now, not when the first shard is back
+        advance(0)  # the stage starts now, not when the first shard is back
         # one GPU per shard task (the executor's default); results stream back as shards finish
         executor.map(run_shard_job, jobs, on_result=finished, check_cancelled=check_cancelled)
     elif missing:
-        encoder = encoder if encoder is not None else _encoder(encoder_spec)
+        encode_shards(folder, rows, split, encoder if encoder is not None else _encoder(encoder_spec), advance,
+                      check_cancelled)
+    return {"tasks": tasks, "copied_from": full.folder.name if full is not None else None}
 
-        def advance(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done / max(1, total))
 
-        encode_shards(folder, {s: order[s * shard_size : (s + 1) * shard_size] for s in missing}, split, encoder,
-                      advance, check_cancelled)
+def _complete(folder: Path, num_shards: int, num_classes: int, total: int, seconds: float, encoded: int,
+              filled: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Survey the shards (valid rows per class, skipped files) and write the completion marker, last."""
     valid_counts, skipped = _survey_shards(folder, num_shards, num_classes)
     if skipped:
         log(f"latent cache {folder.name}: {len(skipped)} images could not be decoded and were skipped: "
             + ", ".join(list(skipped.values())[:5]) + (" ..." if len(skipped) > 5 else ""))
-    atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total,
-                                    "seconds": round(time.perf_counter() - start_time, 3),
-                                    "encoded_shards": 0 if full is not None else len(missing),
-                                    "copied_from": full.folder.name if full is not None else None,
-                                    "tasks": tasks, "valid_counts": valid_counts,
-                                    "skipped": skipped})
-    if progress is not None:
-        progress(1.0)
-    return LatentStore(folder, meta)
+    atomic_write_json(folder / COMPLETE, {"shards": num_shards, "images": total, "seconds": round(seconds, 3),
+                                          "encoded_shards": 0 if filled["copied_from"] else encoded,
+                                          "copied_from": filled["copied_from"], "tasks": filled["tasks"],
+                                          "valid_counts": valid_counts, "skipped": skipped})
 
 
 def _class_order(labels: np.ndarray) -> tuple[np.ndarray, str]:

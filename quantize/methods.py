@@ -13,12 +13,13 @@ Both compose the same stages, each checkpointed for resume:
    cell's W2-best member (``decode=nearest``: the training image whose latent is nearest the centroid;
    replacing the centroid by a point m of its cell costs n_k * |c_k - m|^2 of transport, least for that
    member), quantizing each image's latent grid standardised per channel (``latent_norm=instance``).
-   Defaults per host (docs/bench-parts/latent.md, 2026-11-30): no pretrained decoder, or only a
+   Defaults per host (the comparison is in docs/bench-parts/latent.md): no pretrained decoder, or only a
    self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
-   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
+   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not compared there).
 4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 below 64 px without a diffusion decode): a
-   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the measured winner on such hosts.
+   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the winner on such hosts in the
+   comparison above.
 
 ``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
 """
@@ -37,7 +38,7 @@ from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, ModelName, NetworkName, RunContext
 from quantize.encoders import RESOLUTION_POLICY
 
-KMeansBackend = Literal["faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
+KMeansBackend = Literal["auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 
 # refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, sections 5c, 5d).
@@ -45,11 +46,9 @@ REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_BELOW_PX = 64
 REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images below {REFINE_AUTO_BELOW_PX} px unless the decode is a diffusion model "
-    "(measured at IPC 10: CIFAR-10 37.75 -> 45.93 %, above herding 39.75; Fashion-MNIST 81.85 vs herding 79.27; "
-    "at IPC 50 on CIFAR-10 44.00 -> 49.98, random 44.85; "
-    "about 2.6 s per iteration on one CPU core, seconds on a GPU), else 0 (a diffusion decode is DDOQ's own "
-    f"setting, not measured with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads 256 real "
-    "images per class, hours for ImageNet's 1000 classes)")
+    "(where it raised CIFAR-10 and Fashion-MNIST above herding: docs/BENCHMARKS.md), else 0 (a diffusion decode "
+    f"is DDOQ's own setting, not compared with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads "
+    "256 real images per class, hours for ImageNet's 1000 classes)")
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
                "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
                + REFINE_AUTO_HELP)
@@ -84,7 +83,7 @@ class LatentParams(MethodParams):
     # Declared here for the shared stages; each method redeclares them with its own choices, defaults and help.
     decode: str = "vae"
     guidance: float = 4.0
-    kmeans_backend: KMeansBackend = "faiss"
+    kmeans_backend: KMeansBackend = "auto"
     iterations: int = 25
 
     @property
@@ -100,14 +99,16 @@ class LatentOQParams(LatentParams):
                                "centroid, masses kept; diffusion (hosts with a pretrained decoder, prior=PATH): "
                                "through the latent diffusion prior; vae: the VAE decoder (blurry averages)")
     guidance: float = Field(4.0, ge=0.0, description="classifier-free guidance scale (DiT's 4.0)")
-    kmeans_backend: KMeansBackend = Field("faiss", description="faiss (exact Lloyd, k-means++ init), "
-                                                               "torch (the same Lloyd on the job's device), "
+    kmeans_backend: KMeansBackend = Field("auto", description="auto (faiss when installed, else torch; the "
+                                                              "manifest records which ran), faiss (exact Lloyd, "
+                                                              "k-means++ init), torch (the same Lloyd on the "
+                                                              "task's device), "
                                                                "sklearn-minibatch, sklearn-partial-fit (D4M) or "
                                                                "sklearn (Lloyd)")
     iterations: int = Field(25, ge=0, description="k-means iterations (faiss/sklearn Lloyd; epochs for "
                                                    "sklearn-minibatch; passes for sklearn-partial-fit)")
     latent_norm: Literal["none", "instance"] = Field(
-        "instance", description="instance (default; +1.4 / +1.6 points on CIFAR-10 / Fashion-MNIST IPC 10): quantize "
+        "instance", description="instance (default; better on CIFAR-10 and Fashion-MNIST, docs/BENCHMARKS.md): quantize "
                                 "each image's latent grid standardised per channel, cells blind to offset and gain "
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
@@ -182,7 +183,7 @@ def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
                               for k in range(len(centroids))])
         centroids = (centroids.reshape(shape) * gain + offset).reshape(len(centroids), -1)
     out = {
-        "label": job["label"], "centroids": centroids, "counts": result.counts.tolist(),
+        "label": job["label"], "centroids": centroids, "counts": result.counts.tolist(), "backend": result.backend,
         "w2_weighted": result.error, "seconds": result.seconds, "n": len(x),
         "members": store.class_indices(job["label"])[members].tolist(),
         "w2_members": w2_weighted(x, x[members]),
@@ -236,6 +237,8 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "w2_uniform": [r.get("w2_uniform") for r in results],
         "w2_uniform_method": sorted({r["w2_uniform_method"] for r in results if "w2_uniform_method" in r}),
         "kmeans_seconds": [r["seconds"] for r in results],
+        # the backend(s) that ran (kmeans_backend=auto resolves per process: FAISS may exist on some hosts only)
+        "kmeans_backends": sorted({r.get("backend", params.kmeans_backend) for r in results}),
         "members": [r["members"] for r in results],
         "w2_members": [r["w2_members"] for r in results],
     }
@@ -277,11 +280,12 @@ def decode_latents(ctx: RunContext, encoder, latents: torch.Tensor, labels: torc
 
 def _decode_job(job: dict[str, Any]) -> torch.Tensor:
     """One chunk of centroids decoded in this process (picklable entry point for ``executor.map``, one GPU)."""
-    from distill.runner import resolve_device
+    from quantize.encoders import resolve_task_device
     from quantize.latent_cache import _encoder
 
     spec = job["encoder"]
-    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"], device=resolve_device(spec.device),
+    return decode_chunk(_encoder(spec), job["latents"], job["labels"], job["params"],
+                        device=resolve_task_device(spec.device),
                         seed=job["seed"], channels=job["channels"], size=job["size"],
                         class_names=job["class_names"], first_index=job["first_index"]).cpu()
 
@@ -307,7 +311,7 @@ def decode_chunk(encoder, latents: torch.Tensor, labels: torch.Tensor, params: L
         names = [class_names[int(c)] for c in labels]
         latents = decode_with_stable_diffusion(latents, names, Path(params.sd).expanduser(), **sampling)
     # kept as uint8 (what the PNGs hold anyway): the decode-stage checkpoint and the archive then need a quarter
-    # of fp32's memory (ImageNet IPC 50 at 256 px: 9.8 GB, not 39 GB)
+    # of fp32's memory
     parts = [(encoder.decode(part.float(), channels=channels, size=size).clamp(0, 1) * 255).round().to(torch.uint8)
              for part in latents.split(max(1, params.batch_size))]
     return torch.cat(parts) if parts else torch.empty((0, channels, size, size), dtype=torch.uint8)
@@ -330,9 +334,9 @@ def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) 
 def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
     from distill.data import get_dataset
     from distill.evaluate import EvalConfig, get_teacher
-    from distill.runner import resolve_device
+    from quantize.encoders import resolve_task_device
 
-    params, device = job["params"], resolve_device(job["device"])
+    params, device = job["params"], resolve_task_device(job["device"])
     dataset = get_dataset(job["dataset"])
     config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
                         teacher_max_per_class=params.teacher_max_per_class, device=str(device))
@@ -390,7 +394,9 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     metrics: dict[str, Any] = {
         "encoder": params.encoder, "resolution": encoder.resolution, "latent_shape": list(store.latent_shape),
         "resolution_policy": "explicit (resolution=N)" if params.resolution else RESOLUTION_POLICY,
-        "latent_cache": store.folder.name, "kmeans_backend": params.kmeans_backend, "decode": params.decode,
+        "latent_cache": store.folder.name, "decode": params.decode,
+        "kmeans_backend": ",".join(quant.get("kmeans_backends", [params.kmeans_backend])),
+        "kmeans_backend_requested": params.kmeans_backend,
         "refine_iterations": refine_iterations,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],

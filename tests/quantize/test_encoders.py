@@ -129,3 +129,20 @@ def test_encoder_errors(tmp_path: Path, monkeypatch):
     finally:
         monkeypatch.undo()
         reload_settings()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_uint8_batches_give_the_latents_of_the_cpu_float_path(taef2, name, request):
+    """The loader's uint8 batches are converted, scaled and resized on the encoder's device: the same latents
+    as the former path (fp32 conversion, channel repeat and resize on the CPU, then the copy)."""
+    from quantize.encoders import resize
+
+    dataset = request.getfixturevalue(name)
+    idx = np.linspace(0, len(dataset.train) - 1, 8).astype(np.int64)
+    u8 = dataset.train.load(idx)
+    assert u8.dtype == torch.uint8
+    x = u8.float() / 255.0
+    x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+    old = taef2.encode_fn(resize(x, taef2.resolution).clamp(0, 1).mul(2).sub(1).to(taef2.device, taef2.dtype))
+    torch.testing.assert_close(taef2.encode(u8), old.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(taef2.encode(u8), taef2.encode(u8.float() / 255.0), rtol=1e-5, atol=1e-5)

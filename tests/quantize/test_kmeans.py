@@ -119,3 +119,20 @@ def test_without_faiss_the_torch_backend_works_and_faiss_says_what_to_install(la
     assert without.error == pytest.approx(with_faiss.error, rel=1e-5)
     with pytest.raises(DistillError, match=r"distillery\[cpu\]"):
         kmeans(latents[5], 4, backend="faiss")
+
+
+def test_auto_backend_is_faiss_when_importable_else_torch_and_says_which_ran(latents, monkeypatch, mnist_store):
+    import quantize.kmeans as kmeans_module
+    from quantize.methods import _quantize_job
+
+    with_faiss = kmeans(latents[5], 4, seed=1)  # backend="auto" is the default
+    assert with_faiss.backend == "faiss"
+    monkeypatch.setattr(kmeans_module, "faiss_available", lambda: False)  # as on a GPU image without FAISS
+    without = kmeans(latents[5], 4, seed=1, device="cpu")
+    assert without.backend == "torch"
+    np.testing.assert_array_equal(without.assignments, with_faiss.assignments)
+    job = {"folder": str(mnist_store.folder), "label": 3, "k": 2, "iterations": 5, "restarts": 1, "seed": 0,
+           "backend": "auto", "km_expand": 1, "w2_uniform": False}
+    assert _quantize_job(job)["backend"] == "torch"  # what the manifest's kmeans_backend lists
+    monkeypatch.undo()
+    assert _quantize_job(job)["backend"] == "faiss"

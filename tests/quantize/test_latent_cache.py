@@ -181,3 +181,41 @@ def test_latent_rows_read_through_memory_mapped_shards(small):
     pick = np.array([35, 0, 9, 9, 17])  # across shards, unsorted, repeated
     assert torch.equal(torch.from_numpy(rows[pick]).float(), latents[pick])
     assert torch.equal(torch.from_numpy(rows[3:20]).float(), latents[3:20])
+
+
+def test_loader_processes_get_a_path_not_the_file_list_and_follow_the_task_grant(tmp_path, monkeypatch):
+    """A shard task's loader processes unpickle the split's names as a memory-mapped file's path (not the list,
+    whose size grows with the split), decode the same images, and number the CPUs the task was granted."""
+    import pickle
+
+    from PIL import Image
+
+    from distill.data.loader import load_batch
+    from distill.data.registry import FileSplit
+    from quantize.latent_cache import TASK_CPUS_ENV, loader_split, task_loader_workers, write_file_names
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(30):
+        name = f"class{i % 3}/image_with_a_long_file_name_{i:05d}.png"
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+        files.append(name)
+    split = FileSplit(tmp_path / "images", files, np.arange(30) % 3, 16, 3)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    assert loader_split(split, folder) is split  # no files.npy yet: as it is
+    write_file_names(folder, SubsetSplit(split, np.arange(0, 30, 2)))  # through a --max-per-class view
+    mapped = loader_split(SubsetSplit(split, np.arange(0, 30, 2)), folder)
+    shipped = pickle.loads(pickle.dumps(mapped))  # what a forkserver loader process receives
+    indices = np.array([0, 3, 14])
+    kept, images, skipped = load_batch(shipped, indices)
+    expected = load_batch(SubsetSplit(split, np.arange(0, 30, 2)), indices)
+    assert np.array_equal(kept, expected[0]) and torch.equal(images, expected[1]) and not skipped
+    bigger = FileSplit(split.root, [f"n{i:08d}/{i:08d}.JPEG" for i in range(3000)], np.zeros(3000, dtype=np.int64), 16, 3)
+    write_file_names(tmp_path, bigger)
+    assert len(pickle.dumps(loader_split(bigger, tmp_path).files)) < 300 < len(pickle.dumps(bigger.files)) // 100
+    monkeypatch.delenv(TASK_CPUS_ENV, raising=False)
+    assert task_loader_workers() is None  # a process of its own: the loader's default
+    monkeypatch.setenv(TASK_CPUS_ENV, "3")
+    assert task_loader_workers() == 3

@@ -38,6 +38,7 @@ def test_oq_run_then_eval(oq_archive: Path, mnist_store):
     metrics = manifest["metrics"]
     assert metrics["latent_cache"] == mnist_store.folder.name  # the session's cache was reused, not re-encoded
     assert metrics["resolution"] == 64 and metrics["latent_shape"] == [32, 8, 8]
+    assert metrics["kmeans_backend_requested"] == "auto" and metrics["kmeans_backend"] == "faiss"  # installed here
     # weights are the cluster masses (counts / class size), stored at mean 1.0 (the archive contract): mass x ipc
     counts = torch.tensor(metrics["counts"], dtype=torch.float32)
     assert (counts.sum(1) == 50).all()

@@ -169,3 +169,50 @@ def test_the_job_kind_decides_who_holds_a_gpu_and_inline_maps_stream_and_cancel(
     with pytest.raises(Cancelled):
         executor.map(ran.append, [1, 2, 3], check_cancelled=cancel_after_one)
     assert ran == [1]
+
+
+@pytest.mark.timeout(300)
+def test_gpu_less_tasks_see_no_device_and_gpu_tasks_use_the_gpu_ray_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two logical GPUs: k-means-like children (0 GPUs) and a GPU-less driver see no device; GPU tasks, also the
+    children of a GPU-less driver, keep the node's devices and select the one Ray assigned them."""
+    from workers.ray_executor import RayExecutor, gpu_index
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def probe(tag: str) -> dict:
+        import os
+
+        import ray
+
+        from workers.ray_executor import TASK_CPUS_ENV, current_task_device
+
+        return {"tag": tag, "pid": os.getpid(), "ids": [str(i) for i in ray.get_gpu_ids()],
+                "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": current_task_device(),
+                "cpus": os.environ.get(TASK_CPUS_ENV)}
+
+    def driver(_: int) -> dict:  # a GPU-less job driver that fans GPU children out, as oq's decode does
+        from workers.ray_executor import RayExecutor
+
+        return {"self": probe("driver"), "children": RayExecutor(poll_seconds=0.05).map(probe, ["a", "b"],
+                                                                                         num_gpus=1)}
+
+    ray = ray_session(num_gpus=2)
+    try:
+        executor = RayExecutor(poll_seconds=0.05)
+        gpu_less = executor.map(probe, ["k0", "k1"], num_gpus=0)
+        gpu = executor.map(probe, [f"g{i}" for i in range(6)], num_gpus=1)
+        nested = executor.map(driver, [0], num_gpus=0, num_cpus=0)[0]
+    finally:
+        ray.shutdown()
+    for row in [*gpu_less, nested["self"]]:
+        assert row["ids"] == [] and row["visible"] == "" and row["device"] == "cpu", row
+    for row in [*gpu, *nested["children"]]:
+        assert len(row["ids"]) == 1 and row["visible"] != "", row  # the node's devices, not hidden
+        assert row["device"] == f"cuda:{row['ids'][0]}", row
+        assert row["cpus"] == "1", row  # 2 CPUs over 2 GPUs: one each (its loader's processes)
+    assert {row["ids"][0] for row in gpu} == {"0", "1"}  # both GPUs were used
+    assert not {row["pid"] for row in gpu} & {row["pid"] for row in gpu_less}  # never the same process
+    # the index of an assigned id when the node itself runs on a subset of its devices
+    assert gpu_index([3], "2,3") == 1 and gpu_index(["1"], None) == 1 and gpu_index([0], "") == 0
