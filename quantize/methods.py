@@ -13,7 +13,7 @@ Both compose the same stages, each checkpointed for resume:
    cell's W2-best member (``decode=nearest``: the training image whose latent is nearest the centroid;
    replacing the centroid by a point m of its cell costs n_k * |c_k - m|^2 of transport, least for that
    member), quantizing each image's latent grid standardised per channel (``latent_norm=instance``).
-   Defaults per host (the comparison is in docs/bench-parts/latent.md): no pretrained decoder, or only a
+   Defaults per host (docs/BENCHMARKS.md, section 1): no pretrained decoder, or only a
    self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
    -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not compared there).
@@ -41,7 +41,7 @@ from quantize.encoders import RESOLUTION_POLICY
 KMeansBackend = Literal["auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 
-# refine_iterations=auto: where the refinement was measured to win (docs/bench-parts/latent.md, sections 5c, 5d).
+# refine_iterations=auto: where the refinement was measured to win (docs/BENCHMARKS.md, "What the refinement adds").
 REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_BELOW_PX = 64
 REFINE_AUTO_HELP = (
