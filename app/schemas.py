@@ -67,7 +67,8 @@ class JobCreate(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str = Field(description="a value for the model parameters encoder, prior, sd")
+    name: str = Field(description="a value for the model parameters encoder, prior, sd (and, when not built in, "
+                                  "dq's teacher_weights)")
     builtin: bool = Field(description="a built-in encoder (true) or registered by the operator (false)")
 
 

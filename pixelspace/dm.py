@@ -103,7 +103,8 @@ class DistributionMatching(Method[DMParams]):
         real_embed = None
         if compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)
-            real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log)
+            real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log,
+                                  check_cancelled=ctx.check_cancelled)
         stage = "distill" if initial is None else "refine"
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():

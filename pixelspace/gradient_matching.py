@@ -185,7 +185,8 @@ class DatasetCondensation(Method[GradientMatchingParams]):
         if params.real_strategy == "loop" and compile_wanted(params.compile_real, ctx.device, params.iterations):
             template = fresh_network(params.model, ctx, seed=0)
             template.train(not has_batchnorm(template))  # BN networks match in eval mode
-            real_loss = RealPass(real_ce_pass(template, setup.real_dtype), compile=True, log=ctx.log)
+            real_loss = RealPass(real_ce_pass(template, setup.real_dtype), compile=True, log=ctx.log,
+                                 check_cancelled=ctx.check_cancelled)
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state):
             optimizer_net = torch.optim.SGD(net.parameters(), lr=params.lr_net)
             loss_avg = 0.0

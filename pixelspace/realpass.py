@@ -6,14 +6,17 @@ network compiles once per run instead of once per network.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from distill.errors import DistillError
+from distill.errors import Cancelled, DistillError
+from distill.methods.base import CHECK_SECONDS
 from distill.nets import Classifier
 from pixelspace.precision import autocast_context
 
@@ -42,12 +45,29 @@ class RealPass:
     run, not per network. If compilation fails, the pass runs eager from then on (logged once).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], compile: bool, log: Callable[[str], None] | None = None):
+    def __init__(self, fn: Callable[..., torch.Tensor], compile: bool, log: Callable[[str], None] | None = None,
+                 check_cancelled: Callable[[], None] | None = None):
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=False) if compile else None
         self.log = log or (lambda message: None)
+        self.check_cancelled = check_cancelled
+        # With a cancellation check, even torch.compile's set-up (importing the compiler takes seconds) waits
+        # for the first call and runs inside the cancellable warm-up.
+        self.pending = compile and check_cancelled is not None
+        self.compiled: Callable[..., torch.Tensor] | None = (
+            torch.compile(fn, dynamic=False) if compile and not self.pending else None)
 
     def __call__(self, *args: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pending:
+            try:
+                out = self._warm_up(*args)
+                self.pending = False
+                return out
+            except Cancelled:
+                raise
+            except Exception as exc:
+                self.pending = False
+                self.log(f"torch.compile of the real pass failed ({type(exc).__name__}: {exc}); running eager")
+                self.compiled = None
         if self.compiled is not None:
             try:
                 return self.compiled(*args)
@@ -55,6 +75,34 @@ class RealPass:
                 self.log(f"torch.compile of the real pass failed ({type(exc).__name__}: {exc}); running eager")
                 self.compiled = None
         return self.fn(*args)
+
+    def _warm_up(self, *args: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Compile and make the first compiled call (seconds to tens of seconds, uninterruptible) in a helper
+        thread while this one checks for cancellation every ``CHECK_SECONDS``: a cancel is honoured during the
+        warm-up too. A cancelled warm-up finishes in the background and is discarded. The thread takes this
+        one's grad mode (thread-local), so the graph it compiles is the one later calls use."""
+        assert self.check_cancelled is not None
+        fn, grad = self.fn, torch.is_grad_enabled()
+        result: dict[str, Any] = {}
+
+        def warm_up() -> None:
+            try:
+                compiled = torch.compile(fn, dynamic=False)
+                with torch.set_grad_enabled(grad):
+                    result["out"] = compiled(*args)
+                result["compiled"] = compiled
+            except BaseException as exc:  # handed to the caller, which falls back to eager
+                result["error"] = exc
+
+        thread = threading.Thread(target=warm_up, name="realpass-compile", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            self.check_cancelled()
+            thread.join(CHECK_SECONDS)
+        if "error" in result:
+            raise result["error"]
+        self.compiled = result["compiled"]
+        return result["out"]
 
 
 def network_state(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -216,6 +216,7 @@ class JobStore:
                 .values(status="cancelled", finished_at=now, cancel_requested_at=now,
                         error_code="cancelled", error_message="cancelled before it started")
             )
+            requested = 0
             if done:
                 session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage or "queued",
                                      message="cancelled while queued", progress=job.progress))
@@ -229,7 +230,7 @@ class JobStore:
                     session.add(JobEvent(job_id=job.id, created_at=now, level="info", stage=job.stage,
                                          message="cancel requested", progress=job.progress))
         job = self.get_job(job_id, owner)
-        if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not done):
+        if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not done and not requested):
             raise InvalidState(f"job already {job.status}")
         return job
 

@@ -71,7 +71,8 @@ def list_methods(settings: SettingsDep) -> list[schemas.MethodInfo]:
 
 @router.get("/models", response_model=list[schemas.ModelInfo], tags=["catalogue"])
 def list_models() -> list[schemas.ModelInfo]:
-    """Model names this server accepts for the parameters encoder, prior and sd (never paths or hub ids)."""
+    """Model names this server accepts for the parameters encoder, prior and sd, and (registered ones only) dq's
+    teacher_weights; never paths or hub ids."""
     from distill.models import BUILTIN_MODELS, model_names
 
     return [schemas.ModelInfo(name=name, builtin=name in BUILTIN_MODELS) for name in model_names()]
