@@ -164,8 +164,11 @@ def run_to_archive(
     )
     start = time.perf_counter()
     # The method loads models from directories; the manifest keeps the names the request gave.
-    loaded = params.model_copy(update=resolve_models(params.model_dump(), paths=request.paths))
-    distilled = method_cls().run(ctx, loaded)
+    resolved = resolve_models(params.model_dump(), paths=request.paths)
+    distilled = method_cls().run(ctx, params.model_copy(update=resolved))
+    for key, folder in resolved.items():  # a method that reports its model reports the name, never the folder
+        if distilled.metrics.get(key) == folder:
+            distilled.metrics[key] = getattr(params, key)
     ctx.timings["total"] = time.perf_counter() - start
     _check_output(distilled, dataset.num_classes, request.ipc)
     manifest = build_manifest(

@@ -25,8 +25,12 @@ def models_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (weights / "priors" / "tiny-dit" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a model")
     (weights / "pickled" / "transformer").mkdir(parents=True)
     (weights / "pickled" / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    from diffusers import AutoencoderKL  # a small random AutoencoderKL an operator registered as an encoder
+
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4).save_pretrained(weights / "site-vae")
     env = service_env(home, "sqlite", DISTILL_WEIGHTS_DIR=str(weights),
-                      DISTILL_MODELS=json.dumps({"tiny-dit": "priors/tiny-dit", "pickled": "pickled"}))
+                      DISTILL_MODELS=json.dumps({"tiny-dit": "priors/tiny-dit", "pickled": "pickled",
+                                                  "site-vae": "site-vae"}))
     with started_stack(home, "sqlite", env) as stack:
         yield stack
 
@@ -48,7 +52,7 @@ def test_paths_and_hub_ids_are_refused_with_the_allowed_names(models_stack: Stac
     with models_stack.client() as client:
         before = client.get("/jobs").json()["data"]
         msg = field_error(client.post("/jobs", json={**OQ, "params": params}), key)
-        assert msg.endswith("is not a model registered on this server; allowed: taef2, sd-vae, tiny-dit, pickled")
+        assert msg.endswith("is not a model registered on this server; allowed: taef2, sd-vae, tiny-dit, pickled, site-vae")
         assert str(models_stack.home) not in msg and str(Path.home()) not in msg
         assert client.get("/jobs").json()["data"] == before  # nothing queued
 
@@ -57,7 +61,8 @@ def test_models_lists_names_never_paths(models_stack: Stack) -> None:
     with models_stack.client() as client:
         listed = client.get("/models").json()
     assert listed == [{"name": "taef2", "builtin": True}, {"name": "sd-vae", "builtin": True},
-                      {"name": "tiny-dit", "builtin": False}, {"name": "pickled", "builtin": False}]
+                      {"name": "tiny-dit", "builtin": False}, {"name": "pickled", "builtin": False},
+                      {"name": "site-vae", "builtin": False}]
 
 
 def test_errors_are_no_oracle_for_server_paths(models_stack: Stack) -> None:
@@ -86,3 +91,14 @@ def test_registered_models_load_from_safetensors_only_and_errors_show_no_paths(m
         assert not [t for t in texts if str(models_stack.home) in t or "/priors/" in t], texts
         assert "quantize" in [e["stage"] for e in events], texts
         assert job["error"]["message"].endswith(": <model tiny-dit>")  # it failed loading the prior, after encode and k-means
+
+
+def test_a_registered_encoder_is_named_in_the_manifest_never_its_folder(models_stack: Stack) -> None:
+    with models_stack.client() as client:
+        submitted = client.post("/jobs", json={**OQ, "params": {"encoder": "site-vae", "refine_iterations": 0}})
+        assert submitted.status_code == 202, submitted.text
+        job = wait_for_job(client, submitted.json()["id"], stack=models_stack)
+        assert job["status"] == "succeeded", job
+        manifest = client.get(f"/jobs/{job['id']}/manifest").json()
+    assert manifest["params"]["encoder"] == manifest["metrics"]["encoder"] == "site-vae"
+    assert str(models_stack.home) not in json.dumps(manifest)
