@@ -319,7 +319,8 @@ def jobs(
         progress = f"{100 * j.overall_progress:.0f}%" if j.status == "running" else (
             "100%" if j.status == "succeeded" else "-")
         method = "eval" if j.kind == "evaluate" else j.request.method
-        taken = duration(j.elapsed_seconds) if j.elapsed_seconds is not None else "-"
+        taken = duration(j.elapsed_seconds) if j.elapsed_seconds is not None else (
+            f"~{duration(j.estimate.seconds)}" if j.estimate is not None and j.status == "queued" else "-")
         detail = key_parameters(j)
         if j.error is not None:
             detail = f"{j.error.code}: {j.error.message}"

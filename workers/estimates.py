@@ -87,5 +87,6 @@ def _from_history_or_prior(store: JobStore, method: str, dataset: str, kind: str
         seconds = fixed + rate * work
         stages = [(stage, seconds * share) for stage, share in shares]
         basis = "prior"
-    return {"seconds": round(sum(s for _, s in stages), 1), "stages": [[s, round(t, 2)] for s, t in stages],
+    # at least a second: a job waits for a worker's poll and its claim even when its stages take no time
+    return {"seconds": max(1.0, round(sum(s for _, s in stages), 1)), "stages": [[s, round(t, 3)] for s, t in stages],
             "basis": basis, "jobs": len(history), "work": work}

@@ -24,7 +24,8 @@ def client(server: Server) -> Client:
 
 def test_estimate_overall_progress_name_rerun_evaluate_delete(client: Client, server: Server) -> None:
     job = client.submit(**QUICK, name="first try")
-    assert job.name == "first try" and job.estimate is not None and job.estimate.seconds > 0
+    assert job.name == "first try" and job.estimate is not None, job
+    assert job.estimate.seconds > 0, job.estimate
     assert [s.state for s in job.stages] and all(s.state == "pending" for s in job.stages)
     done = client.wait(job, timeout=120)
     assert done.overall_progress == 1.0 and done.elapsed_seconds is not None and done.eta_seconds is None
