@@ -138,7 +138,7 @@ def class_features(ctx: RunContext, params: CoresetParams) -> list[tuple[np.ndar
 
     key = f"{ctx.dataset.name}-{params.features}-{params.model}-s{ctx.seed}-m{ctx.max_per_class}"
     if params.features == "teacher":
-        key += f"-t{params.teacher_epochs}"
+        key += f"-t{params.teacher_epochs}-tm{ctx.max_per_class}"  # the teacher too sees at most max_per_class
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
     path = get_settings().cache_dir / "features" / f"{safe}.safetensors"
     if path.exists():
