@@ -9,7 +9,8 @@ written by ``bench/synthetic_imagenet.py`` if ``--data`` has none) and the same 
 - serial decode: ``split.load`` in this process, the input of a teacher without the loader;
 - loader alone: ``ImageStream`` with ``--workers`` processes, nothing consuming but the count;
 - model alone: the same training on the images already decoded (an in-memory split), no loader;
-- teacher: ``train_on_split`` on the files, loader and training overlapped.
+- teacher: ``train_on_split`` on the files, loader and training overlapped;
+- teacher decoding in its own process: the same with no loader process (decode, then train, in turn).
 
 Target: teacher >= 0.8 x the slower of (loader alone, model alone); where the model is cheap next to the decode
 (a GPU) that is "within 0.8 x of the loader's own rate". Overlap needs a free core for each loader process
@@ -89,6 +90,7 @@ def main() -> None:
         f"loader alone ({args.workers} process{'es' if args.workers > 1 else ''})": loader,
         "model alone (decoded images in memory)": lambda: train(in_memory, 0),
         "teacher through the loader": lambda: train(on_disk, args.workers),
+        "teacher decoding in its own process (no loader processes)": lambda: train(on_disk, 0),
     }
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
