@@ -1,6 +1,8 @@
 """Teacher training throughput on an on-disk, ImageNet-shaped set: does the teacher keep up with its loader?
 
     python bench/teacher_speed.py --data /tmp/synthetic-imagenet-teacher --classes 10 --per-class 60 --size 32
+    python bench/teacher_speed.py --device cuda --model resnet18 --size 224 --workers 12 --batch-size 256 \
+        --per-class 100   # a GPU host: the loader is the bound there
 
 The teacher (``distill.teacher.train_on_split``, what ``labels=teacher``, ``features=teacher`` and soft-label
 evaluation train) reads its batches through the streaming loader. Rows, on the same JPEGs (ImageNet's ~500 x 375,
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="loader processes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed epochs per variant; the best is reported")
+    parser.add_argument("--device", default="cpu", help="where the teacher trains (cpu, cuda)")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -66,7 +69,7 @@ def main() -> None:
 
     on_disk = dataset(files_split)
     in_memory = dataset(ArraySplit(files_split.load(range(n)).numpy(), labels))
-    cpu = torch.device("cpu")
+    device = torch.device(args.device)
 
     def serial() -> float:
         start = time.perf_counter()
@@ -82,7 +85,9 @@ def main() -> None:
 
     def train(ds: Dataset, workers: int | None) -> float:
         start = time.perf_counter()
-        train_on_split(ds, args.model, 1, 0, cpu, batch_size=args.batch_size, num_workers=workers)
+        train_on_split(ds, args.model, 1, 0, device, batch_size=args.batch_size, num_workers=workers)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     variants = {
@@ -100,7 +105,7 @@ def main() -> None:
     rates = {name: n / min(times[name]) for name in names}
     loader_rate, model_rate, teacher_rate = rates[names[1]], rates[names[2]], rates[names[3]]
     bound = min(loader_rate, model_rate)
-    print(f"{n} JPEGs ({args.classes} classes) -> {args.size} px, {args.model}, batch {args.batch_size}, "
+    print(f"{n} JPEGs ({args.classes} classes) -> {args.size} px, {args.model} on {device}, batch {args.batch_size}, "
           f"{args.workers} loader process(es), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
           f"{os.cpu_count()} cores visible (load average {os.getloadavg()[0]:.1f}), best of {args.repeats}\n")
     print("| variant | images/s | / loader alone | / min(loader, model) |")
