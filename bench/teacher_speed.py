@@ -102,7 +102,12 @@ def main() -> None:
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
             times[name].append(variants[name]())
-    rates = {name: n / min(times[name]) for name in names}
+    report(args, n, device, {name: n / min(times[name]) for name in names})
+
+
+def report(args: argparse.Namespace, n: int, device, rates: dict[str, float]) -> None:
+    """The markdown table (stdout), one JSON line per row (stderr) and the verdict against the target."""
+    names = list(rates)
     loader_rate, model_rate, teacher_rate = rates[names[1]], rates[names[2]], rates[names[3]]
     bound = min(loader_rate, model_rate)
     print(f"{n} JPEGs ({args.classes} classes) -> {args.size} px, {args.model} on {device}, batch {args.batch_size}, "
@@ -117,7 +122,6 @@ def main() -> None:
     verdict = "meets" if teacher_rate >= 0.8 * bound else "misses"
     print(f"\nteacher / min(loader, model) = {teacher_rate / bound:.2f} ({verdict} the 0.8 target); "
           f"teacher / loader alone = {teacher_rate / loader_rate:.2f}")
-
 
 if __name__ == "__main__":
     main()
