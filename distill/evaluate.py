@@ -368,6 +368,19 @@ def _normalised_weights(distilled: DistilledSet) -> torch.Tensor | None:
     return weights / weights.mean()
 
 
+def _check_evaluation(distilled: DistilledSet, dataset: Dataset, config: EvalConfig) -> None:
+    """One clear error before any training: a protocol we know, a positive budget, images the dataset's shape."""
+    if config.protocol not in PROTOCOLS:
+        raise DistillError(f"unknown protocol '{config.protocol}'; known: {', '.join(PROTOCOLS)}")
+    if config.runs < 1:
+        raise DistillError("--runs must be >= 1")
+    if config.epochs is not None and config.epochs < 1:
+        raise DistillError("--epochs must be >= 1")
+    expected = (dataset.channels, dataset.image_size, dataset.image_size)
+    if tuple(distilled.images.shape[1:]) != expected:
+        raise DistillError(f"archive images are {tuple(distilled.images.shape[1:])}, {dataset.name} needs {expected}")
+
+
 def evaluate_distilled(
     distilled: DistilledSet,
     dataset: Dataset,
@@ -388,15 +401,7 @@ def evaluate_distilled(
         result.control = random_control(dataset, control_ipc, config, _scaled(progress, share, 1.0),
                                         check_cancelled=check_cancelled)
         return result
-    if config.protocol not in PROTOCOLS:
-        raise DistillError(f"unknown protocol '{config.protocol}'; known: {', '.join(PROTOCOLS)}")
-    if config.runs < 1:
-        raise DistillError("--runs must be >= 1")
-    if config.epochs is not None and config.epochs < 1:
-        raise DistillError("--epochs must be >= 1")
-    expected = (dataset.channels, dataset.image_size, dataset.image_size)
-    if tuple(distilled.images.shape[1:]) != expected:
-        raise DistillError(f"archive images are {tuple(distilled.images.shape[1:])}, {dataset.name} needs {expected}")
+    _check_evaluation(distilled, dataset, config)
     start = time.perf_counter()
     device = torch.device(config.device)
     indices = _test_indices(dataset, config.test_limit, config.seed)

@@ -25,7 +25,7 @@ from distill.augment import diff_augment, strategy_for
 from distill.config import get_settings
 from distill.data.loader import ImageStream
 from distill.data.registry import Dataset, to_float
-from distill.data.sampling import sample_per_class
+from distill.data.sampling import run_sample, sample_per_class
 from distill.files import atomic_output
 from distill.nets import Classifier, build_network
 from distill.precision import precision_dtype
@@ -49,16 +49,23 @@ class TeacherSpec:
     model: str = "auto"  # auto: convnet below 128 px, resnet18 from 128 px
     epochs: int = 15
     max_per_class: int | None = None  # train on at most this many images per class (seeded draw)
+    # with max_per_class: True = exactly the images a method run with this seed and cap sees (run_train_split),
+    # so a method's teacher adds no image the run may not see; False = the evaluation's own draw
+    run_sample: bool = False
     seed: int = 0
     precision: str = "auto"
     device: str = "cpu"
     checkpoint: str | None = None  # a local torchvision-format ResNet-18 state dict (.pth / .safetensors)
 
 
-def training_indices(dataset: Dataset, max_per_class: int | None, rng: np.random.Generator) -> np.ndarray:
-    """The training split's rows a full-split trainer sees: all, or a seeded draw of ``max_per_class`` per class."""
+def training_indices(dataset: Dataset, max_per_class: int | None, rng: np.random.Generator, seed: int,
+                     run_sample_only: bool = False) -> np.ndarray:
+    """The training split's rows a full-split trainer sees: all, or ``max_per_class`` per class (the run's own
+    sample with ``run_sample_only``, else a draw from ``rng``)."""
     if max_per_class is None:
         return np.arange(len(dataset.train))
+    if run_sample_only:
+        return run_sample(dataset, max_per_class, seed)
     return np.sort(sample_per_class(dataset.train.labels, dataset.num_classes, max_per_class, rng,
                                     draw_small_classes=True))
 
@@ -83,6 +90,7 @@ def train_on_split(
     device: torch.device,
     *,
     max_per_class: int | None = None,
+    run_sample_only: bool = False,
     batch_size: int = 256,
     lr: float = 0.01,
     augment: bool = True,
@@ -93,7 +101,8 @@ def train_on_split(
     num_workers: int | None = None,
 ) -> Classifier:
     """Train on the (optionally capped) full training split: SGD momentum 0.9, one-cycle schedule, DSA
-    augmentation; ``progress(stage, fraction)`` at every epoch's end and every few tenths of a second,
+    augmentation, on at most ``max_per_class`` images per class (``run_sample_only``: exactly the sample a method run
+    with this seed sees); ``progress(stage, fraction)`` at every epoch's end and every few tenths of a second,
     ``check_cancelled()`` (it raises to stop) before every step.
 
     Data parallel under ``accelerate launch`` / ``torchrun`` (several processes, accelerate's process state):
@@ -103,7 +112,7 @@ def train_on_split(
     """
     rank, world, device = data_parallel(device)
     rng = np.random.default_rng(seed)
-    indices = training_indices(dataset, max_per_class, rng)
+    indices = training_indices(dataset, max_per_class, rng, seed, run_sample_only)
     model_name = resolve_model(model_name, dataset.image_size)
     model = on_device(build_network(model_name, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed),
                       device)
@@ -146,7 +155,7 @@ def train_on_split(
 
 def teacher_path(dataset: Dataset, spec: TeacherSpec) -> Path:
     """Cache file of a trained teacher: its name holds everything in :class:`TeacherSpec` but the device."""
-    cap = f"-cap{spec.max_per_class}" if spec.max_per_class else ""
+    cap = f"-{'run' if spec.run_sample else 'cap'}{spec.max_per_class}" if spec.max_per_class else ""
     stem = dataset.name.replace("/", "_").replace(":", "_")
     bf16 = "-bf16" if precision_dtype(spec.precision, torch.device(spec.device), cuda_only_auto=True) else ""
     model = resolve_model(spec.model, dataset.image_size)
@@ -174,8 +183,8 @@ def get_teacher(dataset: Dataset, spec: TeacherSpec, progress: Progress | None =
             progress("teacher", 1.0)
         return on_device(model, device).eval()
     trained = train_on_split(dataset, model_name, spec.epochs, spec.seed, device, max_per_class=spec.max_per_class,
-                             progress=progress, precision=spec.precision, check_cancelled=check_cancelled,
-                             stage="teacher")
+                             run_sample_only=spec.run_sample, progress=progress, precision=spec.precision,
+                             check_cancelled=check_cancelled, stage="teacher")
     state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, suffix=".safetensors") as tmp:

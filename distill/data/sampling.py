@@ -34,9 +34,13 @@ def run_train_split(dataset: Dataset, max_per_class: int | None, seed: int) -> S
     split = dataset.train
     if max_per_class is None:
         return split
+    return SubsetSplit(split, run_sample(dataset, max_per_class, seed))
+
+
+def run_sample(dataset: Dataset, max_per_class: int, seed: int) -> np.ndarray:
+    """Rows of the training split that a run with this seed and cap sees (:func:`run_train_split`)."""
     rng = np.random.default_rng(seed + RUN_SPLIT_SEED_OFFSET)
-    keep = sample_per_class(split.labels, dataset.num_classes, max_per_class, rng)
-    return SubsetSplit(split, keep)
+    return sample_per_class(dataset.train.labels, dataset.num_classes, max_per_class, rng)
 
 
 def random_per_class(split: Split, num_classes: int, ipc: int, seed: int) -> np.ndarray:

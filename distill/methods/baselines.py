@@ -56,13 +56,13 @@ def _selection(ctx: RunContext, chosen: list[np.ndarray], metrics: dict | None =
 
 def feature_network(ctx: RunContext, params: CoresetParams) -> Classifier:
     """The embedding network: randomly initialised from the run's seed, or the teacher (stage ``teacher``,
-    cancellable) trained on at most the run's ``max_per_class`` images per class."""
+    cancellable) trained on the run's own training split (its ``max_per_class`` sample), no other image."""
     from distill.nets import build_network
 
     ds = ctx.dataset
     if params.features == "teacher":
         spec = TeacherSpec(model=params.model, epochs=params.teacher_epochs, max_per_class=ctx.max_per_class,
-                           seed=ctx.seed, device=str(ctx.device))
+                           run_sample=True, seed=ctx.seed, device=str(ctx.device))
         return get_teacher(ds, spec, progress=ctx.progress, check_cancelled=ctx.check_cancelled).to(ctx.device).eval()
     return build_network(params.model, ds.channels, ds.num_classes, ds.image_size, seed=ctx.seed).to(ctx.device).eval()
 
@@ -138,7 +138,7 @@ def class_features(ctx: RunContext, params: CoresetParams) -> list[tuple[np.ndar
 
     key = f"{ctx.dataset.name}-{params.features}-{params.model}-s{ctx.seed}-m{ctx.max_per_class}"
     if params.features == "teacher":
-        key += f"-t{params.teacher_epochs}"
+        key += f"-t{params.teacher_epochs}-run"  # the teacher trains on the run's own sample (max_per_class)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
     path = get_settings().cache_dir / "features" / f"{safe}.safetensors"
     if path.exists():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from distill.errors import Cancelled
 from distill.methods.base import RunContext
 from distill.methods.baselines import Herding
 from distill.methods.registry import parse_params
-from distill.teacher import TeacherSpec, get_teacher, teacher_path, train_on_split
+from distill.teacher import TeacherSpec, get_teacher, teacher_path, train_on_split, training_indices
 from distill.training import CUDA_FREE_FRACTION, DEFAULT_MEMORY_GB, memory_budget_gb, on_device
 
 
@@ -41,10 +42,12 @@ def test_herding_with_a_teacher_reports_a_teacher_stage_and_respects_the_cap(mni
     assert teacher == sorted(teacher)
     stages = [stage for stage, _ in seen]
     assert stages.index("teacher") < stages.index("embed") < stages.index("select")
-    # the teacher saw at most the run's 20 images per class (its cache name says so), not all 60,000
-    spec = TeacherSpec(model="convnet", epochs=3, max_per_class=20, seed=3)
+    # the teacher saw exactly the run's 20 images per class (its cache name says so), not all 60,000
+    spec = TeacherSpec(model="convnet", epochs=3, max_per_class=20, run_sample=True, seed=3)
     assert teacher_path(mnist, spec).exists()
     assert not teacher_path(mnist, TeacherSpec(model="convnet", epochs=3, seed=3)).exists()
+    rows = training_indices(mnist, 20, np.random.default_rng(3), 3, run_sample_only=True)
+    assert np.array_equal(rows, ctx.train.index)  # type: ignore[attr-defined]
 
 
 def test_teacher_training_stops_promptly_on_cancel(mnist, fresh_home: Path):
