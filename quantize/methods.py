@@ -325,13 +325,13 @@ def teacher_logits(ctx: RunContext, images: torch.Tensor, params: LatentParams) 
     job = {"dataset": ctx.dataset.name, "params": params, "images": images,
            "device": ctx.executor.device if ctx.executor is not None else str(ctx.device)}
     if ctx.executor is None:
-        return _teacher_job(job, progress=lambda stage, f: ctx.progress("teacher", f))
+        return _teacher_job(job, progress=lambda stage, f: ctx.progress("teacher", f), check_cancelled=ctx.check_cancelled)
     ctx.progress("teacher", 0.0)
     (logits,) = ctx.executor.map(_teacher_job, [job], check_cancelled=ctx.check_cancelled)
     return logits
 
 
-def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
+def _teacher_job(job: dict[str, Any], progress=None, check_cancelled=None) -> torch.Tensor:
     from distill.data import get_dataset
     from distill.evaluate import EvalConfig, get_teacher
     from quantize.encoders import resolve_task_device
@@ -340,7 +340,7 @@ def _teacher_job(job: dict[str, Any], progress=None) -> torch.Tensor:
     dataset = get_dataset(job["dataset"])
     config = EvalConfig(protocol="softlabel", teacher_model=params.teacher_model, teacher_epochs=params.teacher_epochs,
                         teacher_max_per_class=params.teacher_max_per_class, device=str(device))
-    teacher = get_teacher(dataset, config, progress=progress).to(device)
+    teacher = get_teacher(dataset, config, progress=progress, check_cancelled=check_cancelled).to(device)
     with torch.no_grad():
         return torch.cat([teacher(dataset.normalize(as_pixels(chunk).to(device))).cpu() for chunk in job["images"].split(256)])
 
