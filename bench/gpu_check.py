@@ -21,7 +21,7 @@ Sections, in the order they run:
 4. ``kmeans``: 1300 x 4096 per class (an ImageNet class of SD-VAE latents), K = 10 / 50 / 100, with the torch
    Lloyd on the device (``kmeans_backend=torch``: the lent image has no FAISS) and FAISS where installed.
 5. ``resnet18``: ResNet-18 training steps at 224 px, with and without channels_last.
-6. ``teacher``: teacher training (``distill.evaluate.train_on_split``) on a synthetic ImageNet-shaped JPEG set,
+6. ``teacher``: teacher training (``distill.teacher.train_on_split``) on a synthetic ImageNet-shaped JPEG set,
    next to the loader's own rate on the same files.
 7. ``pixel``: every pixel method for a few iterations (DC / DSA / DM with ``compile_real=on``).
 8. ``dc-mnist``: DC on MNIST at IPC 1, shortened, evaluated briefly (the paper: 91.7 +- 0.5 at full length).
@@ -556,7 +556,7 @@ def section_resnet18(c: Context) -> None:
 def section_teacher(c: Context) -> None:
     from distill.data import get_dataset
     from distill.data.loader import ImageStream
-    from distill.evaluate import train_on_split
+    from distill.teacher import train_on_split
 
     s, device = c.sizes, c.device
     root = write_jpegs(c.work / "teacher-jpegs", s.teacher_classes, s.teacher_per_class,

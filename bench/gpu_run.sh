@@ -6,7 +6,7 @@
 #   table.md    the markdown table (rewritten after every row)
 #   log.txt     the check's own log (stderr)
 # The device call (from the repository root, with the kit built here first):
-#   carry: ["build/gpu-kit"]   command: bash bench/gpu_run.sh   timeout_s: 560
+#   carry: ["build/gpu-kit"]   command: bash bench/gpu_run.sh   timeout_s: 570
 # Variables: OUT (required; set by the device machine), BUDGET_S (480: the check exits within it), KIT
 # (build/gpu-kit), PYTHON (python3: the image's, which holds torch), PIP ("$PYTHON -m pip"), SITE (where the
 # kit is installed), BASE_PYTHONPATH (put after the kit: the test suite's rehearsal points it at a copy of the

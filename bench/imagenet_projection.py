@@ -51,7 +51,7 @@ DECODE_PER_CORE = Rate(220, 436, "img/s per core", "436 measured on a quiet core
                        "photos assumed up to 2x slower to decode, docs/IMAGENET.md")
 LOADER_EFFICIENCY = Rate(0.82, 0.82, "per process", "ImageStream with 2 processes vs the bare loop, measured, "
                          "docs/IMAGENET.md")
-ENCODE = Rate(3000, 3000, "img/s", "SD-VAE encoder, H100, bf16: assumption, shared/docs/IMAGENET-SCALE.md",
+ENCODE = Rate(3000, 3000, "img/s", "SD-VAE encoder, H100, bf16: assumption, docs/GPU.md",
               "encode_img_s")
 ENCODE_OVERLAP = Rate(1.01, 1.01, "x max(load, encode)", "encode stage wall vs its slower part, measured, "
                       "docs/IMAGENET.md")
@@ -68,7 +68,7 @@ NEAREST_LOAD = Rate(220, 436, "img/s per core", "the chosen members decoded seri
 VAE_DECODE = Rate(1000, 1000, "img/s", "SD-VAE decoder: assumption, a third of the encoder's rate, docs/GPU.md",
                   "vae_decode_img_s_b256")
 DIT = Rate(1050, 1400, "latent-steps/s", "DiT-XL/2 with guidance, H100, bf16: assumption (30-40 img/s at 35 steps), "
-           "shared/docs/IMAGENET-SCALE.md", "dit_latent_steps_s_b256")
+           "docs/GPU.md", "dit_latent_steps_s_b256")
 ARCHIVE_PNG = Rate(5, 10, "ms per image, one core", "PNG encode at 224-256 px: assumption, docs/GPU.md")
 STARTUP = Rate(1, 1, "min", "Ray start, worker processes, model loads, docs/GPU.md")
 

@@ -17,7 +17,7 @@
    from dl.fbaipublicfiles by the reference); it is not available offline, so ``mae`` must stay unset (a set
    value is rejected when the request is validated).
 
-The teacher is ``distill.evaluate.get_teacher`` (a ConvNet trained on the train split, cached) or the
+The teacher is ``distill.evaluate.get_teacher`` (``distill.teacher``) (a ConvNet trained on the train split, cached) or the
 network ``teacher_model`` loaded from ``teacher_weights``: over HTTP the name of a model the operator
 registered (``DISTILL_MODELS``), never a client path; from the CLI also a file.
 """
