@@ -341,7 +341,7 @@ def parse_sizes(text: str) -> list[tuple[str, int]]:
     configs = []
     for item in text.split(","):
         net, _, size = item.strip().partition(":")
-        if (net, int(size or 0)) not in TIMED_CAP:
+        if not size.isdigit() or (net, int(size)) not in TIMED_CAP:
             raise SystemExit(f"unknown size '{item}'; known: {', '.join(f'{n}:{s}' for n, s in CONFIGS)}")
         configs.append((net, int(size)))
     return configs

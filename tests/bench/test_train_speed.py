@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(420)  # about a minute of CPU (two cold compiles); longer on a shared, loaded host
+@pytest.mark.timeout(900)  # under a minute of CPU (two cold compiles); several times that on a loaded shared host
 def test_train_speed_quick_prints_every_column(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import train_speed
@@ -21,7 +21,7 @@ def test_train_speed_quick_prints_every_column(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "table.md"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "train_speed.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=880, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "native bf16 (bf16_fast_on)" in result.stdout and "CPU: " in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
@@ -43,8 +43,10 @@ def test_train_speed_quick_prints_every_column(tmp_path: Path) -> None:
     assert out.read_text().count("| convnet |") == 3
 
 
-def test_train_speed_rejects_unknown_rows_and_sizes() -> None:
-    for args in (["--rows", "epoch-ipc7"], ["--sizes", "convnet:48"], ["--paths", "fp8"]):
-        result = subprocess.run([sys.executable, str(REPO / "bench" / "train_speed.py"), *args],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode != 0 and "unknown" in result.stderr
+def test_train_speed_rejects_unknown_rows_sizes_and_paths() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_speed
+
+    for args in (["--rows", "epoch-ipc7"], ["--sizes", "convnet:48"], ["--sizes", "convnet:x"], ["--paths", "fp8"]):
+        with pytest.raises(SystemExit, match="unknown"):
+            train_speed.main(args)
