@@ -23,8 +23,10 @@ from distill.errors import DistillError
 from distill.precision import autocast_context, precision_dtype
 
 SWITCHES = ("auto", "on", "off")
-# torch.compile pays back its compilation only over many steps; 'auto' compiles runs of at least this many.
-COMPILE_MIN_STEPS = 1000
+# torch.compile pays back its one-time compilation only over enough work: 'auto' compiles a run that pushes at
+# least this many image-pixels (steps x images per step x side^2) through the network (bench/train_speed.py
+# measures where compilation pays back on the host at hand).
+COMPILE_MIN_WORK = 50_000_000
 
 
 @dataclass
@@ -81,11 +83,16 @@ def resolve_switch(setting: str | bool, name: str) -> str:
     return setting
 
 
-def compile_wanted(setting: str | bool, device: torch.device, steps: int | None) -> bool:
-    """'on' / 'off', or 'auto': on CPU and CUDA for runs of at least :data:`COMPILE_MIN_STEPS` optimiser steps."""
+def run_work(steps: int, images_per_step: int, image_size: int) -> int:
+    """The work of a run as compile 'auto' weighs it: image-pixels through the network."""
+    return steps * images_per_step * image_size * image_size
+
+
+def compile_wanted(setting: str | bool, device: torch.device, work: int | None) -> bool:
+    """'on' / 'off', or 'auto': on CPU and CUDA for runs of at least :data:`COMPILE_MIN_WORK` (:func:`run_work`)."""
     setting = resolve_switch(setting, "compile")
     if setting == "auto":
-        return device.type in ("cpu", "cuda") and steps is not None and steps >= COMPILE_MIN_STEPS
+        return device.type in ("cpu", "cuda") and work is not None and work >= COMPILE_MIN_WORK
     return setting == "on"
 
 
@@ -104,17 +111,17 @@ def prepare(
     compile: str | bool = "off",
     channels_last: str | bool = "off",
     *,
-    steps: int | None = None,
+    work: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FastPath:
     """``model`` (already on ``device``) prepared for a precision ('auto' | 'fp32' | 'bf16'), a compile setting
-    and a memory-layout setting ('auto' | 'on' | 'off' or a bool); ``steps`` (optimiser steps the run will take)
-    lets compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched."""
+    and a memory-layout setting ('auto' | 'on' | 'off' or a bool); ``work`` (:func:`run_work` of the run) lets
+    compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched."""
     dtype = precision_dtype(precision, device, "--precision")
     fast = FastPath(model, device, dtype, channels_last_wanted(channels_last, device), log=log or (lambda m: None))
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a documented overload
-    if compile_wanted(compile, device, steps):
+    if compile_wanted(compile, device, work):
         fast.call = torch.compile(model, dynamic=False)
         fast.compiled = True
     return fast

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from distill.errors import DistillError
-from distill.fastpath import COMPILE_MIN_STEPS, channels_last_wanted, compile_wanted, prepare, train_step
+from distill.fastpath import COMPILE_MIN_WORK, channels_last_wanted, compile_wanted, prepare, run_work, train_step
 from distill.nets import build_network
 from distill.precision import bf16_fast_on
 
@@ -75,7 +75,9 @@ def test_channels_last_keeps_fp32_results_to_float_rounding(mnist) -> None:
 
 
 def test_switch_settings_resolve_as_documented() -> None:
-    assert not compile_wanted("auto", CPU, COMPILE_MIN_STEPS - 1) and compile_wanted("auto", CPU, COMPILE_MIN_STEPS)
+    assert not compile_wanted("auto", CPU, COMPILE_MIN_WORK - 1) and compile_wanted("auto", CPU, COMPILE_MIN_WORK)
+    # 300 evaluation epochs of 100 images: worth compiling at 64 px, not at 28 px (bench/train_speed.py)
+    assert compile_wanted("auto", CPU, run_work(301, 100, 64)) and not compile_wanted("auto", CPU, run_work(301, 100, 28))
     assert not compile_wanted("auto", CPU, None)
     assert compile_wanted("on", CPU, 1) and compile_wanted(True, CPU, 1) and not compile_wanted("off", CPU, 10**6)
     assert not channels_last_wanted("auto", CPU) and channels_last_wanted("auto", torch.device("cuda"))
