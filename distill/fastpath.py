@@ -5,8 +5,8 @@ and every caller asks for it by setting. ``precision='fp32'`` with compile and c
 reference-exact path: the model is handed back untouched and :meth:`FastPath.logits` is a plain ``model(x)``,
 so training through it is bit-identical to eager training. Which switch pays depends on the CPU or GPU at hand
 (measure with ``bench/train_speed.py``): bf16 only where the hardware runs it natively ('auto'),
-channels_last by default only on CUDA (on CPUs it slows the instance-norm ConvNet down), torch.compile only for
-runs long enough to repay its one-time compilation ('auto').
+channels_last by default on CUDA and, on CPUs, for bf16 batch-norm networks (it slows the instance-norm ConvNet
+down), torch.compile only for runs long enough to repay its one-time compilation ('auto').
 """
 
 from __future__ import annotations
@@ -96,11 +96,17 @@ def compile_wanted(setting: str | bool, device: torch.device, work: int | None) 
     return setting == "on"
 
 
-def channels_last_wanted(setting: str | bool, device: torch.device) -> bool:
-    """'on' / 'off', or 'auto': CUDA only (on CPUs it measured slower for the instance-norm ConvNet)."""
+def channels_last_wanted(setting: str | bool, device: torch.device, model: nn.Module | None = None,
+                         dtype: torch.dtype | None = None) -> bool:
+    """'on' / 'off', or 'auto': on CUDA; on a CPU only for bf16 networks without group / layer norm (the CPU's
+    group norm is slow in channels_last, so the instance-norm ConvNet trains slower; batch-norm ResNet-18 faster)."""
     setting = resolve_switch(setting, "channels_last")
     if setting == "auto":
-        return device.type == "cuda"
+        if device.type == "cuda":
+            return True
+        slow_norms = (nn.GroupNorm, nn.LayerNorm)
+        return (device.type == "cpu" and dtype is not None and model is not None
+                and not any(isinstance(m, slow_norms) for m in model.modules()))
     return setting == "on"
 
 
@@ -118,7 +124,8 @@ def prepare(
     and a memory-layout setting ('auto' | 'on' | 'off' or a bool); ``work`` (:func:`run_work` of the run) lets
     compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched."""
     dtype = precision_dtype(precision, device, "--precision")
-    fast = FastPath(model, device, dtype, channels_last_wanted(channels_last, device), log=log or (lambda m: None))
+    layout = channels_last_wanted(channels_last, device, model, dtype)
+    fast = FastPath(model, device, dtype, layout, log=log or (lambda m: None))
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a documented overload
     if compile_wanted(compile, device, work):

@@ -80,7 +80,10 @@ def test_switch_settings_resolve_as_documented() -> None:
     assert compile_wanted("auto", CPU, run_work(301, 100, 64)) and not compile_wanted("auto", CPU, run_work(301, 100, 28))
     assert not compile_wanted("auto", CPU, None)
     assert compile_wanted("on", CPU, 1) and compile_wanted(True, CPU, 1) and not compile_wanted("off", CPU, 10**6)
-    assert not channels_last_wanted("auto", CPU) and channels_last_wanted("auto", torch.device("cuda"))
+    assert channels_last_wanted("auto", torch.device("cuda")) and channels_last_wanted("on", CPU)
+    convnet, resnet = build_network("convnet", 3, 10, 32), build_network("resnet18", 3, 10, 128)
+    assert not channels_last_wanted("auto", CPU, convnet, torch.bfloat16)  # group norm: slower in channels_last
+    assert channels_last_wanted("auto", CPU, resnet, torch.bfloat16) and not channels_last_wanted("auto", CPU, resnet)
     with pytest.raises(DistillError, match="unknown compile 'sometimes'"):
         compile_wanted("sometimes", CPU, 1)
     with pytest.raises(DistillError, match="unknown --precision 'fp16'"):
