@@ -14,11 +14,11 @@ compile are dm.py's own ``real_precision`` / ``compile_real`` (bf16 and compile 
 channels_last path. Each cell is the minimum over ``--repeats`` timed calls, the paths interleaved within each
 repeat so that a change in host load hits them alike; the first call of each path is a warm-up (for a compiled
 path it includes the compilation, reported as ``compile s`` with the number of row units after which it pays back
-against the same path without compile). A call times at most a size-dependent number of images (the ``timed``
-column); a row's seconds are that call's seconds times images / timed images (one step's cost is linear in the
-images on one thread). The ``accuracy`` row trains one ConvNet per path on MNIST (10 real images per class, the
-evaluation protocol, ``--acc-epochs``) and tests it (eager, under the path's precision and layout) on 1,000
-test images, so a path that loses accuracy shows.
+against the same path without compile, or against ref when that path is not in the run). A call times at most a
+size-dependent number of images (the ``timed`` column); a row's seconds are that call's seconds times images /
+timed images (one step's cost is linear in the images on one thread). The ``accuracy`` row trains one ConvNet per
+path on MNIST (10 real images per class, the evaluation protocol, ``--acc-epochs``) and tests it (eager, under the
+path's precision and layout) on 1,000 test images, so a path that loses accuracy shows.
 
 Usage: python bench/train_speed.py [--quick] [--sizes convnet:28,resnet18:128] [--rows epoch-ipc10,test-2000]
        [--paths ref,bf16,...] [--repeats 3] [--out bench/results/train_speed-NAME.md]
