@@ -1,0 +1,143 @@
+"""The fast path of training and testing a network: bf16 autocast, channels_last and torch.compile as switches.
+
+Training fresh students dominates the cost of evaluation, teachers and refinement, so each switch is here once
+and every caller asks for it by setting. ``precision='fp32'`` with compile and channels_last off is the
+reference-exact path: the model is handed back untouched and :meth:`FastPath.logits` is a plain ``model(x)``,
+so training through it is bit-identical to eager training. Which switch pays depends on the CPU or GPU at hand
+(measure with ``bench/train_speed.py``): bf16 only where the hardware runs it natively ('auto'),
+channels_last by default on CUDA and, on CPUs, for bf16 batch-norm networks (it slows the instance-norm ConvNet
+down), torch.compile only for runs long enough to repay its one-time compilation ('auto').
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distill.errors import DistillError
+from distill.precision import autocast_context, precision_dtype
+
+SWITCHES = ("auto", "on", "off")
+# torch.compile pays back its one-time compilation only over enough work: 'auto' compiles a run that pushes at
+# least this many image-pixels (steps x images per step x side^2) through the network (bench/train_speed.py
+# measures where compilation pays back on the host at hand).
+COMPILE_MIN_WORK = 50_000_000
+
+
+@dataclass
+class FastPath:
+    """A network prepared for one precision / memory layout / compile setting, and how to call it.
+
+    ``model`` is the original module (its parameters are what an optimiser updates and what a state dict
+    holds); ``call`` is what runs a batch (the compiled wrapper, or the model itself)."""
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None = None  # autocast dtype; None: fp32
+    channels_last: bool = False
+    compiled: bool = False
+    call: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    log: Callable[[str], None] = field(default=lambda message: None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.call = self.model
+
+    @property
+    def reference_exact(self) -> bool:
+        """True when nothing differs from plain eager fp32 on a contiguous NCHW model."""
+        return self.dtype is None and not self.channels_last and not self.compiled
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh autocast context for this path (a no-op for fp32)."""
+        return autocast_context(self.device, self.dtype)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout the model was prepared for."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of a batch under this path's autocast (losses are taken in fp32)."""
+        x = self.input(x)
+        with self.autocast():
+            try:
+                out = self.call(x)
+            except Exception as exc:  # any compiler failure: the eager module is the same math
+                if not self.compiled or self.call is self.model:
+                    raise
+                self.log(f"torch.compile of the network failed ({type(exc).__name__}: {exc}); running eager")
+                self.call, self.compiled = self.model, False
+                out = self.model(x)
+        return out.float()
+
+
+def resolve_switch(setting: str | bool, name: str) -> str:
+    if isinstance(setting, bool):
+        return "on" if setting else "off"
+    if setting not in SWITCHES:
+        raise DistillError(f"unknown {name} '{setting}' (use {', '.join(SWITCHES)})")
+    return setting
+
+
+def run_work(steps: int, images_per_step: int, image_size: int) -> int:
+    """The work of a run as compile 'auto' weighs it: image-pixels through the network."""
+    return steps * images_per_step * image_size * image_size
+
+
+def compile_wanted(setting: str | bool, device: torch.device, work: int | None) -> bool:
+    """'on' / 'off', or 'auto': on CPU and CUDA for runs of at least :data:`COMPILE_MIN_WORK` (:func:`run_work`)."""
+    setting = resolve_switch(setting, "compile")
+    if setting == "auto":
+        return device.type in ("cpu", "cuda") and work is not None and work >= COMPILE_MIN_WORK
+    return setting == "on"
+
+
+def channels_last_wanted(setting: str | bool, device: torch.device, model: nn.Module | None = None,
+                         dtype: torch.dtype | None = None) -> bool:
+    """'on' / 'off', or 'auto': on CUDA; on a CPU only for bf16 networks without group / layer norm (the CPU's
+    group norm is slow in channels_last, so the instance-norm ConvNet trains slower; batch-norm ResNet-18 faster)."""
+    setting = resolve_switch(setting, "channels_last")
+    if setting == "auto":
+        if device.type == "cuda":
+            return True
+        slow_norms = (nn.GroupNorm, nn.LayerNorm)
+        return (device.type == "cpu" and dtype is not None and model is not None
+                and not any(isinstance(m, slow_norms) for m in model.modules()))
+    return setting == "on"
+
+
+def prepare(
+    model: nn.Module,
+    device: torch.device,
+    precision: str = "fp32",
+    compile: str | bool = "off",
+    channels_last: str | bool = "off",
+    *,
+    work: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FastPath:
+    """``model`` (already on ``device``) prepared for a precision ('auto' | 'fp32' | 'bf16'), a compile setting
+    and a memory-layout setting ('auto' | 'on' | 'off' or a bool); ``work`` (:func:`run_work` of the run) lets
+    compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched."""
+    dtype = precision_dtype(precision, device, "--precision")
+    layout = channels_last_wanted(channels_last, device, model, dtype)
+    fast = FastPath(model, device, dtype, layout, log=log or (lambda m: None))
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a documented overload
+    if compile_wanted(compile, device, work):
+        fast.call = torch.compile(model, dynamic=False)
+        fast.compiled = True
+    return fast
+
+
+def train_step(fast: FastPath, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One plain optimiser step of mean cross-entropy on (x, y); the loss value, for logs and tests."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(fast.logits(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
