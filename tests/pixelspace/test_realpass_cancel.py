@@ -41,7 +41,12 @@ def test_cancel_during_the_compile_warm_up_is_noticed_at_once() -> None:
         if time.monotonic() - start > 0.2:
             raise Cancelled("job cancelled")
 
-    real = RealPass(lambda s, x: projection(s, x) + 1.0, compile=True, check_cancelled=check)
+    def slow_projection(s: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # the warm-up outlasts the cancel even when the compiler's caches make compiling itself fast
+        time.sleep(3.0)  # a graph break: runs eagerly inside the first compiled call
+        return projection(s, x) + 1.0
+
+    real = RealPass(slow_projection, compile=True, check_cancelled=check)
     state, x = inputs(0)
     with pytest.raises(Cancelled):
         real(state, x)
