@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -58,3 +59,25 @@ def synthetic_imagenet() -> ModuleType:
         sys.modules["synthetic_imagenet"] = module
         spec.loader.exec_module(module)
     return sys.modules["synthetic_imagenet"]
+
+
+@pytest.fixture
+def use_data_dir() -> Iterator[Callable[[Path], None]]:
+    """Point DISTILL_DATA_DIR elsewhere for one test; restore it (and the cached settings and datasets) after."""
+    from distill.config import reload_settings
+    from distill.data import registry
+
+    old = os.environ.get("DISTILL_DATA_DIR")
+
+    def point_to(folder: Path) -> None:
+        os.environ["DISTILL_DATA_DIR"] = str(folder)
+        reload_settings()
+        registry.get_dataset.cache_clear()
+
+    yield point_to
+    if old is None:
+        os.environ.pop("DISTILL_DATA_DIR", None)
+    else:
+        os.environ["DISTILL_DATA_DIR"] = old
+    reload_settings()
+    registry.get_dataset.cache_clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.config import reload_settings
 from distill.data import registry
 from distill.data.readers import read_idx
 from distill.errors import DistillError
@@ -43,25 +41,6 @@ def test_cifar10_from_shared_jpeg_tarball(cifar10):
     assert len(cifar10.train) == 50000 and len(cifar10.test) == 10000
     assert cifar10.train.counts(10).tolist() == [5000] * 10
     assert tuple(cifar10.train.load([0]).shape) == (1, 3, 32, 32)
-
-
-@pytest.fixture
-def use_data_dir():
-    """Point DISTILL_DATA_DIR elsewhere for one test; restore it (and the cached settings) afterwards."""
-    old = os.environ.get("DISTILL_DATA_DIR")
-
-    def point_to(folder: Path) -> None:
-        os.environ["DISTILL_DATA_DIR"] = str(folder)
-        reload_settings()
-        registry.get_dataset.cache_clear()
-
-    yield point_to
-    if old is None:
-        os.environ.pop("DISTILL_DATA_DIR", None)
-    else:
-        os.environ["DISTILL_DATA_DIR"] = old
-    reload_settings()
-    registry.get_dataset.cache_clear()
 
 
 def test_cifar10_pickled_batches_reader(tmp_path: Path, cifar10, use_data_dir):

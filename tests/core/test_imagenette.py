@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from distill.archive import read_archive
 from distill.cli import app
-from distill.config import reload_settings
 from distill.data import registry
 from distill.errors import InvalidRequest
 from distill.fetch import SOURCES, RemoteFile
@@ -46,25 +45,6 @@ def tar_folder(folder: Path, tarball: Path, top: str | None) -> Path:
         for split in ("train", "val"):
             archive.add(folder / split, arcname=f"{top}/{split}" if top else split)
     return tarball
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
-    """Point DISTILL_DATA_DIR at a folder for one test; restore it (and the cached settings) afterwards."""
-    old = os.environ.get("DISTILL_DATA_DIR")
-
-    def point_to(folder: Path) -> None:
-        os.environ["DISTILL_DATA_DIR"] = str(folder)
-        reload_settings()
-        registry.get_dataset.cache_clear()
-
-    yield point_to
-    if old is None:
-        os.environ.pop("DISTILL_DATA_DIR", None)
-    else:
-        os.environ["DISTILL_DATA_DIR"] = old
-    reload_settings()
-    registry.get_dataset.cache_clear()
 
 
 def test_registered_with_readable_names_and_sizes() -> None:
@@ -95,11 +75,11 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layouts(layout: str, tmp_path: Path, data_dir: Callable[[Path], None]) -> None:
+def test_layouts(layout: str, tmp_path: Path, use_data_dir: Callable[[Path], None]) -> None:
     data = tmp_path / "data" / "imagenette"
     data.mkdir(parents=True)
     LAYOUTS[layout](write_imagenette(tmp_path / "tree"), data)
-    data_dir(tmp_path / "data")
+    use_data_dir(tmp_path / "data")
     assert registry.dataset_available("imagenette") and registry.dataset_available("imagenette@32")
     ds = registry.get_dataset("imagenette@32")
     assert ds.name == "imagenette@32" and ds.image_size == 32 and ds.extra["image_size_from"] == "explicit (@SIZE)"
@@ -137,9 +117,9 @@ def test_the_release_read_depends_on_the_size(tmp_path: Path) -> None:
         registry.imagenette_source(folder, 64)
 
 
-def test_size_suffix_on_the_cli(tmp_path: Path, data_dir: Callable[[Path], None]) -> None:
+def test_size_suffix_on_the_cli(tmp_path: Path, use_data_dir: Callable[[Path], None]) -> None:
     write_imagenette(tmp_path / "data" / "imagenette" / "imagenette2-160")
-    data_dir(tmp_path / "data")
+    use_data_dir(tmp_path / "data")
     out = tmp_path / "nette.tar"
     done = CliRunner().invoke(app, ["run", "random", "-d", "imagenette@32", "--ipc", "2", "-o", str(out)])
     assert done.exit_code == 0, done.output
