@@ -354,7 +354,10 @@ def build_latent_cache(
                           split_spec.seed)
     prepared = _prepare_folder(folder, split, split_spec, encoder_spec, encoder_key, num_classes, latent_shape,
                                shard_size, fanout=executor is not None, log=log)
-    if isinstance(prepared, LatentStore):
+    if isinstance(prepared, LatentStore):  # already encoded: say so, and the encode stage is complete
+        log(f"latent cache {folder.name}: complete, {len(prepared)} latents reused")
+        if progress is not None:
+            progress(1.0)
         return prepared
     meta, order = prepared
     shard_size = int(meta["shard_size"])

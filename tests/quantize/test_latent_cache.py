@@ -68,8 +68,10 @@ def test_shards_are_class_contiguous_and_match_direct_encoding(small):
         idx = store.class_indices(c)
         assert (split.labels[idx] == c).all() and len(idx) == (split.labels == c).sum()
         torch.testing.assert_close(store.class_latents(c), direct[idx].half().float())
-    again = CountingEncoder(encoder)
-    assert _build(split, again, "unit-a").folder == store.folder and again.images == 0  # reused, nothing encoded
+    again, reused, said = CountingEncoder(encoder), [], []
+    store_again = _build(split, again, "unit-a", progress=reused.append, log=said.append)
+    assert store_again.folder == store.folder and again.images == 0  # reused, nothing encoded
+    assert reused == [1.0] and said == [f"latent cache {store.folder.name}: complete, 36 latents reused"]  # not silent
 
 
 def test_killed_encode_resumes_from_the_last_complete_shard(small):
