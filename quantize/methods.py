@@ -16,10 +16,9 @@ Both compose the same stages, each checkpointed for resume:
    Defaults per host (docs/BENCHMARKS.md, section 1): no pretrained decoder, or only a
    self-trained prior -> ``nearest`` (real images beat the VAE's blurry decoded averages on CIFAR-10 and
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
-   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not compared there).
-4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 below 64 px without a diffusion decode): a
-   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the winner on such hosts in the
-   comparison above.
+   -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
+4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 up to 64 px without a diffusion decode): a
+   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the measured winner on such hosts.
 
 ``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
 """
@@ -41,14 +40,16 @@ from quantize.encoders import RESOLUTION_POLICY
 KMeansBackend = Literal["auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 
-# refine_iterations=auto: where the refinement was measured to win (docs/BENCHMARKS.md, "What the refinement adds").
+# refine_iterations=auto: where the refinement was measured to win (docs/BENCHMARKS.md: the CIFAR-10,
+# Fashion-MNIST and Imagenette tables, oq with refine_iterations 0 and 200).
 REFINE_AUTO_ITERATIONS = 200
-REFINE_AUTO_BELOW_PX = 64
+REFINE_AUTO_MAX_PX = 64
 REFINE_AUTO_HELP = (
-    f"{REFINE_AUTO_ITERATIONS} on images below {REFINE_AUTO_BELOW_PX} px unless the decode is a diffusion model "
-    "(where it raised CIFAR-10 and Fashion-MNIST above herding: docs/BENCHMARKS.md), else 0 (a diffusion decode "
-    f"is DDOQ's own setting, not compared with the refinement; from {REFINE_AUTO_BELOW_PX} px each iteration reads "
-    "256 real images per class, hours for ImageNet's 1000 classes)")
+    f"{REFINE_AUTO_ITERATIONS} on images up to {REFINE_AUTO_MAX_PX} px unless the decode is a diffusion model "
+    "(there it was measured to beat the plain quantizer and herding: docs/BENCHMARKS.md), else 0 (a diffusion "
+    "decode is DDOQ's own setting, not measured with the refinement; larger images are unmeasured, and each "
+    "iteration reads up to 256 real images per class, so its cost grows with pixels times classes: far more "
+    "than the rest of the job at ImageNet scale, see docs/BENCHMARKS.md)")
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
                "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
                + REFINE_AUTO_HELP)
@@ -428,13 +429,14 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
 def resolve_refine_iterations(params: LatentParams, image_size: int) -> int:
     """``refine_iterations`` as a number: ``auto`` refines where the refinement was measured to win.
 
-    That is real images (``decode=nearest``) or VAE decodes of small images: no pretrained diffusion decoder, the
-    situation of a CPU host and of this project's measurements. A diffusion decode, or images from 64 px, get
-    none unless asked: unmeasured there, and at ImageNet scale the refinement would dominate the job."""
+    That is real images (``decode=nearest``) or VAE decodes of images up to ``REFINE_AUTO_MAX_PX`` (the sizes of
+    docs/BENCHMARKS.md's tables, Imagenette's included): no pretrained diffusion decoder, the situation of a CPU
+    host and of this project's measurements. A diffusion decode, or larger images, get none unless asked: unmeasured
+    there, and the refinement's cost grows with pixels times classes (at ImageNet scale it would dominate the job)."""
     if params.refine_iterations != "auto":
         return params.refine_iterations
     pretrained_style_decode = params.decode in ("diffusion", "sd-img2img")
-    return 0 if pretrained_style_decode or image_size >= REFINE_AUTO_BELOW_PX else REFINE_AUTO_ITERATIONS
+    return 0 if pretrained_style_decode or image_size > REFINE_AUTO_MAX_PX else REFINE_AUTO_ITERATIONS
 
 
 def refine_with_dm(ctx: RunContext, images: torch.Tensor, iterations: int) -> torch.Tensor:

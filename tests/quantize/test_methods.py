@@ -209,15 +209,17 @@ def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mn
 
 def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     """oq's default refine_iterations=auto: 200 DM iterations where that was measured to win (real or VAE-decoded
-    images below 64 px), none with a diffusion decode or from 64 px (ImageNet-class data); numbers pass through."""
+    images up to 64 px: 28-32 px sets and Imagenette at 64), none with a diffusion decode or above 64 px (ImageNet
+    at 128-256 px); numbers pass through."""
     from distill.methods.registry import get_method, parse_params
     from quantize.methods import resolve_refine_iterations
 
     def resolved(method: str, size: int, **values) -> int:
         return resolve_refine_iterations(parse_params(get_method(method), values, paths=True), size)  # CLI values
 
-    assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == 200
-    assert resolved("oq", 64) == resolved("oq", 224) == 0
+    assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == resolved("oq", 64) == 200
+    assert resolved("oq", 65) == resolved("oq", 128) == resolved("oq", 224) == 0
+    assert resolved("oq", 64, decode="diffusion", prior="some-dit") == 0
     assert resolved("oq", 32, decode="diffusion", prior="some-dit") == 0
     assert resolved("oq", 224, refine_iterations="50") == 50 and resolved("oq", 32, refine_iterations=0) == 0
     assert resolved("d4m", 32) == 0 and resolved("d4m", 32, refine_iterations="auto") == 200  # D4M as published
