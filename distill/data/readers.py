@@ -124,9 +124,15 @@ def unpack_once(tarball: Path, cache_dir: Path) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
         raise DistillError(f"{tarball}: cannot unpack ({exc})") from exc
     (scratch / ".complete").write_text("ok")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(scratch, target)
+    if target.exists() and not (target / ".complete").exists():
+        shutil.rmtree(target, ignore_errors=True)  # a partial folder left by an older version
+    try:
+        os.replace(scratch, target)  # fails on a non-empty target: never replaces a folder a reader may be using
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not (target / ".complete").exists():
+            raise
+        # another process unpacked the same tarball meanwhile: keep its folder
     return target
 
 

@@ -129,3 +129,32 @@ def test_fashion_mnist_from_debian_package():
 def test_registry_smallest_class_matches_data(mnist, cifar10):
     assert registry.DATASETS["mnist"].smallest_class == int(mnist.train.counts(10).min())
     assert registry.DATASETS["cifar10"].smallest_class == int(cifar10.train.counts(10).min())
+
+
+def test_a_tarball_unpacked_meanwhile_by_another_process_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two processes unpacking the same tarball at once: the later one keeps the folder the first finished (a
+    reader may be using it) instead of replacing it under that reader."""
+    import tarfile
+    import tempfile
+
+    from distill.data import readers
+
+    (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "train" / "a" / "0.txt").write_text("x")
+    tarball = tmp_path / "set.tar"
+    with tarfile.open(tarball, "w") as archive:
+        archive.add(tmp_path / "tree", arcname="set")
+    name = readers.unpack_once(tarball, tmp_path / "first").name
+    real_mkdtemp = tempfile.mkdtemp
+
+    def another_process_finishes_first(**kwargs):
+        theirs = tmp_path / "second" / "unpacked" / name
+        (theirs / "set").mkdir(parents=True)
+        (theirs / ".complete").write_text("ok")
+        (theirs / "in-use").write_text("a reader's file")
+        return real_mkdtemp(**kwargs)
+
+    monkeypatch.setattr(readers.tempfile, "mkdtemp", another_process_finishes_first)
+    target = readers.unpack_once(tarball, tmp_path / "second")
+    assert (target / "in-use").exists()  # theirs, not replaced
+    assert [p.name for p in target.parent.iterdir()] == [name]  # our scratch copy is gone
