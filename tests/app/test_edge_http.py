@@ -194,6 +194,6 @@ def test_delete_frees_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert not archive.exists() and client.get(f"/jobs/{job['id']}").status_code == 404
             app.state.store.engine.dispose()
     finally:
-        monkeypatch.delenv("DISTILL_HOME")
+        monkeypatch.undo()  # the session's DISTILL_HOME back (deleting it sent later tests to ~/.distillery)
         reload_settings()
         subprocess.run(["umount", str(home)], capture_output=True)
