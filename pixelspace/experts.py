@@ -230,9 +230,14 @@ def train_expert(
     device: torch.device,
     *,
     tick: Callable[[], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
     test_limit: int = 1000,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One trajectory: (epochs + 1) x P cloned snapshots, plus its final test accuracy (for the manifest)."""
+    """One trajectory: (epochs + 1) x P cloned snapshots, plus its final test accuracy (for the manifest).
+
+    ``tick`` is called after every epoch (progress); ``check_cancelled`` before every batch and before the test
+    pass (it raises to stop, and must be cheap: a flag read), so a cancel stops training within one batch
+    instead of one epoch."""
     seed = settings.seed * 100_003 + expert_index
     net = build_network(settings.model, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed).to(device)
     flat = FlatModel(net)
@@ -249,6 +254,8 @@ def train_expert(
     for epoch in range(settings.epochs):
         order = rng.permutation(len(train))
         for chunk, images in train.batches(settings.batch_train, order):
+            if check_cancelled is not None:
+                check_cancelled()
             x = dataset.normalize(to_float(images).to(device))
             x = diff_augment(x, strategy, generator=generator).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(net(x), labels_all[chunk].to(device))
@@ -258,6 +265,8 @@ def train_expert(
         snapshots[epoch + 1] = flat.flatten().cpu()  # a copy: torch.cat never aliases
         if tick is not None:
             tick()
+    if check_cancelled is not None:
+        check_cancelled()
     info = {
         "test_accuracy": round(_accuracy(net, dataset, _test_subset(dataset, test_limit, seed), device), 3),
         "test_images": min(test_limit, len(dataset.test)),
@@ -281,7 +290,9 @@ def ensure_buffer(
     """The buffer for ``settings`` with at least ``experts`` trajectories, training the missing ones.
 
     ``tick`` is called once per trained epoch (``experts_to_train(...) * epochs`` calls in all), so callers
-    can drive a progress bar. ``train`` must already respect ``settings.max_per_class``.
+    can drive a progress bar; ``check_cancelled`` before every expert and every training batch (it raises to
+    stop: the expert in training is dropped, the finished ones stay in the buffer). ``train`` must already
+    respect ``settings.max_per_class``.
     """
     settings.validate()
     if experts < 1:
@@ -311,7 +322,8 @@ def ensure_buffer(
             log(f"training {experts - have} expert(s) x {settings.epochs} epochs into {folder}")
         for index in range(have, experts):
             check_cancelled()
-            trajectory, info = train_expert(dataset, train, settings, index, device, tick=tick)
+            trajectory, info = train_expert(dataset, train, settings, index, device, tick=tick,
+                                           check_cancelled=check_cancelled)
             name = f"expert_{index:03d}.safetensors"
             with atomic_output(folder / name, suffix=".safetensors") as tmp:
                 save_file({"trajectory": trajectory.contiguous()}, str(tmp))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
+from distill.errors import Cancelled
 from distill.methods.base import RunContext
 from distill.nets import build_network
 from pixelspace.experts import ExpertSettings, FlatModel, buffer_dir, ensure_buffer, list_buffers, load_buffer
@@ -62,3 +64,25 @@ def test_cli_experts_train_and_list(mnist):
     assert any(row["path"] == str(buffer_dir(settings)) for row in list_buffers())
     bad = runner.invoke(app, ["experts", "train", "--dataset", "mnist", "--experts", "0", "--epochs", "2"])
     assert bad.exit_code == 2 and "experts must be >= 1" in bad.output
+
+
+def test_cancel_stops_expert_training_within_a_batch(mnist):
+    """The cancellation check runs before every batch: a cancel raised during the first epoch stops training
+    at once (not at the epoch's end), and the expert in training is not stored."""
+    settings = ExpertSettings(dataset=mnist.name, model="convnet-w16", epochs=3, batch_train=16, max_per_class=10)
+    ctx = RunContext(dataset=mnist, ipc=1, max_per_class=settings.max_per_class)
+    batches_per_epoch = -(-len(ctx.train) // settings.batch_train)
+    assert batches_per_epoch > 4
+    checks, ticks = [], []
+
+    def check() -> None:
+        checks.append(len(ticks))
+        if len(checks) == 4:  # the first check is before the expert, then one per batch: cancel in batch 3
+            raise Cancelled("job cancelled")
+
+    with pytest.raises(Cancelled):
+        ensure_buffer(mnist, ctx.train, settings, 2, log=lambda m: None, tick=lambda: ticks.append(1),
+                      check_cancelled=check)
+    assert checks == [0, 0, 0, 0] and not ticks  # stopped inside the first epoch, nothing after the cancel
+    manifest = json.loads((buffer_dir(settings) / "manifest.json").read_text())
+    assert manifest["experts"] == [] and not list(buffer_dir(settings).glob("expert_*"))
