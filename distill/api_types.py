@@ -159,6 +159,9 @@ class MethodInfo(BaseModel):
     unavailable_reason: str | None = Field(None, description="what is missing when it cannot (package, weights)")
     requirements: list[str] = Field(default_factory=list,
                                     description="what the method needs with its defaults (packages, weights)")
+    devices: dict[str, bool] = Field(default_factory=dict, description=(
+        "the devices some parameters only have an effect on (their schema's \"x-device\", e.g. cuda), each with "
+        "whether this server has it; such a parameter is accepted on any server"))
 
 
 class FieldError(BaseModel):

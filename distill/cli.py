@@ -257,6 +257,7 @@ def methods(
 ) -> None:
     """List the methods (one line each, and whether this host can run them); NAME shows one method's parameters."""
     from distill.errors import InvalidRequest
+    from distill.methods.base import DEVICE_NAMES, device_parameters, host_has
     from distill.methods.registry import METHODS, available_methods, get_method, unknown_method
     from distill.requirements import method_requirements
 
@@ -277,9 +278,16 @@ def methods(
         if needs:
             typer.echo(f"needs: {', '.join(needs)}")
         typer.echo("parameters (distill run/submit --set KEY=VALUE):")
-        for param, field in method.Params.model_fields.items():
-            default = field.default if field.default is not None else "none"
-            typer.echo(f"    {param}={default}  {field.description or ''}".rstrip())
+        only = device_parameters(method.Params.model_json_schema())  # these come last, under their device
+        fields = method.Params.model_fields
+        for device in [None, *sorted(set(only.values()))]:
+            if device is not None:
+                has = "this host has one" if host_has(device) else "this host has none"
+                typer.echo(f"only with {DEVICE_NAMES.get(device, device)} ({has}):")
+            for param, field in fields.items():
+                if only.get(param) == device:
+                    default = field.default if field.default is not None else "none"
+                    typer.echo(f"    {param}={default}  {field.description or ''}".rstrip())
     if name is None:
         typer.echo("distill methods NAME: one method's parameters and defaults")
 

@@ -45,6 +45,7 @@ def list_datasets() -> list[schemas.DatasetInfo]:
 
 @lru_cache(maxsize=4)
 def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
+    from distill.methods.base import device_parameters, host_has
     from distill.methods.registry import available_methods
     from distill.requirements import method_requirements
 
@@ -56,8 +57,10 @@ def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
             if option.get("type") == "integer":
                 option["maximum"] = min(option.get("maximum", max_iterations), max_iterations)
         needs, reason = method_requirements(name, cls.Params().model_dump())
+        devices = {device: host_has(device) for device in sorted(set(device_parameters(parameters).values()))}
         out.append(schemas.MethodInfo(name=name, summary=cls.summary, family=cls.family, parameters=parameters,
-                                      available=reason is None, unavailable_reason=reason, requirements=needs))
+                                      available=reason is None, unavailable_reason=reason, requirements=needs,
+                                      devices=devices))
     return tuple(out)
 
 
@@ -65,7 +68,9 @@ def _methods(max_iterations: int) -> tuple[schemas.MethodInfo, ...]:
 def list_methods(settings: SettingsDep) -> list[schemas.MethodInfo]:
     """Methods available on this server, each with its parameters as JSON schema: defaults from its paper,
     bounds on every budget parameter ("maximum", with this server's ceiling on iterations), and whether this
-    server can run it with its defaults (a missing package or weights: ``unavailable_reason``)."""
+    server can run it with its defaults (a missing package or weights: ``unavailable_reason``). A parameter that
+    only has an effect on one kind of device carries ``x-device`` in its schema; ``devices`` says whether this
+    server has each such device."""
     return list(_methods(settings.max_iterations))
 
 

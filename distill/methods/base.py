@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -137,6 +137,28 @@ ModelName = Annotated[str, Field(max_length=TEXT_MAX, json_schema_extra=_model_s
                       AfterValidator(_model_check(True))]
 RegisteredModel = Annotated[str, Field(max_length=TEXT_MAX, json_schema_extra=_model_schema(False)),
                             AfterValidator(_model_check(False))]
+
+
+# Parameters that only have an effect on one kind of device say so in their JSON schema ("x-device"):
+# ``Field(..., json_schema_extra=only_on("cuda"))``. They validate on every host like any other parameter;
+# GET /methods, the web form and `distill methods NAME` set them apart on a host without that device.
+DEVICE_KEY = "x-device"
+DEVICE_NAMES = {"cuda": "a CUDA GPU"}  # the devices a parameter may name, as a sentence says them
+
+
+def only_on(device: Literal["cuda"]) -> JsonDict:
+    """The ``json_schema_extra`` of a parameter that only has an effect on ``device``."""
+    return {DEVICE_KEY: device}
+
+
+def device_parameters(schema: dict[str, Any]) -> dict[str, str]:
+    """The parameters of a ``Params`` JSON schema marked with :func:`only_on`, each with its device."""
+    return {name: prop[DEVICE_KEY] for name, prop in schema.get("properties", {}).items() if DEVICE_KEY in prop}
+
+
+def host_has(device: str) -> bool:
+    """Whether this host has ``device`` (a name of :data:`DEVICE_NAMES`)."""
+    return device == "cuda" and torch.cuda.is_available()
 
 
 class MethodParams(BaseModel):

@@ -127,6 +127,9 @@ def test_catalogue(api: Stack) -> None:
         assert herding["additionalProperties"] is False
         assert methods["dm"]["parameters"]["properties"]["iterations"]["maximum"] == 50_000  # the operator's ceiling
         assert herding["properties"]["teacher_epochs"]["maximum"] == 10_000
+        for method in methods.values():  # each device a parameter names ("x-device"), with whether this host has it
+            named = {p["x-device"] for p in method["parameters"]["properties"].values() if "x-device" in p}
+            assert set(method["devices"]) == named and all(isinstance(v, bool) for v in method["devices"].values())
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(api: Stack, tmp_path: Path) -> None:

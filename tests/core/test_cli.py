@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 from typer.testing import CliRunner
 
 from distill.cli import app
+from distill.methods.base import only_on
+from distill.methods.baselines import RandomParams, RandomSelection
 
 runner = CliRunner()
 
@@ -67,6 +70,37 @@ def test_listing_commands():
     assert methods["herding"]["params"]["properties"]["features"]["default"] == "random"
     result = invoke("datasets")
     assert result.exit_code == 0 and "fashion-mnist" in result.output and "imagefolder:PATH" in result.output
+
+
+class _GpuOnlyParams(RandomParams):
+    tf32: bool = Field(False, description="allow TF32 matmuls", json_schema_extra=only_on("cuda"))
+    note: int = Field(1, description="an ordinary parameter")
+
+
+class GpuOnlyMethod(RandomSelection):
+    name = "gpu-only-test"
+    Params = _GpuOnlyParams  # type: ignore[assignment]
+
+
+def test_methods_name_sets_device_specific_parameters_apart(monkeypatch: pytest.MonkeyPatch):
+    """`distill methods NAME` lists a parameter marked only_on("cuda") after the others, under its device and
+    whether this host has it; oq's diffusion decode parameters run on the CPU too: ordinary parameters there."""
+    import torch
+
+    from distill.methods.registry import METHODS
+
+    monkeypatch.setitem(METHODS, "gpu-only-test", f"{__name__}:GpuOnlyMethod")
+    result = invoke("methods", "gpu-only-test")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    has = "this host has one" if torch.cuda.is_available() else "this host has none"
+    heading = lines.index(f"only with a CUDA GPU ({has}):")
+    assert lines.index("    note=1  an ordinary parameter") < heading
+    assert lines[heading + 1:] == ["    tf32=False  allow TF32 matmuls"]
+    schema = json.loads(invoke("methods", "gpu-only-test", "--json").output)["gpu-only-test"]["params"]
+    assert schema["properties"]["tf32"]["x-device"] == "cuda" and "x-device" not in schema["properties"]["note"]
+    oq = invoke("methods", "oq")
+    assert oq.exit_code == 0 and "only with" not in oq.output and "    strength=0.7" in oq.output
 
 
 @pytest.mark.parametrize(
