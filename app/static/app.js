@@ -552,6 +552,8 @@ async function compareView(dataset) {
 
 /* ---------- submit form ---------- */
 
+const DEVICE_NAMES = {cuda: "a CUDA GPU"};  /* the devices a parameter's "x-device" may name */
+
 function schemaType(prop) {
   if (prop.enum) return {type: "enum", values: prop.enum};
   if (prop.const !== undefined) return {type: "enum", values: [prop.const]};
@@ -653,8 +655,20 @@ async function formView() {
     const hint = document.getElementById("f-method-hint");
     if (hint && m) hint.textContent = m.summary;
     const props = (m && m.parameters.properties) || {};
+    /* a parameter that only has an effect on a device this server lacks ("x-device") is folded away, disabled,
+       with the reason: it is not sent, the server's default applies */
+    const absent = (p) => p["x-device"] && (m.devices || {})[p["x-device"]] === false;
     params.replaceChildren(h("legend", {}, `Parameters of ${method.value}`),
-      ...Object.entries(props).map(([k, p]) => paramControl(k, p)));
+      ...Object.entries(props).filter(([, p]) => !absent(p)).map(([k, p]) => paramControl(k, p)));
+    const byDevice = {};
+    for (const [k, p] of Object.entries(props)) if (absent(p)) (byDevice[p["x-device"]] ||= []).push(paramControl(k, p));
+    for (const [device, blocks] of Object.entries(byDevice)) {
+      const needs = `needs ${DEVICE_NAMES[device] || device}; this host has none`;
+      for (const control of blocks.map((b) => b.querySelector("input, select"))) { control.disabled = true; control.title = needs; }
+      params.append(h("details", {class: "device-params", "data-device": device},
+        h("summary", {}, `Only with ${DEVICE_NAMES[device] || device} (${blocks.length})`),
+        h("p", {class: "hint"}, needs), ...blocks));
+    }
     if (!Object.keys(props).length) params.append(h("p", {class: "muted"}, "This method has no parameters."));
   }
   method.addEventListener("change", renderParams);
@@ -698,7 +712,7 @@ async function formView() {
       params: {}};
     if (maxPer.value.trim() !== "") body.max_per_class = asNumber(maxPer.value);
     if (name.value.trim() !== "") body.name = name.value.trim();
-    for (const control of params.querySelectorAll("input, select")) {
+    for (const control of params.querySelectorAll("input:enabled, select:enabled")) {
       const value = readParam(control);
       if (value !== undefined) body.params[control.name] = value;
     }

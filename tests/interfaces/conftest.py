@@ -111,7 +111,7 @@ def image_folder(root: Path, classes: tuple[str, ...] = ("daisy", "rose", "tulip
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = image_folder(tmp_path_factory.mktemp("tiny-folder"))
     here = Path(__file__).resolve().parent
-    running = start_server(tmp_path_factory.mktemp("interfaces-serve"), DISTILL_PLUGINS="site_datasets",
+    running = start_server(tmp_path_factory.mktemp("interfaces-serve"), DISTILL_PLUGINS="site_datasets,site_methods",
                            INTERFACES_TEST_FOLDER=str(folder),
                            PYTHONPATH=os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])))
     try:

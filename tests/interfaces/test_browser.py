@@ -126,6 +126,48 @@ def test_bad_form_values_show_field_errors(server: Server, browser) -> None:  # 
     assert driver.current_url.endswith("#/new")  # nothing was submitted
 
 
+def test_gpu_only_parameters_are_set_apart_on_a_cpu_host(server: Server, browser) -> None:  # noqa: ANN001
+    """A parameter marked as having an effect only on a CUDA GPU (the site plugin's tf32) is not an ordinary field
+    on a host without one: folded under its device with the reason, disabled, and not sent. oq's diffusion decode
+    parameters run on the CPU too (fp32) and stay ordinary fields."""
+    import torch
+
+    driver, _ = browser
+    open_page(driver, server, "/#/new")
+    Select(find(driver, "#f-method")).select_by_value("site-random")
+    find(driver, "#advanced summary").click()
+    tf32 = find(driver, "#param-tf32")
+    if torch.cuda.is_available():  # a GPU host: an ordinary field
+        assert tf32.is_displayed() and tf32.is_enabled()
+        assert not driver.find_elements(By.CSS_SELECTOR, "details.device-params")
+        return
+    section = tf32.find_element(By.XPATH, "ancestor::details[1]")
+    assert section.get_attribute("data-device") == "cuda" and section.get_attribute("open") is None
+    assert not tf32.is_displayed() and not tf32.is_enabled()
+    assert section.text == "Only with a CUDA GPU (1)"  # folded: the summary alone
+    section.find_element(By.TAG_NAME, "summary").click()
+    assert "needs a CUDA GPU; this host has none" in visible_text(driver, "details.device-params .hint")
+    assert tf32.is_displayed() and not tf32.is_enabled()
+    Select(find(driver, "#f-dataset")).select_by_value("mnist")
+    for field, value in (("#f-ipc", "1"), ("#f-max_per_class", "5")):
+        find(driver, field).clear()
+        find(driver, field).send_keys(value)
+    find(driver, "#submit").click()
+    wait_until(lambda: "#/jobs/job_" in driver.current_url)
+    with Client(server.url, api_key=KEY) as client:
+        job = client.get(driver.current_url.rsplit("/", 1)[1])
+        assert job.request.method == "site-random" and job.request.params == {}  # the default applies
+        client.wait(job, timeout=120)
+
+    open_page(driver, server, "/#/new")
+    Select(find(driver, "#f-method")).select_by_value("oq")
+    find(driver, "#advanced summary").click()
+    for name in ("prior", "strength", "steps", "scheduler", "guidance"):
+        control = find(driver, f"#param-{name}")
+        assert control.is_displayed() and control.is_enabled(), name
+    assert not driver.find_elements(By.CSS_SELECTOR, "details.device-params")
+
+
 def test_submit_watch_open_preview_download(server: Server, browser) -> None:  # noqa: ANN001
     driver, downloads = browser
     open_page(driver, server, "/#/new")

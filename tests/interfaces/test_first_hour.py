@@ -72,6 +72,14 @@ def test_methods_say_what_this_host_can_run_and_names_are_bounded(client: Client
     methods = {m.name: m for m in client.methods()}
     assert methods["random"].available and methods["random"].unavailable_reason is None
     assert "weights taef2" in methods["oq"].requirements
+    # a parameter that only has an effect on a CUDA GPU says so, and whether this host has one (the site plugin's
+    # tf32); oq's diffusion decode parameters run on the CPU too: none of oq's is marked
+    import torch
+
+    site = methods["site-random"]
+    assert site.parameters["properties"]["tf32"]["x-device"] == "cuda"
+    assert site.devices == {"cuda": torch.cuda.is_available()}
+    assert methods["oq"].devices == {} and methods["random"].devices == {}
     with pytest.raises(InvalidRequest) as caught:
         client.submit(**QUICK, name="x" * 101)
     assert caught.value.errors[0].loc == ["body", "name"]
