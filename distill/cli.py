@@ -116,7 +116,13 @@ def eval_(
     teacher_max_per_class: Annotated[int | None, typer.Option(help="softlabel: teacher sees N images/class")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 (reference-exact), bf16, or auto (bf16 on CUDA, fp32 on CPU)")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 (reference-exact), bf16, or auto (bf16 where the CPU or GPU "
+                                                "runs it natively)")] = "auto",
+    compile: Annotated[str, typer.Option(help="torch.compile the students: auto (runs long enough to repay it), on, "
+                                              "off")] = "auto",
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="same as --compile off; with --precision fp32 "
+                                                                 "the reference-exact path")] = False,
+    channels_last: Annotated[str, typer.Option(help="channels_last memory layout: auto, on, off")] = "auto",
     full: Annotated[bool, typer.Option("--full", help="whole-dataset upper bound instead of an archive")] = False,
     dataset: Annotated[str | None, typer.Option(help="dataset for --full")] = None,
     max_per_class: Annotated[int | None, typer.Option(help="--full: train on at most N images per class")] = None,
@@ -141,7 +147,8 @@ def eval_(
         config = EvalConfig(protocol=protocol, model=model, runs=runs, epochs=epochs, lr=lr, batch_size=batch_size,
                             augment=augment, seed=seed, test_limit=test_limit, teacher_epochs=teacher_epochs,
                             teacher_max_per_class=teacher_max_per_class, device=str(resolve_device(device)),
-                            precision=precision, test_batch=test_batch, memory_gb=memory_gb,
+                            precision=precision, compile="off" if no_compile else compile,
+                            channels_last=channels_last, test_batch=test_batch, memory_gb=memory_gb,
                             teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
         if precision not in PRECISIONS:
             raise DistillError(f"unknown --precision '{precision}' (use {', '.join(PRECISIONS)})")

@@ -50,9 +50,11 @@ from distill.config import get_settings
 from distill.data.registry import Dataset, as_pixels, to_float
 from distill.data.sampling import random_per_class
 from distill.errors import DistillError
+from distill.fastpath import FastPath, compile_wanted, prepare, resolve_switch, run_work
 from distill.files import atomic_write_json
 from distill.methods.base import DistilledSet
 from distill.nets import Classifier, build_network
+from distill.precision import precision_dtype
 from distill.training import (
     DEFAULT_MEMORY_GB,
     CancelCheck,
@@ -88,15 +90,21 @@ class EvalConfig:
     teacher_max_per_class: int | None = None
     teacher_checkpoint: str | None = None  # a local torchvision-format ResNet-18 state dict (.pth / .safetensors)
     device: str = "cpu"
-    # fp32 (reference-exact), bf16 autocast, or auto: bf16 on CUDA GPUs with bf16, fp32 on the CPU (so the CPU
-    # numbers in docs/BENCHMARKS.md stay reproducible)
+    # The fast path (distill.fastpath): precision fp32 (reference-exact), bf16 autocast, or auto (bf16 where the
+    # hardware runs it natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 / AMX); torch.compile 'auto' (runs
+    # long enough to repay compilation), 'on' or 'off'; channels_last 'auto' (CUDA, and bf16 batch-norm networks on
+    # a CPU), 'on' or 'off'. precision fp32 with compile off is the reference-exact path, bit for bit.
     precision: str = "auto"
+    compile: str = "auto"
+    channels_last: str = "auto"
     test_batch: int | None = None  # None: sized by the memory budget (at most 500)
     # activation budget of one forward/backward pass (GiB); None: from the device (distill.training.memory_budget_gb)
     memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         check_strategy(self.augment)
+        resolve_switch(self.compile, "compile")
+        resolve_switch(self.channels_last, "channels_last")
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (1000 if self.protocol == "dc" else 300)
@@ -107,7 +115,7 @@ class EvalConfig:
     def teacher_spec(self) -> teachers.TeacherSpec:
         return teachers.TeacherSpec(model=self.teacher_model, epochs=self.teacher_epochs,
                                     max_per_class=self.teacher_max_per_class, seed=self.seed, precision=self.precision,
-                                    device=self.device, checkpoint=self.teacher_checkpoint)
+                                    compile=self.compile, device=self.device, checkpoint=self.teacher_checkpoint)
 
 
 @dataclass
@@ -164,21 +172,23 @@ def _test_indices(dataset: Dataset, limit: int | None, seed: int) -> np.ndarray:
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indices: np.ndarray, batch: int = 500,
                   precision: str = "auto", progress: Progress | None = None,
-                  check_cancelled: CancelCheck | None = None) -> float:
+                  check_cancelled: CancelCheck | None = None, *, compile: str | bool = "off",
+                  channels_last: str | bool = "auto") -> float:
     """Accuracy on ``dataset.test[indices]``, streamed through the loader (decode ahead in worker processes);
-    a test file that cannot be decoded counts as wrong (the denominator stays ``len(indices)``)."""
+    a test file that cannot be decoded counts as wrong (the denominator stays ``len(indices)``). The passes run
+    on the fast path of ``precision`` / ``compile`` / ``channels_last`` (:func:`distill.fastpath.prepare`)."""
     from distill.data.loader import ImageStream
 
     model.eval()
     rank, world, device = data_parallel(device)
+    fast = prepare(model, device, precision, compile, channels_last)
     share = indices[rank::world]  # several processes: each tests a strided share, the counts are summed
     correct, seen = 0, 0
     for chunk, images in ImageStream(dataset.test, share, batch_size=batch, device=device):
         if check_cancelled is not None:
             check_cancelled()
         x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
-        with training_precision(precision, device):
-            pred = model(x).argmax(1).cpu()
+        pred = fast.logits(x).argmax(1).cpu()
         correct += int((pred == torch.from_numpy(dataset.test.labels[chunk])).sum())
         seen += len(chunk)
         if progress is not None:
@@ -211,6 +221,23 @@ def _fresh_student(dataset: Dataset, config: EvalConfig,
     return model, model_name, device, rank, world
 
 
+def student_compiles(config: EvalConfig, dataset: Dataset, images: int, epochs: int, batch: int) -> bool:
+    """Whether a student of ``config`` is compiled: ``compile`` 'on' / 'off', or 'auto' by the run's work
+    (:func:`distill.fastpath.compile_wanted`); its test passes follow the same decision."""
+    steps = epochs * math.ceil(images / batch)
+    return compile_wanted(config.compile, torch.device(config.device), run_work(steps, min(images, batch),
+                                                                                dataset.image_size))
+
+
+def softlabel_batch(config: EvalConfig) -> int:
+    """Protocol softlabel's batch: 100 unless the user set one (RDED's small-set batch)."""
+    return min(config.batch_size, 100) if config.batch_size == 256 else config.batch_size
+
+
+def _student_path(model: Classifier, device: torch.device, config: EvalConfig, compiled: bool) -> FastPath:
+    return prepare(model, device, config.precision, compiled, config.channels_last)
+
+
 def train_student_dc(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -231,6 +258,8 @@ def train_student_dc(
     batch), so the step is the one-process step of the whole batch."""
     model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
+    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs + 1,
+                                                                 config.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True),
                       config.batch_size)
@@ -255,10 +284,8 @@ def train_student_dc(
             share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
             for part in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
                 x = augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator)
-                with training_precision(config.precision, device):
-                    logits = model(x)
                 loss = _weighted_loss(
-                    logits.float(), y_all[part], soft_all[part] if soft_all is not None else None,
+                    fast.logits(x), y_all[part], soft_all[part] if soft_all is not None else None,
                     w_all[part] if w_all is not None else None,
                 ) * (len(part) / len(batch_idx))
                 loss.backward()
@@ -286,6 +313,8 @@ def train_student_softlabel(
     model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     teacher = teacher.to(device)
     epochs = config.resolved_epochs()
+    batch = softlabel_batch(config)
+    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs, batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
@@ -293,7 +322,6 @@ def train_student_softlabel(
     strategy = strategy_for(dataset.digits) if config.augment == "auto" else config.augment
     generator = torch.Generator().manual_seed(run_seed)
     temperature = config.temperature
-    batch = min(config.batch_size, 100) if config.batch_size == 256 else config.batch_size
     micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True), batch)
     teacher.eval()
     n = len(x_all)
@@ -310,9 +338,7 @@ def train_student_softlabel(
                 x = augment_for_training(dataset.normalize(as_pixels(x_all[idx])), strategy, generator)
                 with torch.no_grad(), training_precision(config.precision, device):
                     target = F.softmax(teacher(x).float() / temperature, dim=1)
-                with training_precision(config.precision, device):
-                    logits = model(x)
-                log_p = F.log_softmax(logits.float() / temperature, dim=1)
+                log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
                 per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
                 if w_all is not None:
                     per_sample = per_sample * w_all[idx]
@@ -420,6 +446,10 @@ def evaluate_distilled(
     else:
         lr = config.lr or distilled.learned_lr or 0.01
     soft = F.softmax(distilled.soft_labels, dim=1) if distilled.soft_labels is not None else None
+    # test passes are compiled when the students are (dd's replay stays eager)
+    compiled = config.protocol != "dd" and student_compiles(
+        config, dataset, len(distilled), epochs + (config.protocol == "dc"),
+        softlabel_batch(config) if config.protocol == "softlabel" else config.batch_size)
     accuracies = []
     for run in range(config.runs):
         run_seed = config.seed * 1000 + run
@@ -438,7 +468,8 @@ def evaluate_distilled(
                                      soft_targets=soft, weights=weights, lr=lr, progress=run_progress,
                                      check_cancelled=check_cancelled)
         accuracies.append(test_accuracy(model, dataset, device, indices, test_batch, precision=config.precision,
-                                        progress=run_progress, check_cancelled=check_cancelled))
+                                        progress=run_progress, check_cancelled=check_cancelled,
+                                        compile=compiled, channels_last=config.channels_last))
     return EvalResult(
         dataset=dataset.name,
         model=(dd_student_network(distilled, dataset, config) if config.protocol == "dd"
@@ -452,12 +483,13 @@ def evaluate_distilled(
         test_images=len(indices),
         train_images=len(distilled),
         settings={k: v for k, v in asdict(config).items() if k not in ("runs", "epochs", "model", "protocol")}
-        | {"test_batch": test_batch, "memory_gb": round(config.memory_budget(), 2)},
+        | {"test_batch": test_batch, "memory_gb": round(config.memory_budget(), 2), "compiled": compiled,
+           "arithmetic": "bf16" if precision_dtype(config.precision, device) else "fp32"},
     )
 
 
 # ----------------------------------------------------------------------------------- random-subset control
-CONTROL_VERSION = 1  # bump when the evaluation arithmetic changes, so cached controls are recomputed
+CONTROL_VERSION = 2  # bump when the evaluation arithmetic changes, so cached controls are recomputed
 
 
 def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:

@@ -2,7 +2,7 @@
 
 Every setting that uses it keeps 'fp32' as the reference-exact choice. 'auto' means bf16 where it is native:
 CPUs whose oneDNN has bfloat16 kernels (AVX512-BF16 / AMX) and CUDA GPUs with bf16 (Ampere and newer), fp32
-elsewhere. Callers whose CPU numbers must not move (evaluation) use ``cuda_only_auto``.
+elsewhere.
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ def bf16_fast_on(device: torch.device) -> bool:
         return False
 
 
-def precision_dtype(precision: str, device: torch.device, parameter: str = "precision", *,
-                    cuda_only_auto: bool = False) -> torch.dtype | None:
+def precision_dtype(precision: str, device: torch.device, parameter: str = "precision") -> torch.dtype | None:
     """A precision setting ('fp32', 'bf16', or 'auto') as None (fp32) or torch.bfloat16."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto":
-        if cuda_only_auto and device.type != "cuda":
-            return None
         return torch.bfloat16 if bf16_fast_on(device) else None
     raise DistillError(f"unknown {parameter} '{precision}' (use auto, fp32 or bf16)")
 

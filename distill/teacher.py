@@ -26,6 +26,7 @@ from distill.config import get_settings
 from distill.data.loader import ImageStream
 from distill.data.registry import Dataset, to_float
 from distill.data.sampling import run_sample, sample_per_class
+from distill.fastpath import compile_wanted, prepare, run_work
 from distill.files import atomic_output
 from distill.nets import Classifier, build_network
 from distill.precision import precision_dtype
@@ -36,7 +37,6 @@ from distill.training import (
     on_device,
     resolve_model,
     sum_gradients,
-    training_precision,
 )
 
 PROGRESS_SECONDS = 0.5  # the longest gap between two progress reports within an epoch
@@ -54,6 +54,7 @@ class TeacherSpec:
     run_sample: bool = False
     seed: int = 0
     precision: str = "auto"
+    compile: str = "auto"  # torch.compile of the training (distill.fastpath); not in the cache key: same arithmetic
     device: str = "cpu"
     checkpoint: str | None = None  # a local torchvision-format ResNet-18 state dict (.pth / .safetensors)
 
@@ -96,6 +97,7 @@ def train_on_split(
     augment: bool = True,
     progress: Progress | None = None,
     precision: str = "auto",
+    compile: str | bool = "auto",
     check_cancelled: CancelCheck | None = None,
     stage: str = "train",
     num_workers: int | None = None,
@@ -118,6 +120,8 @@ def train_on_split(
                       device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
+    fast = prepare(model, device, precision, compile_wanted(compile, device, run_work(
+        epochs * steps_per_epoch, min(batch_size, len(indices)), dataset.image_size)), "auto")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
     strategy = strategy_for(dataset.digits) if augment else "none"
     generator = torch.Generator().manual_seed(seed)
@@ -137,8 +141,7 @@ def train_on_split(
             if images is not None and len(chunk):
                 x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
                 x = diff_augment(x, strategy, generator=generator)
-                with training_precision(precision, device):
-                    loss = F.cross_entropy(model(x), labels_all[chunk].to(device))
+                loss = F.cross_entropy(fast.logits(x), labels_all[chunk].to(device))
                 (loss * (len(chunk) / len(batches[step]))).backward()
             sum_gradients(model, world)
             optimizer.step()
@@ -157,7 +160,7 @@ def teacher_path(dataset: Dataset, spec: TeacherSpec) -> Path:
     """Cache file of a trained teacher: its name holds everything in :class:`TeacherSpec` but the device."""
     cap = f"-{'run' if spec.run_sample else 'cap'}{spec.max_per_class}" if spec.max_per_class else ""
     stem = dataset.name.replace("/", "_").replace(":", "_")
-    bf16 = "-bf16" if precision_dtype(spec.precision, torch.device(spec.device), cuda_only_auto=True) else ""
+    bf16 = "-bf16" if precision_dtype(spec.precision, torch.device(spec.device)) else ""
     model = resolve_model(spec.model, dataset.image_size)
     return get_settings().home_dir / "teachers" / f"{stem}-{model}-e{spec.epochs}{cap}-s{spec.seed}{bf16}.safetensors"
 
@@ -184,7 +187,7 @@ def get_teacher(dataset: Dataset, spec: TeacherSpec, progress: Progress | None =
         return on_device(model, device).eval()
     trained = train_on_split(dataset, model_name, spec.epochs, spec.seed, device, max_per_class=spec.max_per_class,
                              run_sample_only=spec.run_sample, progress=progress, precision=spec.precision,
-                             check_cancelled=check_cancelled, stage="teacher")
+                             compile=spec.compile, check_cancelled=check_cancelled, stage="teacher")
     state = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, suffix=".safetensors") as tmp:

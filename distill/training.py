@@ -76,8 +76,9 @@ def on_device(model: M, device: torch.device) -> M:
 
 
 def training_precision(precision: str, device: torch.device):
-    """The autocast context of student, teacher and test passes (``EvalConfig.precision``)."""
-    return autocast_context(device, precision_dtype(precision, device, "--precision", cuda_only_auto=True))
+    """The autocast context of a forward pass under ``EvalConfig.precision`` (the soft-label teacher's labels;
+    students, teachers and tests run through :mod:`distill.fastpath`)."""
+    return autocast_context(device, precision_dtype(precision, device, "--precision"))
 
 
 def data_parallel(device: torch.device) -> tuple[int, int, torch.device]:

@@ -88,3 +88,47 @@ def test_switch_settings_resolve_as_documented() -> None:
         compile_wanted("sometimes", CPU, 1)
     with pytest.raises(DistillError, match="unknown --precision 'fp16'"):
         prepare(build_network("convnet", 1, 10, 28, seed=0), CPU, "fp16")
+
+
+def _tiny_set(mnist):
+    from distill.methods.base import DistilledSet
+
+    indices = [int(i) for c in range(10) for i in (mnist.train.labels == c).nonzero()[0][:2]]
+    return DistilledSet(images=mnist.train.load(indices).float().div_(255.0),
+                        labels=torch.from_numpy(mnist.train.labels[indices].copy()))
+
+
+def test_evaluation_runs_the_fast_path_by_default_and_the_reference_path_on_request(mnist) -> None:
+    """evaluate_distilled: ``--precision fp32 --no-compile`` is plain eager fp32 (two runs agree to the bit and
+    record fp32, not compiled); the default records bf16 where the CPU has native bf16 and reaches the same
+    accuracy band on this tiny task."""
+    from distill.evaluate import EvalConfig, evaluate_distilled
+
+    distilled = _tiny_set(mnist)
+    common = dict(runs=1, epochs=4, test_limit=200, model="convnet-w16")
+    ref = [evaluate_distilled(distilled, mnist, EvalConfig(precision="fp32", compile="off", **common))
+           for _ in range(2)]
+    assert ref[0].accuracies == ref[1].accuracies
+    assert ref[0].settings["arithmetic"] == "fp32" and ref[0].settings["compiled"] is False
+    default = evaluate_distilled(distilled, mnist, EvalConfig(**common))
+    assert default.settings["arithmetic"] == ("bf16" if bf16_fast_on(CPU) else "fp32")
+    assert default.settings["compiled"] is False  # 5 epochs of 20 images: too little work to repay compilation
+    assert abs(default.accuracy_mean - ref[0].accuracy_mean) < 15
+
+
+@pytest.mark.timeout(240)
+def test_evaluation_with_compile_on_trains_and_tests_a_compiled_student(mnist) -> None:
+    from distill.evaluate import EvalConfig, evaluate_distilled
+
+    result = evaluate_distilled(_tiny_set(mnist), mnist, EvalConfig(runs=1, epochs=2, test_limit=100,
+                                                                    model="convnet-w16", compile="on"))
+    assert result.settings["compiled"] is True and 0 <= result.accuracy_mean <= 100
+
+
+def test_evaluation_refuses_unknown_switches() -> None:
+    from distill.evaluate import EvalConfig
+
+    with pytest.raises(DistillError, match="unknown compile 'fast'"):
+        EvalConfig(compile="fast")
+    with pytest.raises(DistillError, match="unknown channels_last 'yes'"):
+        EvalConfig(channels_last="yes")

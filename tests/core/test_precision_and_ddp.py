@@ -25,10 +25,12 @@ if finish_data_parallel():
 """
 
 
-def test_precision_settings_keep_fp32_exact_and_auto_is_cuda_only_for_evaluation() -> None:
+def test_precision_settings_keep_fp32_exact_and_auto_follows_native_bf16() -> None:
+    from distill.precision import bf16_fast_on
+
     cpu = torch.device("cpu")
     assert precision_dtype("fp32", cpu) is None and precision_dtype("bf16", cpu) is torch.bfloat16
-    assert precision_dtype("auto", cpu, cuda_only_auto=True) is None  # evaluation on a CPU: fp32 as before
+    assert precision_dtype("auto", cpu) is (torch.bfloat16 if bf16_fast_on(cpu) else None)
     with pytest.raises(DistillError, match="unknown --precision"):
         precision_dtype("fp16", cpu, "--precision")
 
