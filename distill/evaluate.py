@@ -31,11 +31,13 @@ raises to stop), so an evaluation run as a job stops within a step of a cancel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,10 +64,11 @@ from distill.training import (
     activation_bytes,
     batch_for,
     data_parallel,
+    end_data_parallel,
     memory_budget_gb,
     on_device,
     resolve_model,
-    sum_gradients,
+    smallest_over_processes,
     training_precision,
 )
 from distill.training import finish_data_parallel as finish_data_parallel  # the CLI ends its runs with it
@@ -200,14 +203,47 @@ def test_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, indi
     return 100.0 * correct / max(1, len(indices))
 
 
-def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
+def _per_sample_loss(logits, hard, soft, weights) -> torch.Tensor:
     if soft is not None:
         per_sample = -(soft * F.log_softmax(logits, dim=1)).sum(1)
     else:
         per_sample = F.cross_entropy(logits, hard, reduction="none")
     if weights is not None:
         per_sample = per_sample * weights
-    return per_sample.mean()
+    return per_sample
+
+
+def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
+    return _per_sample_loss(logits, hard, soft, weights).mean()
+
+
+def _data_parallel_step(fast: FastPath, batch_idx: torch.Tensor, micro: int, rank: int, world: int,
+                        augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """The gradients of one optimiser step on the batch ``batch_idx`` when ``world`` processes share it (DDP):
+    the gradients one process computes for the whole batch, to float rounding.
+
+    The batch is cut into the micro-batches one process runs (``micro`` images each), so augmentation is drawn
+    per micro-batch as there; this process takes rows ``rank::world`` of each: ``augment(part, rows)`` returns
+    those rows augmented, drawing the parameters of the whole part (every process's generator stays in step).
+    It runs its rows in as many micro-batches as rank 0 (the process with the most), accumulating under
+    ``no_sync`` until the last, whose backward all-reduces; a process with no rows in one runs
+    :meth:`FastPath.idle_loss`, so every process takes part in every reduction. ``loss_sum(x, idx)`` is the sum
+    of the per-sample losses of images ``idx``: divided by the batch size and multiplied by ``world``, since DDP
+    averages the processes' gradients."""
+    xs, idxs = [], []
+    parts = batch_idx.split(micro)
+    for part in parts:
+        rows = torch.arange(len(part))[rank::world]
+        xs.append(augment(part, rows))
+        idxs.append(part[rows.to(part.device)])
+    x, idx = torch.cat(xs), torch.cat(idxs)
+    chunks = max(1, math.ceil(sum(math.ceil(len(part) / world) for part in parts) / micro))
+    scale = world / len(batch_idx)
+    for k, (x_chunk, idx_chunk) in enumerate(zip(x.tensor_split(chunks), idx.tensor_split(chunks), strict=True)):
+        with fast.no_sync() if k < chunks - 1 else contextlib.nullcontext():
+            loss = loss_sum(x_chunk, idx_chunk) * scale if len(idx_chunk) else fast.idle_loss(x.shape[1:])
+            loss.backward()
 
 
 def _fresh_student(dataset: Dataset, config: EvalConfig,
@@ -234,8 +270,9 @@ def softlabel_batch(config: EvalConfig) -> int:
     return min(config.batch_size, 100) if config.batch_size == 256 else config.batch_size
 
 
-def _student_path(model: Classifier, device: torch.device, config: EvalConfig, compiled: bool) -> FastPath:
-    return prepare(model, device, config.precision, compiled, config.channels_last)
+def _student_path(model: Classifier, device: torch.device, config: EvalConfig, compiled: bool,
+                  world: int = 1) -> FastPath:
+    return prepare(model, device, config.precision, compiled, config.channels_last, data_parallel=world > 1)
 
 
 def train_student_dc(
@@ -253,16 +290,19 @@ def train_student_dc(
 ) -> Classifier:
     """DC protocol student: SGD(m 0.9, wd 5e-4), E+1 epochs, lr x0.1 at E//2+1, DSA augmentation.
 
-    Under ``accelerate launch`` / ``torchrun`` each process takes a strided share of every batch and the
-    gradients are summed over the processes before each step (each share's loss is weighted by its part of the
-    batch), so the step is the one-process step of the whole batch."""
+    Under ``accelerate launch`` / ``torchrun`` the network runs in DistributedDataParallel and each process
+    takes a share of every batch, augmented as one process would augment those images
+    (:func:`_data_parallel_step`), so the step is the one-process step of the whole batch; BatchNorm as in
+    :func:`distill.training.wrap_data_parallel` (synchronised on CUDA, per process on the CPU)."""
     model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
     fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs + 1,
-                                                                 config.batch_size))
+                                                                 config.batch_size), world)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True),
                       config.batch_size)
+    if world > 1:
+        micro = smallest_over_processes(micro, device)  # every process cuts the batch the same way
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
     y_all = labels.to(device)
     soft_all = soft_targets.to(device) if soft_targets is not None else None
@@ -270,6 +310,14 @@ def train_student_dc(
     strategy = strategy_for(dataset.digits) if config.augment == "auto" else config.augment
     generator = torch.Generator().manual_seed(run_seed)
     n = len(x_all)
+
+    def augment(part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator, rows)
+
+    def loss_sum(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return _per_sample_loss(fast.logits(x), y_all[idx], soft_all[idx] if soft_all is not None else None,
+                                w_all[idx] if w_all is not None else None).sum()
+
     model.train()
     for epoch in range(epochs + 1):
         if epoch == epochs // 2 + 1:
@@ -281,19 +329,20 @@ def train_student_dc(
                 check_cancelled()
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
-            for part in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
-                x = augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator)
-                loss = _weighted_loss(
-                    fast.logits(x), y_all[part], soft_all[part] if soft_all is not None else None,
-                    w_all[part] if w_all is not None else None,
-                ) * (len(part) / len(batch_idx))
-                loss.backward()
-            sum_gradients(model, world)
+            if world > 1:
+                _data_parallel_step(fast, batch_idx, micro, rank, world, augment, loss_sum)
+            else:
+                for part in batch_idx.split(micro):  # one part unless activations exceed memory_gb
+                    x = augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator)
+                    loss = _weighted_loss(
+                        fast.logits(x), y_all[part], soft_all[part] if soft_all is not None else None,
+                        w_all[part] if w_all is not None else None,
+                    ) * (len(part) / len(batch_idx))
+                    loss.backward()
             optimizer.step()
         if progress is not None and epoch % 10 == 0:
             progress("train", epoch / (epochs + 1))
-    return model
+    return end_data_parallel(model) if world > 1 else model
 
 
 def train_student_softlabel(
@@ -314,7 +363,7 @@ def train_student_softlabel(
     teacher = teacher.to(device)
     epochs = config.resolved_epochs()
     batch = softlabel_batch(config)
-    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs, batch))
+    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs, batch), world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
@@ -323,8 +372,23 @@ def train_student_softlabel(
     generator = torch.Generator().manual_seed(run_seed)
     temperature = config.temperature
     micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True), batch)
+    if world > 1:
+        micro = smallest_over_processes(micro, device)  # every process cuts the batch the same way
     teacher.eval()
     n = len(x_all)
+
+    def augment(part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator, rows)
+
+    def loss_sum(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), training_precision(config.precision, device):
+            target = F.softmax(teacher(x).float() / temperature, dim=1)
+        log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
+        per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
+        if w_all is not None:
+            per_sample = per_sample * w_all[idx]
+        return per_sample.sum()
+
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
@@ -333,23 +397,24 @@ def train_student_softlabel(
                 check_cancelled()
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
-            share = batch_idx[rank::world]  # empty for a process beyond the last batch's size
-            for idx in share.split(micro) if len(share) else ():  # one part unless activations exceed memory_gb
-                x = augment_for_training(dataset.normalize(as_pixels(x_all[idx])), strategy, generator)
-                with torch.no_grad(), training_precision(config.precision, device):
-                    target = F.softmax(teacher(x).float() / temperature, dim=1)
-                log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
-                per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
-                if w_all is not None:
-                    per_sample = per_sample * w_all[idx]
-                loss = per_sample.mean() * (len(idx) / len(batch_idx))
-                loss.backward()
-            sum_gradients(model, world)
+            if world > 1:
+                _data_parallel_step(fast, batch_idx, micro, rank, world, augment, loss_sum)
+            else:
+                for idx in batch_idx.split(micro):  # one part unless activations exceed memory_gb
+                    x = augment_for_training(dataset.normalize(as_pixels(x_all[idx])), strategy, generator)
+                    with torch.no_grad(), training_precision(config.precision, device):
+                        target = F.softmax(teacher(x).float() / temperature, dim=1)
+                    log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
+                    per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
+                    if w_all is not None:
+                        per_sample = per_sample * w_all[idx]
+                    loss = per_sample.mean() * (len(idx) / len(batch_idx))
+                    loss.backward()
             optimizer.step()
         scheduler.step()
         if progress is not None and epoch % 10 == 0:
             progress("train", epoch / epochs)
-    return model
+    return end_data_parallel(model) if world > 1 else model
 
 
 def dd_student_network(distilled: DistilledSet, dataset: Dataset, config: EvalConfig) -> str:

@@ -34,7 +34,8 @@ class FastPath:
     """A network prepared for one precision / memory layout / compile setting, and how to call it.
 
     ``model`` is the original module (its parameters are what an optimiser updates and what a state dict
-    holds); ``call`` is what runs a batch (the compiled wrapper, or the model itself)."""
+    holds); ``eager`` runs a batch uncompiled (the model, or under data parallelism its
+    DistributedDataParallel wrapper); ``call`` is what runs a batch (``eager`` compiled, or ``eager``)."""
 
     model: nn.Module
     device: torch.device
@@ -42,10 +43,32 @@ class FastPath:
     channels_last: bool = False
     compiled: bool = False
     call: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
+    eager: nn.Module = field(init=False, repr=False)
     log: Callable[[str], None] = field(default=lambda message: None, repr=False)
 
     def __post_init__(self) -> None:
+        self.eager = self.model
         self.call = self.model
+
+    @property
+    def data_parallel(self) -> bool:
+        """True when batches run through a DistributedDataParallel wrapper (several processes)."""
+        return self.eager is not self.model
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Within it, backward passes accumulate gradients locally (DDP's ``no_sync``: every micro-batch of a
+        step but the last); a no-op in one process."""
+        if self.data_parallel:
+            return self.eager.no_sync()  # type: ignore[operator]  # DistributedDataParallel.no_sync
+        return contextlib.nullcontext()
+
+    def idle_loss(self, image_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """A zero loss from the network run on an empty batch of ``image_shape`` images (eager, not compiled):
+        the backward of a process with no images in a step, which still takes part in DDP's gradient reduction
+        (and SyncBatchNorm's statistics) and adds nothing to either."""
+        x = self.input(torch.zeros((0, *image_shape), device=self.device))
+        with self.autocast():
+            return self.eager(x).float().sum() * 0.0
 
     @property
     def reference_exact(self) -> bool:
@@ -67,11 +90,11 @@ class FastPath:
             try:
                 out = self.call(x)
             except Exception as exc:  # any compiler failure: the eager module is the same math
-                if not self.compiled or self.call is self.model:
+                if not self.compiled or self.call is self.eager:
                     raise
                 self.log(f"torch.compile of the network failed ({type(exc).__name__}: {exc}); running eager")
-                self.call, self.compiled = self.model, False
-                out = self.model(x)
+                self.call, self.compiled = self.eager, False
+                out = self.eager(x)
         return out.float()
 
 
@@ -119,17 +142,25 @@ def prepare(
     *,
     work: int | None = None,
     log: Callable[[str], None] | None = None,
+    data_parallel: bool = False,
 ) -> FastPath:
     """``model`` (already on ``device``) prepared for a precision ('auto' | 'fp32' | 'bf16'), a compile setting
     and a memory-layout setting ('auto' | 'on' | 'off' or a bool); ``work`` (:func:`run_work` of the run) lets
-    compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched."""
+    compile 'auto' decide whether compilation pays. 'fp32', 'off', 'off' returns the model untouched.
+
+    ``data_parallel`` (several processes): batches run through the model's DistributedDataParallel wrapper
+    (:func:`distill.training.wrap_data_parallel`; compiled when compile is on), its parameters stay the model's."""
     dtype = precision_dtype(precision, device, "--precision")
     layout = channels_last_wanted(channels_last, device, model, dtype)
     fast = FastPath(model, device, dtype, layout, log=log or (lambda m: None))
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a documented overload
+    if data_parallel:
+        from distill.training import wrap_data_parallel
+
+        fast.eager = fast.call = wrap_data_parallel(model, device)
     if compile_wanted(compile, device, work):
-        fast.call = torch.compile(model, dynamic=False)
+        fast.call = torch.compile(fast.eager, dynamic=False)
         fast.compiled = True
     return fast
 

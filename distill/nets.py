@@ -84,7 +84,7 @@ class ConvNet(Classifier):
         self.classifier = nn.Linear(self.embed_dim, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).reshape(x.shape[0], -1)
+        return self.features(x).flatten(1)  # also an empty batch (a data-parallel process with no share)
 
 
 class BasicBlock(nn.Module):

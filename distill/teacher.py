@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from distill.augment import diff_augment, strategy_for
+from distill.augment import BatchRows, diff_augment, strategy_for
 from distill.config import get_settings
 from distill.data.loader import ImageStream
 from distill.data.registry import Dataset, to_float
 from distill.data.sampling import run_sample, sample_per_class
-from distill.fastpath import compile_wanted, prepare, run_work
+from distill.fastpath import FastPath, compile_wanted, prepare, run_work
 from distill.files import atomic_output
 from distill.nets import Classifier, build_network
 from distill.precision import precision_dtype
@@ -34,9 +34,9 @@ from distill.training import (
     CancelCheck,
     Progress,
     data_parallel,
+    end_data_parallel,
     on_device,
     resolve_model,
-    sum_gradients,
 )
 
 PROGRESS_SECONDS = 0.5  # the longest gap between two progress reports within an epoch
@@ -108,9 +108,12 @@ def train_on_split(
     ``check_cancelled()`` (it raises to stop) before every step.
 
     Data parallel under ``accelerate launch`` / ``torchrun`` (several processes, accelerate's process state):
-    each process takes its strided share of every global batch and the gradients are summed over processes
-    (:func:`distill.training.sum_gradients`), so the global batch, the schedule and the result do not depend on
-    the process count. One process (CPU, one GPU): plain training.
+    the network runs in DistributedDataParallel (:func:`distill.training.wrap_data_parallel`, which also says
+    how BatchNorm behaves); each process takes its strided share of every global batch, augments each image as
+    one process would (the parameters are drawn for the whole batch, :class:`distill.augment.BatchRows`) and
+    weights its loss so that DDP's average of the gradients is the one-process gradient of the whole batch; a
+    process whose share is empty runs an empty batch to take part in the reduction. The global batch, the
+    schedule and the result do not depend on the process count. One process (CPU, one GPU): plain training.
     """
     rank, world, device = data_parallel(device)
     rng = np.random.default_rng(seed)
@@ -121,7 +124,8 @@ def train_on_split(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
     fast = prepare(model, device, precision, compile_wanted(compile, device, run_work(
-        epochs * steps_per_epoch, min(batch_size, len(indices)), dataset.image_size)), "auto")
+        epochs * steps_per_epoch, min(batch_size, len(indices)), dataset.image_size)), "auto",
+        data_parallel=world > 1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
     strategy = strategy_for(dataset.digits) if augment else "none"
     generator = torch.Generator().manual_seed(seed)
@@ -138,12 +142,14 @@ def train_on_split(
             if check_cancelled is not None:
                 check_cancelled()
             optimizer.zero_grad(set_to_none=True)
-            if images is not None and len(chunk):
+            if world > 1:
+                _data_parallel_backward(fast, dataset, chunk, images, batches[step], shares[step], rank, world,
+                                        strategy, generator, labels_all)
+            elif images is not None and len(chunk):
                 x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
                 x = diff_augment(x, strategy, generator=generator)
                 loss = F.cross_entropy(fast.logits(x), labels_all[chunk].to(device))
                 (loss * (len(chunk) / len(batches[step]))).backward()
-            sum_gradients(model, world)
             optimizer.step()
             scheduler.step()
             if progress is not None and time.monotonic() - last_report >= PROGRESS_SECONDS:
@@ -152,8 +158,30 @@ def train_on_split(
         if progress is not None:
             last_report = time.monotonic()
             progress(stage, (epoch + 1) / epochs)
+    if world > 1:
+        end_data_parallel(model)
     model.eval()
     return model
+
+
+def _data_parallel_backward(fast: FastPath, dataset: Dataset, chunk: np.ndarray, images: torch.Tensor | None,
+                            batch: np.ndarray, share: np.ndarray, rank: int, world: int, strategy: str,
+                            generator: torch.Generator, labels_all: torch.Tensor) -> None:
+    """One process's backward of a global ``batch`` under DDP: its decoded ``chunk`` of its ``share``
+    (``batch[rank::world]``), augmented with the parameters drawn for the whole batch, the summed loss weighted
+    by ``world / len(batch)`` (DDP averages over processes); an empty share runs an empty batch."""
+    device = fast.device
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    positions = rank + world * np.flatnonzero(np.isin(share, chunk))  # files that failed to decode are left out
+    rows = BatchRows(len(batch), torch.from_numpy(positions).long())
+    if images is None or len(chunk) == 0:
+        diff_augment(torch.zeros((0, *shape), device=device), strategy, generator=generator, rows=rows)  # in step
+        fast.idle_loss(shape).backward()
+        return
+    x = dataset.normalize(to_float(images.to(device, non_blocking=True)))
+    x = diff_augment(x, strategy, generator=generator, rows=rows)
+    loss = F.cross_entropy(fast.logits(x), labels_all[chunk].to(device), reduction="sum")
+    (loss * (world / len(batch))).backward()
 
 
 def teacher_path(dataset: Dataset, spec: TeacherSpec) -> Path:

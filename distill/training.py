@@ -1,6 +1,6 @@
 """What every training loop of the core shares: the network ``auto`` picks, batch sizes from a memory budget,
 the budget from the device, the network's memory layout on the device, the autocast context, and data
-parallelism (process rank, gradient sum, the end of a run).
+parallelism (process rank, the DistributedDataParallel wrapper, the end of a run).
 
 The students (:mod:`distill.evaluate`) and the teacher (:mod:`distill.teacher`) both train with these, so they
 live below both.
@@ -83,13 +83,74 @@ def training_precision(precision: str, device: torch.device):
 
 def data_parallel(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process: under ``accelerate launch`` / ``torchrun`` each of the
-    ``world`` processes takes a strided share of every batch; one process (CPU, one GPU) is rank 0 of 1."""
+    ``world`` processes takes a share of every batch; one process (CPU, one GPU) is rank 0 of 1."""
     from accelerate import PartialState
 
     state = PartialState(cpu=device.type == "cpu")
     if state.num_processes > 1:
         return state.process_index, state.num_processes, state.device
     return 0, 1, device
+
+
+def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` over the process group accelerate's
+    process state set up (:func:`data_parallel`; gloo on the CPU, nccl on CUDA): backward all-reduces the
+    gradients in buckets and averages them over the processes. ``model`` keeps its parameters, so an optimiser
+    made on it updates the trained weights.
+
+    BatchNorm: on CUDA the batch-norm layers become :class:`~torch.nn.SyncBatchNorm` first (in place; batch
+    statistics over every process's share, as one process would see the batch; :func:`end_data_parallel` turns
+    them back). torch has no SyncBatchNorm on the CPU, so with gloo each process normalises with its own share's
+    statistics and DDP hands rank 0's running statistics to every process at each forward: a batch-norm network
+    then trains differently from one process. Instance / group / layer norm networks (the ConvNet) are unaffected."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if converted is not model:  # a bare BatchNorm layer as the whole network: not one of ours
+            raise TypeError("wrap_data_parallel needs a network that contains its batch-norm layers")
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+def end_data_parallel(model: M) -> M:
+    """After data-parallel training (several processes): rank 0's buffers (batch-norm running statistics) in
+    every process, so that each process tests or labels with the same network, and SyncBatchNorm layers back to
+    BatchNorm2d (the networks here use 2-d batch norm), so the trained network is a plain module. One process:
+    ``model`` as it is."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return model
+    if torch.distributed.get_world_size() == 1:
+        return model
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, 0)
+    _plain_batchnorm(model)
+    return model
+
+
+def _plain_batchnorm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            if child.affine:
+                plain.weight, plain.bias = child.weight, child.bias
+            plain.running_mean, plain.running_var = child.running_mean, child.running_var
+            plain.num_batches_tracked = child.num_batches_tracked
+            plain.train(child.training)
+            setattr(module, name, plain)
+        else:
+            _plain_batchnorm(child)
+
+
+def smallest_over_processes(value: int, device: torch.device) -> int:
+    """The smallest ``value`` any process has (several processes; every one must call it): e.g. a micro-batch
+    size from a memory budget that differs between GPUs, so that every process splits batches the same way."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def finish_data_parallel() -> bool:
@@ -101,16 +162,3 @@ def finish_data_parallel() -> bool:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return rank == 0
-
-
-def sum_gradients(model: nn.Module, world: int) -> None:
-    """Sum each parameter's gradient over the ``world`` processes (one all-reduce per parameter per step).
-
-    Every process calls it once per optimiser step whatever its share of the batch (a share can be empty at the
-    end of an epoch), so the collectives always match; a process with no images contributes zeros."""
-    if world == 1:
-        return
-    for param in model.parameters():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        torch.distributed.all_reduce(param.grad)

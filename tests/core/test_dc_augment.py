@@ -1,11 +1,21 @@
-"""DC's own evaluation augmentation (``--augment dc``): one op per image, the reference's parameters."""
+"""DC's own evaluation augmentation (``--augment dc``): one op per image, the reference's parameters; a
+data-parallel share of a batch augmented as in the whole batch (DC and DSA)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distill.augment import DC_AUGMENT, DCAugParams, augment_for_training, check_strategy, dc_augment
+from distill.augment import (
+    DC_AUGMENT,
+    DEFAULT_STRATEGY,
+    DIGITS_STRATEGY,
+    BatchRows,
+    DCAugParams,
+    augment_for_training,
+    check_strategy,
+    dc_augment,
+)
 from distill.errors import DistillError
 
 
@@ -74,3 +84,19 @@ def test_strategy_names():
             check_strategy(bad)
     x = _digit_batch()
     assert augment_for_training(x, DC_AUGMENT, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+@pytest.mark.parametrize("strategy", [DC_AUGMENT, DIGITS_STRATEGY, DEFAULT_STRATEGY])
+def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch(strategy):
+    """Data parallelism: a process augmenting rows rank::world of a batch gets exactly those rows of the
+    one-process result (also an empty share), and its generator ends where one process's does."""
+    x = torch.randn(9, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):
+        whole_gen = torch.Generator().manual_seed(seed)
+        whole = augment_for_training(x, strategy, whole_gen)
+        for world in (2, 3, 12):
+            for rank in range(world):
+                gen = torch.Generator().manual_seed(seed)
+                rows = BatchRows.strided(len(x), rank, world).index
+                assert torch.equal(augment_for_training(x, strategy, gen, rows), whole[rows])
+                assert torch.equal(gen.get_state(), whole_gen.get_state())
