@@ -47,8 +47,8 @@ demo: demo-intro setup
 demo-intro:
 	@echo "make demo: set up $(VENV) (first time only), start distill serve on loopback, distill MNIST to 10"
 	@echo "images per class with oq (from 500 per class), download the archive, evaluate it on the server"
-	@echo "against 10 random real images per class. On a small CPU host: tens of minutes; the server's estimate"
-	@echo "follows once the job is queued. One line per stage below."
+	@echo "against 10 random real images per class. On a quiet 2-core CPU about 12 minutes after the first"
+	@echo "set-up; the server's estimate follows once the job is queued. One line per stage below."
 
 test: setup-test
 	bash scripts/run-tests.sh $(BIN)/python
