@@ -258,11 +258,13 @@ def _fresh_student(dataset: Dataset, config: EvalConfig,
 
 
 def student_compiles(config: EvalConfig, dataset: Dataset, images: int, epochs: int, batch: int) -> bool:
-    """Whether a student of ``config`` is compiled: ``compile`` 'on' / 'off', or 'auto' by the run's work
-    (:func:`distill.fastpath.compile_wanted`); its test passes follow the same decision."""
+    """Whether a student of ``config`` is compiled: ``compile`` 'on' / 'off', or 'auto' by the run's work and
+    network (:func:`distill.fastpath.compile_wanted`); its test passes follow the same decision."""
     steps = epochs * math.ceil(images / batch)
+    network = build_network(resolve_model(config.model, dataset.image_size), dataset.channels, dataset.num_classes,
+                            dataset.image_size)
     return compile_wanted(config.compile, torch.device(config.device), run_work(steps, min(images, batch),
-                                                                                dataset.image_size))
+                                                                                dataset.image_size), network)
 
 
 def softlabel_batch(config: EvalConfig) -> int:

@@ -111,10 +111,16 @@ def run_work(steps: int, images_per_step: int, image_size: int) -> int:
     return steps * images_per_step * image_size * image_size
 
 
-def compile_wanted(setting: str | bool, device: torch.device, work: int | None) -> bool:
-    """'on' / 'off', or 'auto': on CPU and CUDA for runs of at least :data:`COMPILE_MIN_WORK` (:func:`run_work`)."""
+def compile_wanted(setting: str | bool, device: torch.device, work: int | None,
+                   model: nn.Module | None = None) -> bool:
+    """'on' / 'off', or 'auto': on CPU and CUDA for runs of at least :data:`COMPILE_MIN_WORK` (:func:`run_work`);
+    on a CPU not for batch-norm networks (``model``), whose bf16 oneDNN kernels leave compilation nothing to fuse
+    that pays back (bench/train_speed.py, ResNet-18 rows); the group-norm ConvNet gains most from it."""
     setting = resolve_switch(setting, "compile")
     if setting == "auto":
+        if device.type == "cpu" and model is not None and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return False
         return device.type in ("cpu", "cuda") and work is not None and work >= COMPILE_MIN_WORK
     return setting == "on"
 

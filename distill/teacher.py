@@ -124,7 +124,7 @@ def train_on_split(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     steps_per_epoch = math.ceil(len(indices) / batch_size)
     fast = prepare(model, device, precision, compile_wanted(compile, device, run_work(
-        epochs * steps_per_epoch, min(batch_size, len(indices)), dataset.image_size)), "auto",
+        epochs * steps_per_epoch, min(batch_size, len(indices)), dataset.image_size), model), "auto",
         data_parallel=world > 1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr * 5, total_steps=epochs * steps_per_epoch)
     strategy = strategy_for(dataset.digits) if augment else "none"

@@ -79,6 +79,9 @@ def test_switch_settings_resolve_as_documented() -> None:
     # 300 evaluation epochs of 100 images: worth compiling at 64 px, not at 28 px (bench/train_speed.py)
     assert compile_wanted("auto", CPU, run_work(301, 100, 64)) and not compile_wanted("auto", CPU, run_work(301, 100, 28))
     assert not compile_wanted("auto", CPU, None)
+    resnet = build_network("resnet18", 3, 10, 128)  # batch norm: compilation does not pay on a CPU
+    assert not compile_wanted("auto", CPU, 10**12, resnet) and compile_wanted("on", CPU, 1, resnet)
+    assert compile_wanted("auto", CPU, 10**12, build_network("convnet", 3, 10, 64))
     assert compile_wanted("on", CPU, 1) and compile_wanted(True, CPU, 1) and not compile_wanted("off", CPU, 10**6)
     assert channels_last_wanted("auto", torch.device("cuda")) and channels_last_wanted("on", CPU)
     convnet, resnet = build_network("convnet", 3, 10, 32), build_network("resnet18", 3, 10, 128)
