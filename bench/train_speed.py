@@ -20,8 +20,12 @@ timed images (one step's cost is linear in the images on one thread). The ``accu
 path on MNIST (10 real images per class, the evaluation protocol, ``--acc-epochs``) and tests it (eager, under the
 path's precision and layout) on 1,000 test images, so a path that loses accuracy shows.
 
+With ``--device cuda`` the same rows run on the GPU (the GPU kit's call, bench/gpu_run.sh): every call times the
+row's whole workload (no cap), micro-batches and test batches come from the device's free memory, and each
+timed call ends with a device synchronisation.
+
 Usage: python bench/train_speed.py [--quick] [--sizes convnet:28,resnet18:128] [--rows epoch-ipc10,test-2000]
-       [--paths ref,bf16,...] [--repeats 3] [--out bench/results/train_speed-NAME.md]
+       [--paths ref,bf16,...] [--repeats 3] [--device cpu|cuda] [--out bench/results/train_speed-NAME.md]
 Prints one markdown table; one torch thread.
 """
 
@@ -49,6 +53,7 @@ from distill.evaluate import activation_bytes, batch_for  # noqa: E402
 from distill.fastpath import FastPath, prepare  # noqa: E402
 from distill.nets import build_network  # noqa: E402
 from distill.precision import bf16_fast_on  # noqa: E402
+from distill.training import memory_budget_gb  # noqa: E402
 
 CLASSES = 10
 MEMORY_GB = 2.0  # evaluation's default activation budget (micro-batches and test batch)
@@ -82,6 +87,19 @@ QUICK = {"sizes": "convnet:28", "rows": "epoch-ipc10,test-2000", "repeats": 1, "
          "acc_test": 100}
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def memory_gb() -> float:
+    """The activation budget the evaluation uses on DEVICE (2 GiB on a CPU, from free memory on CUDA)."""
+    return MEMORY_GB if DEVICE.type == "cpu" else memory_budget_gb(DEVICE)
+
+
 def channels_of(size: int) -> int:
     return 1 if size == 28 else 3
 
@@ -104,8 +122,8 @@ class Unit:
 
 
 def _student(net: str, size: int, path: Path_, seed: int = 0) -> tuple[FastPath, torch.optim.Optimizer]:
-    model = build_network(net, channels_of(size), CLASSES, size, seed=seed)
-    fast = prepare(model, torch.device("cpu"), path.precision, path.compile, path.channels_last)
+    model = build_network(net, channels_of(size), CLASSES, size, seed=seed).to(DEVICE)
+    fast = prepare(model, DEVICE, path.precision, path.compile, path.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0005)
     return fast, optimizer
 
@@ -115,8 +133,8 @@ def train_unit(net: str, size: int, images: int, micro: int, augment: str, cap: 
     normalise, augment, forward under the path, fp32 loss, backward; then the step."""
     timed = min(images, TRAIN_BATCH, cap)
     gen = torch.Generator().manual_seed(1)
-    x_all = torch.rand(timed, channels_of(size), size, size, generator=gen)
-    y_all = torch.randint(0, CLASSES, (timed,), generator=gen)
+    x_all = torch.rand(timed, channels_of(size), size, size, generator=gen).to(DEVICE)
+    y_all = torch.randint(0, CLASSES, (timed,), generator=gen).to(DEVICE)
 
     def setup(path: Path_) -> object:
         fast, optimizer = _student(net, size, path)
@@ -136,9 +154,9 @@ def train_unit(net: str, size: int, images: int, micro: int, augment: str, cap: 
 
 
 def test_unit(net: str, size: int, images: int, cap: int) -> Unit:
-    batch = batch_for(MEMORY_GB, activation_bytes(net, channels_of(size), size, False), 500)
+    batch = batch_for(memory_gb(), activation_bytes(net, channels_of(size), size, False), 500)
     timed = min(batch, 3 * cap)
-    x = torch.rand(timed, channels_of(size), size, size, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(timed, channels_of(size), size, size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
     def setup(path: Path_) -> object:
         fast, _ = _student(net, size, path)
@@ -162,14 +180,14 @@ def dm_unit(size: int, ipc: int = 10) -> Unit:
     batch_real = DM_BATCH_REAL[size]
     ch = channels_of(size)
     gen = torch.Generator().manual_seed(3)
-    pool = normalize(torch.rand(CLASSES, 2 * batch_real, ch, size, size, generator=gen))
+    pool = normalize(torch.rand(CLASSES, 2 * batch_real, ch, size, size, generator=gen)).to(DEVICE)
     strategy = strategy_for(size == 28)
 
     def setup(path: Path_) -> object:
         dtype = torch.bfloat16 if path.precision == "bf16" else None
         embed = None
         if path.compile:
-            template = build_network("convnet", ch, CLASSES, size, seed=0)
+            template = build_network("convnet", ch, CLASSES, size, seed=0).to(DEVICE)
             embed = RealPass(real_embed_pass(template, dtype), compile=True)
         syn = pool[:, :ipc].reshape(-1, ch, size, size).clone().requires_grad_(True)
         return dtype, embed, syn, image_optimizer(syn, 1.0), torch.Generator().manual_seed(4), [0]
@@ -177,7 +195,7 @@ def dm_unit(size: int, ipc: int = 10) -> Unit:
     def run(state: object) -> None:
         dtype, embed, syn_all, optimizer, generator, counter = state  # type: ignore[misc]
         counter[0] += 1
-        net = build_network("convnet", ch, CLASSES, size, seed=counter[0])
+        net = build_network("convnet", ch, CLASSES, size, seed=counter[0]).to(DEVICE)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -196,9 +214,9 @@ def dm_unit(size: int, ipc: int = 10) -> Unit:
 
 
 def make_unit(row: str, net: str, size: int, cap: int | None = None) -> Unit | None:
-    cap = cap or TIMED_CAP[(net, size)]
+    cap = cap or (TIMED_CAP[(net, size)] if DEVICE.type == "cpu" else 5000)  # CUDA: the whole workload
     digits = size == 28
-    micro = batch_for(MEMORY_GB, activation_bytes(net, channels_of(size), size, True), TRAIN_BATCH)
+    micro = batch_for(memory_gb(), activation_bytes(net, channels_of(size), size, True), TRAIN_BATCH)
     if row == "epoch-ipc10":
         return train_unit(net, size, 10 * CLASSES, micro, strategy_for(digits), cap)
     if row == "epoch-ipc50":
@@ -228,12 +246,14 @@ def measure(unit: Unit, paths: list[str], repeats: int) -> dict[str, Cell]:
         states[name] = unit.setup(PATHS[name])
         start = time.perf_counter()
         unit.run(states[name])
+        synchronize()
         first[name] = time.perf_counter() - start
     best = dict.fromkeys(paths, float("inf"))
     for _ in range(repeats):
         for name in paths:
             start = time.perf_counter()
             unit.run(states[name])
+            synchronize()
             best[name] = min(best[name], time.perf_counter() - start)
     scale = unit.images / unit.timed
     return {name: Cell(best[name] * scale, max(0.0, first[name] - best[name])) for name in paths}
@@ -358,7 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--acc-test", type=int, default=None, help="test images of the accuracy row (default 1000)")
     parser.add_argument("--cap", type=int, default=None, help="images per timed training call (default by size)")
     parser.add_argument("--out", type=Path, default=None, help="also write the header and table to this file")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the GPU kit)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
     quick = QUICK if args.quick else {}
     configs = parse_sizes(args.sizes or quick.get("sizes") or ",".join(f"{n}:{s}" for n, s in CONFIGS))
     rows = (args.rows or quick.get("rows") or ",".join(ROWS)).split(",")
@@ -372,10 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     acc_epochs = args.acc_epochs if args.acc_epochs is not None else quick.get("acc_epochs", 100)
     acc_test = args.acc_test or quick.get("acc_test") or 1000
     torch.set_num_threads(1)
-    cpu = torch.device("cpu")
     load_before = os.getloadavg()
-    header = [f"CPU: {cpu_model()}; native bf16 (bf16_fast_on): {bf16_fast_on(cpu)}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} thread; min of {repeats} timed calls per cell",
+    where = f"CPU: {cpu_model()}" if DEVICE.type == "cpu" else f"GPU: {torch.cuda.get_device_name(DEVICE)}"
+    header = [f"{where}; native bf16 (bf16_fast_on): {bf16_fast_on(DEVICE)}; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU thread; min of {repeats} timed calls per cell",
               f"load average before: {' '.join(f'{v:.2f}' for v in load_before)}", ""]
     print("\n".join(header), flush=True)
     cols = columns(paths)

@@ -55,6 +55,8 @@ def test_the_kit_installs_offline_beside_the_image_packages_and_the_check_runs_f
     assert {"loader_img_s", "encode_img_s", "encode_cpu_fed_img_s", "latent_cache_img_s", "teacher_train_img_s",
             "resnet18_train_img_s_channels_last"} <= keys
     assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1  # header row + one line per row
+    speed = (out / "train_speed.md").read_text()  # the training-speed rows run from the kit too (CPU: --quick)
+    assert "| convnet | 28 | epoch-ipc10 |" in speed and "| convnet | 28 | test-2000 |" in speed
     env_txt = (out / "env.txt").read_text()
     assert "torch" in env_txt and "ray not installed" in env_txt and "diffusers" in env_txt
 

@@ -50,3 +50,15 @@ def test_train_speed_rejects_unknown_rows_sizes_and_paths() -> None:
     for args in (["--rows", "epoch-ipc7"], ["--sizes", "convnet:48"], ["--sizes", "convnet:x"], ["--paths", "fp8"]):
         with pytest.raises(SystemExit, match="unknown"):
             train_speed.main(args)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA host runs the GPU rows instead")
+def test_train_speed_device_cuda_without_a_gpu_is_one_clear_error() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_speed
+
+    try:
+        with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+            train_speed.main(["--device", "cuda", "--quick"])
+    finally:
+        train_speed.DEVICE = __import__("torch").device("cpu")
