@@ -213,8 +213,18 @@ def _per_sample_loss(logits, hard, soft, weights) -> torch.Tensor:
     return per_sample
 
 
-def _weighted_loss(logits, hard, soft, weights) -> torch.Tensor:
-    return _per_sample_loss(logits, hard, soft, weights).mean()
+def _student_step(fast: FastPath, batch_idx: torch.Tensor, micro: int, rank: int, world: int,
+                  augment: Callable[..., torch.Tensor],
+                  per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """The gradients of one optimiser step on ``batch_idx``: in one process, per micro-batch (one unless
+    activations exceed the memory budget) the mean loss weighted by its share of the batch; over several
+    processes :func:`_data_parallel_step`. ``per_sample(x, idx)`` is the per-image loss of images ``idx``."""
+    if world > 1:
+        _data_parallel_step(fast, batch_idx, micro, rank, world, augment,
+                            lambda x, idx: per_sample(x, idx).sum())
+        return
+    for part in batch_idx.split(micro):
+        (per_sample(augment(part), part).mean() * (len(part) / len(batch_idx))).backward()
 
 
 def _data_parallel_step(fast: FastPath, batch_idx: torch.Tensor, micro: int, rank: int, world: int,
@@ -313,12 +323,12 @@ def train_student_dc(
     generator = torch.Generator().manual_seed(run_seed)
     n = len(x_all)
 
-    def augment(part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def augment(part: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator, rows)
 
-    def loss_sum(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def per_sample(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return _per_sample_loss(fast.logits(x), y_all[idx], soft_all[idx] if soft_all is not None else None,
-                                w_all[idx] if w_all is not None else None).sum()
+                                w_all[idx] if w_all is not None else None)
 
     model.train()
     for epoch in range(epochs + 1):
@@ -331,16 +341,7 @@ def train_student_dc(
                 check_cancelled()
             batch_idx = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                _data_parallel_step(fast, batch_idx, micro, rank, world, augment, loss_sum)
-            else:
-                for part in batch_idx.split(micro):  # one part unless activations exceed memory_gb
-                    x = augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator)
-                    loss = _weighted_loss(
-                        fast.logits(x), y_all[part], soft_all[part] if soft_all is not None else None,
-                        w_all[part] if w_all is not None else None,
-                    ) * (len(part) / len(batch_idx))
-                    loss.backward()
+            _student_step(fast, batch_idx, micro, rank, world, augment, per_sample)
             optimizer.step()
         if progress is not None and epoch % 10 == 0:
             progress("train", epoch / (epochs + 1))
@@ -379,17 +380,15 @@ def train_student_softlabel(
     teacher.eval()
     n = len(x_all)
 
-    def augment(part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def augment(part: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return augment_for_training(dataset.normalize(as_pixels(x_all[part])), strategy, generator, rows)
 
-    def loss_sum(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def per_sample(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), training_precision(config.precision, device):
             target = F.softmax(teacher(x).float() / temperature, dim=1)
         log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
-        per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
-        if w_all is not None:
-            per_sample = per_sample * w_all[idx]
-        return per_sample.sum()
+        losses = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
+        return losses * w_all[idx] if w_all is not None else losses
 
     for epoch in range(epochs):
         model.train()
@@ -399,19 +398,7 @@ def train_student_softlabel(
                 check_cancelled()
             batch_idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                _data_parallel_step(fast, batch_idx, micro, rank, world, augment, loss_sum)
-            else:
-                for idx in batch_idx.split(micro):  # one part unless activations exceed memory_gb
-                    x = augment_for_training(dataset.normalize(as_pixels(x_all[idx])), strategy, generator)
-                    with torch.no_grad(), training_precision(config.precision, device):
-                        target = F.softmax(teacher(x).float() / temperature, dim=1)
-                    log_p = F.log_softmax(fast.logits(x) / temperature, dim=1)
-                    per_sample = F.kl_div(log_p, target, reduction="none").sum(1) * temperature**2
-                    if w_all is not None:
-                        per_sample = per_sample * w_all[idx]
-                    loss = per_sample.mean() * (len(idx) / len(batch_idx))
-                    loss.backward()
+            _student_step(fast, batch_idx, micro, rank, world, augment, per_sample)
             optimizer.step()
         scheduler.step()
         if progress is not None and epoch % 10 == 0:
