@@ -267,12 +267,15 @@ def _fresh_student(dataset: Dataset, config: EvalConfig,
     return model, model_name, device, rank, world
 
 
-def student_compiles(config: EvalConfig, dataset: Dataset, images: int, epochs: int, batch: int) -> bool:
+def student_compiles(config: EvalConfig, dataset: Dataset, images: int, epochs: int, batch: int,
+                     network: nn.Module | None = None) -> bool:
     """Whether a student of ``config`` is compiled: ``compile`` 'on' / 'off', or 'auto' by the run's work and
-    network (:func:`distill.fastpath.compile_wanted`); its test passes follow the same decision."""
+    network (:func:`distill.fastpath.compile_wanted`; the student itself, or one built to look at); its test
+    passes follow the same decision."""
     steps = epochs * math.ceil(images / batch)
-    network = build_network(resolve_model(config.model, dataset.image_size), dataset.channels, dataset.num_classes,
-                            dataset.image_size)
+    if network is None:
+        network = build_network(resolve_model(config.model, dataset.image_size), dataset.channels,
+                                dataset.num_classes, dataset.image_size)
     return compile_wanted(config.compile, torch.device(config.device), run_work(steps, min(images, batch),
                                                                                 dataset.image_size), network)
 
@@ -309,7 +312,7 @@ def train_student_dc(
     model, model_name, device, rank, world = _fresh_student(dataset, config, run_seed)
     epochs = config.resolved_epochs()
     fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs + 1,
-                                                                 config.batch_size), world)
+                                                                 config.batch_size, model), world)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
     micro = batch_for(config.memory_budget(), activation_bytes(model_name, dataset.channels, dataset.image_size, True),
                       config.batch_size)
@@ -366,7 +369,8 @@ def train_student_softlabel(
     teacher = teacher.to(device)
     epochs = config.resolved_epochs()
     batch = softlabel_batch(config)
-    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs, batch), world)
+    fast = _student_path(model, device, config, student_compiles(config, dataset, len(images), epochs, batch, model),
+                         world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda ep: 0.5 * (1 + math.cos(math.pi * ep / epochs / 2)))
     x_all = images.to(device)  # stored dtype (uint8 or float); normalised per batch
