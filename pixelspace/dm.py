@@ -16,6 +16,7 @@ embedding depends only on its own image for non-BN networks).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -48,19 +49,16 @@ def embed_fn(net: nn.Module):
     return net.embed if hasattr(net, "embed") else net
 
 
-def dm_loss_batched(
+def real_embeddings(
     net: nn.Module,
     real: torch.Tensor,
-    syn: torch.Tensor,
     real_chunk: int = 512,
     real_dtype: torch.dtype | None = None,
     real_embed: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 with one forward per side (C x n x ... inputs).
-
-    The real side runs without a graph (in ``real_dtype`` arithmetic when given, e.g. torch.bfloat16), or
-    through ``real_embed`` ((state dict, images) -> embeddings, e.g. a compiled :class:`RealPass`).
-    """
+    """C x n x d embeddings of a class-stacked real batch, without a graph, in chunks of ``real_chunk`` images
+    (in ``real_dtype`` arithmetic when given, e.g. torch.bfloat16), or through ``real_embed`` ((state dict,
+    images) -> embeddings, e.g. a compiled :class:`RealPass`)."""
     embed = embed_fn(net)
     classes, n = real.shape[:2]
     flat = real.reshape(classes * n, *real.shape[2:])
@@ -71,10 +69,55 @@ def dm_loss_batched(
         else:
             with autocast_context(real.device, real_dtype):
                 feats = torch.cat([embed(flat[s : s + real_chunk]).float() for s in range(0, len(flat), real_chunk)])
-    mean_real = feats.view(classes, n, -1).mean(1)
-    feats_syn = embed(syn.reshape(-1, *syn.shape[2:]))
-    mean_syn = feats_syn.view(classes, syn.shape[1], -1).mean(1)
-    return ((mean_real - mean_syn) ** 2).sum()
+    return feats.view(classes, n, -1)
+
+
+def class_mean_loss(feats_real: torch.Tensor, feats_syn: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DM's loss: sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 (C x n x d and C x ipc x d embeddings); with
+    ``weights`` (C x ipc, each class summing to 1) the synthetic mean is the weighted one the student's loss sees."""
+    mean_syn = feats_syn.mean(1) if weights is None else (weights.to(feats_syn.device).unsqueeze(-1) * feats_syn).sum(1)
+    return ((feats_real.mean(1) - mean_syn) ** 2).sum()
+
+
+def cell_mean_loss(feats_real: torch.Tensor, real_cells: torch.Tensor, feats_syn: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """sum_c sum_k w_ck ||mean embed(real_c in cell k) - embed(syn_ck)||^2: synthetic image k of a class matches
+    the mean embedding of its own quantization cell (``real_cells`` C x n, -1 = in no cell), weighted by the
+    cell's mass (``weights`` C x ipc); a cell with no image in the batch adds nothing this iteration."""
+    cells = feats_syn.shape[1]
+    inside = (real_cells >= 0).unsqueeze(-1)
+    onehot = torch.nn.functional.one_hot(real_cells.clamp_min(0), cells).to(feats_real.dtype) * inside  # C x n x K
+    counts = onehot.sum(1)  # C x K
+    means = torch.einsum("cnk,cnd->ckd", onehot, feats_real) / counts.clamp_min(1).unsqueeze(-1)
+    per_cell = ((means - feats_syn) ** 2).sum(-1)  # C x K
+    return (weights.to(per_cell.device) * (counts > 0) * per_cell).sum()
+
+
+def dm_loss_batched(
+    net: nn.Module,
+    real: torch.Tensor,
+    syn: torch.Tensor,
+    real_chunk: int = 512,
+    real_dtype: torch.dtype | None = None,
+    real_embed: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 with one forward per side (C x n x ... inputs); the real
+    side as :func:`real_embeddings` computes it."""
+    feats_real = real_embeddings(net, real, real_chunk, real_dtype, real_embed)
+    feats_syn = embed_fn(net)(syn.reshape(-1, *syn.shape[2:])).view(syn.shape[0], syn.shape[1], -1)
+    return class_mean_loss(feats_real, feats_syn)
+
+
+@dataclass
+class CellTargets:
+    """The quantization cells of a cell-matched refinement (``oq``'s ``refine_match``): each synthetic image also
+    matches the mean embedding of its own cell's real images, weighted by the cell's mass."""
+
+    cells: list[torch.Tensor]  # per class, the cell (0..ipc-1) of each real-pool position; -1 = in no cell
+    weights: torch.Tensor  # C x ipc cell masses, each class summing to 1
+    class_term: bool  # keep DM's class-mean term beside the cell terms
+    cell_term: bool = True  # False: only the class mean, its synthetic side weighted by the masses
 
 
 def dm_loss_naive(net: nn.Module, real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
@@ -94,9 +137,10 @@ class DistributionMatching(Method[DMParams]):
     family: ClassVar[str] = "pixel"
     Params = DMParams
 
-    def run(self, ctx: RunContext, params: DMParams, initial: torch.Tensor | None = None) -> DistilledSet:
+    def run(self, ctx: RunContext, params: DMParams, initial: torch.Tensor | None = None,
+            cells: CellTargets | None = None) -> DistilledSet:
         """``initial``: start from these class-ordered [0, 1] images instead of ``params.init`` (a refinement,
-        reported as the stage ``refine``)."""
+        reported as the stage ``refine``); ``cells``: match per quantization cell too (:func:`cell_mean_loss`)."""
         ds = ctx.dataset
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         setup = matching_setup(ctx, params, 13, lr_img, initial)
@@ -109,20 +153,31 @@ class DistributionMatching(Method[DMParams]):
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():
                 p.requires_grad_(False)
-            real = setup.pool.sample_all(params.batch_real, setup.generator)
+            if cells is None:
+                real = setup.pool.sample_all(params.batch_real, setup.generator)
+            else:
+                real, positions = setup.pool.sample_all_with_positions(params.batch_real, setup.generator)
+                real_cells = torch.stack([cells.cells[c][positions[c]] for c in range(ds.num_classes)])
             syn = setup.image_syn.view(ds.num_classes, ctx.ipc, *setup.image_syn.shape[1:])
             if setup.strategy != "none":
                 seeds = [draw_seed(setup.generator) for _ in range(ds.num_classes)]
                 real = torch.stack([diff_augment(real[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
                 syn = torch.stack([diff_augment(syn[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
+            embed = embed_fn(net)
             if has_batchnorm(net):
                 # Reference BN branch: one forward over all classes (BN statistics mix classes).
-                embed = embed_fn(net)
                 feats_real = embed(real.reshape(-1, *real.shape[2:])).detach().view(ds.num_classes, real.shape[1], -1)
-                feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(ds.num_classes, ctx.ipc, -1)
-                loss = ((feats_real.mean(1) - feats_syn.mean(1)) ** 2).sum()
             else:
-                loss = dm_loss_batched(net, real, syn, params.real_chunk, setup.real_dtype, real_embed)
+                feats_real = real_embeddings(net, real, params.real_chunk, setup.real_dtype, real_embed)
+            feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(ds.num_classes, ctx.ipc, -1)
+            if cells is None:
+                loss = class_mean_loss(feats_real, feats_syn)
+            elif not cells.cell_term:
+                loss = class_mean_loss(feats_real, feats_syn, cells.weights)
+            else:
+                loss = cell_mean_loss(feats_real, real_cells.to(feats_real.device), feats_syn, cells.weights)
+                if cells.class_term:
+                    loss = loss + class_mean_loss(feats_real, feats_syn)
             setup.optimizer_img.zero_grad(set_to_none=True)
             loss.backward()
             setup.optimizer_img.step()

@@ -113,13 +113,22 @@ class RealPool:
 
     def sample(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """n normalised images of class c (fewer if the class is smaller), without replacement."""
+        return self.sample_with_positions(c, n, generator)[0]
+
+    def sample_with_positions(self, c: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` and the drawn positions within class c (what a per-image label such as a cell reads)."""
         pick = torch.randperm(self.count(c), generator=generator)[:n]
-        return self._normalise(self.images(c, pick))
+        return self._normalise(self.images(c, pick)), pick
 
     def sample_all(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Class-stacked batch C x n x ch x H x W (n is capped by the smallest class)."""
+        return self.sample_all_with_positions(n, generator)[0]
+
+    def sample_all_with_positions(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_all` and the C x n positions drawn (the same draws from the generator)."""
         n = min(n, min(self.count(c) for c in range(self.num_classes)))
-        return torch.stack([self.sample(c, n, generator) for c in range(self.num_classes)])
+        drawn = [self.sample_with_positions(c, n, generator) for c in range(self.num_classes)]
+        return torch.stack([images for images, _ in drawn]), torch.stack([pick for _, pick in drawn])
 
     def sample_mixed(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n images drawn uniformly from the whole (capped) train split with labels (DD's real loader)."""

@@ -18,15 +18,19 @@ Both compose the same stages, each checkpointed for resume:
    Fashion-MNIST, and the small CPU-trained prior lowered accuracy); a pretrained diffusion decoder (GPU host)
    -> ``decode=diffusion prior=PATH``, DDOQ's own setting (not measured here).
 4. ``refine`` (``refine_iterations``; ``oq``'s default ``auto`` = 200 up to 64 px without a diffusion decode): a
-   short DM run from the decoded set, masses kept (:func:`refine_with_dm`), the measured winner on such hosts.
+   short DM run from the decoded set (:func:`refine_with_dm`), the measured winner on such hosts. It matches the
+   class mean as DM does (``refine_match=class``); matching each image to its own cell's mean (``cell``) or the
+   mass-weighted mean (``mass``) measured worse on Imagenette (docs/BENCHMARKS.md).
 
-``oq`` returns the per-class normalised cluster masses as image weights (DDOQ); ``d4m`` returns none.
+``oq`` returns the per-class normalised cluster masses as image weights (DDOQ), to the power ``weight_power``
+(``auto``: 1, or 0.5 on a class-refined set, whose images no longer stand for their cells alone); ``d4m`` returns
+none.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,6 +40,9 @@ from distill.data.registry import as_pixels
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, Method, MethodParams, ModelName, NetworkName, RunContext
 from quantize.encoders import RESOLUTION_POLICY
+
+if TYPE_CHECKING:
+    from pixelspace.dm import CellTargets
 
 KMeansBackend = Literal["auto", "faiss", "sklearn-minibatch", "sklearn-partial-fit", "sklearn", "torch"]
 RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
@@ -53,6 +60,20 @@ REFINE_AUTO_HELP = (
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
                "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
                + REFINE_AUTO_HELP)
+WeightPower = Annotated[float, Field(gt=0.0)] | Literal["auto"]
+# weight_power=auto: the refinement (DM's uniform class mean) moves images off their cells' centres, and the raw
+# masses then cost accuracy (docs/BENCHMARKS.md, Imagenette: the same refined set under powers 1, 0.5 and 0).
+REFINED_WEIGHT_POWER = 0.5
+WEIGHT_POWER_HELP = ("weights proportional to mass**power (1 = DDOQ's masses, 0.5 = the square-root variance-reduction "
+                     f"variant); auto = {REFINED_WEIGHT_POWER} on a refined set (refine_match=class, which moves the "
+                     "images off their cells' centres), else 1")
+RefineMatch = Literal["class", "mass", "cell", "class+cell"]
+REFINE_MATCH_HELP = ("what the refinement matches: class (DM: the class's mean embedding), mass (the class's mean, the "
+                     "synthetic side weighted by the cell masses as the student's loss weighs it), cell (each image the "
+                     "mean embedding of its own k-means cell's real images, weighted by the cell's mass) or class+cell "
+                     "(both terms)")
+REFINE_BATCH_HELP = ("real images per class each refinement iteration reads (DM's batch_real; their forward pass is most "
+                     "of an iteration's cost)")
 
 
 class LatentParams(MethodParams):
@@ -71,6 +92,8 @@ class LatentParams(MethodParams):
                                                              "(D4M: 0.7; 0 = plain VAE decode)")
     steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
     refine_iterations: RefineIterations = Field(0, description=REFINE_HELP)
+    refine_match: RefineMatch = Field("class", description=REFINE_MATCH_HELP)
+    refine_batch_real: int = Field(256, ge=1, description=REFINE_BATCH_HELP)
     scheduler: Literal["ddim", "dpm"] = Field("ddim", description="diffusion sampler")
     restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
     labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
@@ -114,9 +137,10 @@ class LatentOQParams(LatentParams):
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
     refine_iterations: RefineIterations = Field("auto", description=REFINE_HELP)
+    refine_match: RefineMatch = Field("class", description=REFINE_MATCH_HELP)
+    refine_batch_real: int = Field(256, ge=1, description=REFINE_BATCH_HELP)
     weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
-    weight_power: float = Field(1.0, gt=0.0, description="weights proportional to mass**power (1 = DDOQ's "
-                                                         "masses, 0.5 = the square-root variance-reduction variant)")
+    weight_power: WeightPower = Field("auto", description=WEIGHT_POWER_HELP)
 
     @model_validator(mode="after")
     def _need_prior(self) -> LatentOQParams:
@@ -188,6 +212,7 @@ def _quantize_job(job: dict[str, Any]) -> dict[str, Any]:
         "w2_weighted": result.error, "seconds": result.seconds, "n": len(x),
         "members": store.class_indices(job["label"])[members].tolist(),
         "w2_members": w2_weighted(x, x[members]),
+        "cells": result.assignments.tolist(),  # the cell of each row above (a cell-matched refinement reads them)
     }
     if job["w2_uniform"]:
         value, method = w2_uniform(x, result.centroids)
@@ -242,6 +267,8 @@ def quantize_classes(ctx: RunContext, store, params: LatentParams, *, seed_per_c
         "kmeans_backends": sorted({r.get("backend", params.kmeans_backend) for r in results}),
         "members": [r["members"] for r in results],
         "w2_members": [r["w2_members"] for r in results],
+        "cells": [r["cells"] for r in results],  # per class, in the cache's row order (class_indices)
+        "cell_rows": [store.class_indices(r["label"]).tolist() for r in results],
     }
 
 
@@ -356,7 +383,7 @@ def class_weights(counts: list[list[int]], power: float) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(out)).float()
 
 
-def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool, weight_power: float = 1.0,
+def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool, weight_power: float | str = 1.0,
                         seed_per_class: bool = True) -> DistilledSet:
     from quantize.encoders import load_encoder
     from quantize.latent_cache import latents_for_context, open_store
@@ -389,7 +416,12 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     images = ctx.checkpoints.stage("decode", decode)
     refine_iterations = resolve_refine_iterations(params, ctx.dataset.image_size)
     if refine_iterations:
-        images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, refine_iterations))
+        if params.refine_match != "class" and "cells" not in quant:
+            raise DistillError("this run's quantize checkpoint predates refine_match: start a new run")
+        cells = None if params.refine_match == "class" else cell_targets(ctx, quant, params.refine_match)
+        batch_real = params.refine_batch_real
+        images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, refine_iterations, cells, batch_real))
+    power = resolve_weight_power(weight_power, refine_iterations, params.refine_match)
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
     w_weighted = np.asarray(quant["w2_weighted"], dtype=np.float64)
     metrics: dict[str, Any] = {
@@ -399,6 +431,9 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         "kmeans_backend": ",".join(quant.get("kmeans_backends", [params.kmeans_backend])),
         "kmeans_backend_requested": params.kmeans_backend,
         "refine_iterations": refine_iterations,
+        "refine_match": params.refine_match if refine_iterations else None,
+        "refine_batch_real": params.refine_batch_real if refine_iterations else None,
+        "weight_power": power if weighted else None,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
         "w2_weighted_mean": round(float(w_weighted.mean()), 6),
@@ -419,7 +454,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         images=images,
         labels=quant["labels"],
         soft_labels=soft,
-        weights=class_weights(quant["counts"], weight_power) if weighted else None,
+        weights=class_weights(quant["counts"], power) if weighted else None,
         extras={"latents": quant["centroids"].float()}
         | ({"source_indices": torch.from_numpy(np.concatenate(quant["members"]))} if params.decode == "nearest" else {}),
         metrics=metrics,
@@ -439,17 +474,40 @@ def resolve_refine_iterations(params: LatentParams, image_size: int) -> int:
     return 0 if pretrained_style_decode or image_size > REFINE_AUTO_MAX_PX else REFINE_AUTO_ITERATIONS
 
 
-def refine_with_dm(ctx: RunContext, images: torch.Tensor, iterations: int) -> torch.Tensor:
-    """A short DM run from the decoded set (class-ordered, IPC per class): refined [0, 1] pixels, same order.
+def cell_targets(ctx: RunContext, quant: dict[str, Any], match: str) -> CellTargets:
+    """The k-means cells of every training image, by its position within its class in the run's split (the order
+    the refinement's real pool draws from), with the cells' masses: a cell-matched refinement's targets."""
+    from pixelspace.dm import CellTargets
+
+    cells = []
+    for c in range(ctx.num_classes):
+        lookup = dict(zip(quant["cell_rows"][c], quant["cells"][c], strict=True))
+        cells.append(torch.tensor([lookup.get(int(i), -1) for i in ctx.train.class_indices(c)], dtype=torch.long))
+    weights = class_weights(quant["counts"], 1.0).view(ctx.num_classes, ctx.ipc)
+    return CellTargets(cells=cells, weights=weights, class_term=match == "class+cell", cell_term=match != "mass")
+
+
+def resolve_weight_power(weight_power: float | str, refine_iterations: int, refine_match: str) -> float:
+    """``weight_power`` as a number: ``auto`` tempers the masses of a set the class-mean refinement moved (its
+    images no longer stand for their cells alone); the raw masses otherwise (DDOQ)."""
+    if weight_power != "auto":
+        return float(weight_power)
+    return REFINED_WEIGHT_POWER if refine_iterations and refine_match == "class" else 1.0
+
+
+def refine_with_dm(ctx: RunContext, images: torch.Tensor, iterations: int,
+                   cells: CellTargets | None = None, batch_real: int = 256) -> torch.Tensor:
+    """A short DM run from the decoded set (class-ordered, IPC per class): refined [0, 1] pixels, same order;
+    ``cells`` (:func:`cell_targets`) match each image to its own cell too.
 
     DM lives with the pixel-space methods; the latent pipeline borrows it here (the two families are siblings
     over the core, neither imports the job layer)."""
     from distill.methods.registry import parse_params
     from pixelspace.dm import DistributionMatching, DMParams
 
-    params = parse_params(DistributionMatching, {"iterations": iterations})  # DM's defaults otherwise
+    params = parse_params(DistributionMatching, {"iterations": iterations, "batch_real": batch_real})  # DM's defaults otherwise
     assert isinstance(params, DMParams)
-    return DistributionMatching().run(ctx, params, initial=as_pixels(images)).images  # stage "refine"
+    return DistributionMatching().run(ctx, params, initial=as_pixels(images), cells=cells).images  # stage "refine"
 
 
 class LatentOptimalQuantization(Method[LatentOQParams]):

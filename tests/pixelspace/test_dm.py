@@ -48,3 +48,29 @@ def test_dm_batchnorm_branch_and_real_init_pixel_scale(mnist):
     # init real + a negligible lr: the archive holds (almost) the real pixels in [0, 1]
     assert float(out.images.min()) > -0.01 and float(out.images.max()) < 1.01
     assert torch.isfinite(out.extras["loss_curve"]).all()
+
+
+def test_cell_mean_loss_is_each_image_against_its_own_cells_mean():
+    """The cell-matched term: image k of a class against the mean embedding of the real images of cell k,
+    weighted by the cell's mass; a cell absent from the batch and rows in no cell (-1) add nothing; with one cell
+    per class holding every image it is DM's class-mean loss."""
+    from pixelspace.dm import cell_mean_loss, class_mean_loss
+
+    gen = torch.Generator().manual_seed(0)
+    real, syn = torch.randn(2, 6, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    cells = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 0, 0, 0]])  # class 0 has no image of cell 2 here
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    expected = (0.5 * ((real[0, :2].mean(0) - syn[0, 0]) ** 2).sum() + 0.3 * ((real[0, 2:5].mean(0) - syn[0, 1]) ** 2).sum()
+                + 0.1 * ((real[1, 3:].mean(0) - syn[1, 0]) ** 2).sum() + 0.3 * ((real[1, :3].mean(0) - syn[1, 2]) ** 2).sum())
+    torch.testing.assert_close(cell_mean_loss(real, cells, syn, weights), expected)
+    one = cell_mean_loss(real, torch.zeros(2, 6, dtype=torch.long), syn[:, :1], torch.ones(2, 1))
+    torch.testing.assert_close(one, class_mean_loss(real, syn[:, :1]))
+
+
+def test_positions_are_the_draws_of_sample_all(mnist):
+    """sample_all_with_positions draws what sample_all draws from the same generator, and says which images."""
+    pool = RealPool(RunContext(dataset=mnist, ipc=1, seed=0, max_per_class=20))
+    plain = pool.sample_all(5, torch.Generator().manual_seed(4))
+    images, positions = pool.sample_all_with_positions(5, torch.Generator().manual_seed(4))
+    assert torch.equal(plain, images) and positions.shape == (10, 5)
+    assert torch.equal(images[3, 2], pool._normalise(pool.images(3, positions[3, 2:3]))[0])

@@ -197,7 +197,12 @@ def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mn
     refined = run_to_archive(RunRequest("mnist", "oq", 2, {**base, "refine_iterations": 2}, seed=0, max_per_class=50),
                              tmp_path / "r.tar")
     a, b = plain.distilled, refined.distilled
-    assert torch.equal(a.labels, b.labels) and torch.equal(a.weights, b.weights)
+    assert torch.equal(a.labels, b.labels)
+    # weight_power=auto: the raw masses on the plain set, their square roots on the refined one (per class shares)
+    for c in range(10):
+        raw, tempered = a.weights[a.labels == c].double(), b.weights[b.labels == c].double()
+        torch.testing.assert_close(tempered / tempered.sum(), raw.sqrt() / raw.sqrt().sum())
+    assert plain.manifest["metrics"]["weight_power"] == 1.0 and refined.manifest["metrics"]["weight_power"] == 0.5
     assert b.images.shape == a.images.shape and b.images.dtype == torch.float32
     moved = (b.pixels() - a.pixels()).abs()
     assert 0 < float(moved.mean()) < 0.2  # refined, not replaced
@@ -205,6 +210,40 @@ def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mn
     bad = invoke("run", "oq", "--dataset", "mnist", "--ipc", "2", "--max-per-class", "50", "--set", "refine_iterations=-1",
                  "--out", str(tmp_path / "x.tar"))
     assert bad.exit_code == 2 and "refine_iterations" in bad.output and not (tmp_path / "x.tar").exists()
+
+
+def test_cell_matched_refinement_uses_the_runs_cells(tmp_path: Path, mnist_store):
+    """refine_match=mass / cell / class+cell: the refinement weighs the synthetic mean by the masses, or also pulls
+    each image to its own k-means cell's mean embedding: labels kept, the images moved otherwise than by DM's
+    class term alone; the manifest says which ran."""
+    base = {"w2_uniform": False, "refine_iterations": 2}
+    runs = {match: run_to_archive(RunRequest("mnist", "oq", 2, {**base, "refine_match": match}, seed=0, max_per_class=50),
+                                  tmp_path / f"{match}.tar") for match in ("class", "mass", "cell", "class+cell")}
+    images = {match: run.distilled.pixels() for match, run in runs.items()}
+    assert len({tuple(image.flatten()[:4000].tolist()) for image in images.values()}) == 4  # four different sets
+    for match, run in runs.items():
+        assert torch.equal(run.distilled.weights, runs["cell"].distilled.weights) == (match != "class")
+        assert run.manifest["metrics"]["refine_match"] == match
+    # weight_power=auto keeps the raw masses where the refinement itself weighs images by them
+    assert {run.manifest["metrics"]["weight_power"] for run in runs.values()} == {0.5, 1.0}
+
+
+def test_cell_targets_map_cache_rows_to_pool_positions(mnist):
+    """cell_targets: each image's cell by its position within its class in the run's split (the real pool's
+    order), whatever order the cache lists them in; an image the cache left out (undecodable) is in no cell (-1);
+    the masses are per class shares."""
+    from distill.methods.base import RunContext
+    from quantize.methods import cell_targets
+
+    ctx = RunContext(dataset=mnist, ipc=2, seed=0, max_per_class=6)
+    rows = [ctx.train.class_indices(c).tolist() for c in range(10)]
+    cells = [[k % 2 for k in range(len(r))] for r in rows]
+    quant = {"cell_rows": [r[::-1][1:] for r in rows], "cells": [c[::-1][1:] for c in cells],  # reversed, last left out
+             "counts": [[3, 2]] * 10}
+    targets = cell_targets(ctx, quant, "class+cell")
+    assert targets.class_term and torch.allclose(targets.weights, torch.tensor([[0.6, 0.4]] * 10))
+    for c in range(10):
+        assert targets.cells[c].tolist() == cells[c][:-1] + [-1]
 
 
 def test_refine_auto_refines_small_images_without_a_diffusion_decode():
