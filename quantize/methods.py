@@ -58,7 +58,8 @@ REFINE_AUTO_HELP = (
     "iteration reads up to 256 real images per class, so its cost grows with pixels times classes: far more "
     "than the rest of the job at ImageNet scale, see docs/BENCHMARKS.md)")
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
-               "ConvNet features, the `dm` method's defaults), cell masses kept as weights; 0 = off; auto = "
+               "ConvNet features, the `dm` method's defaults), cell masses kept as weights (see weight_power); 0 = off; "
+               "auto = "
                + REFINE_AUTO_HELP)
 WeightPower = Annotated[float, Field(gt=0.0)] | Literal["auto"]
 # weight_power=auto: the refinement (DM's uniform class mean) moves images off their cells' centres, and the raw
@@ -72,8 +73,8 @@ REFINE_MATCH_HELP = ("what the refinement matches: class (DM: the class's mean e
                      "synthetic side weighted by the cell masses as the student's loss weighs it), cell (each image the "
                      "mean embedding of its own k-means cell's real images, weighted by the cell's mass) or class+cell "
                      "(both terms)")
-REFINE_BATCH_HELP = ("real images per class each refinement iteration reads (DM's batch_real; their forward pass is most "
-                     "of an iteration's cost)")
+REFINE_BATCH_HELP = ("real images per class each refinement iteration reads (DM's batch_real; at low IPC their forward "
+                     "pass is most of an iteration's cost, at IPC 50 the synthetic images' pass is)")
 
 
 class LatentParams(MethodParams):
@@ -137,8 +138,6 @@ class LatentOQParams(LatentParams):
                                 "(mostly brightness / contrast / colour cast; W2 figures are then in that space); "
                                 "none: the latents as they are")
     refine_iterations: RefineIterations = Field("auto", description=REFINE_HELP)
-    refine_match: RefineMatch = Field("class", description=REFINE_MATCH_HELP)
-    refine_batch_real: int = Field(256, ge=1, description=REFINE_BATCH_HELP)
     weighted: bool = Field(True, description="store the cluster masses as per-image weights (DDOQ)")
     weight_power: WeightPower = Field("auto", description=WEIGHT_POWER_HELP)
 
