@@ -153,7 +153,7 @@ class DistributionMatching(Method[DMParams]):
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():
                 p.requires_grad_(False)
-            if cells is None:
+            if cells is None or not cells.cell_term:  # the same draws either way; only cell terms read positions
                 real = setup.pool.sample_all(params.batch_real, setup.generator)
             else:
                 real, positions = setup.pool.sample_all_with_positions(params.batch_real, setup.generator)
