@@ -21,6 +21,8 @@ Sections, in the order they run:
 4. ``kmeans``: 1300 x 4096 per class (an ImageNet class of SD-VAE latents), K = 10 / 50 / 100, with the torch
    Lloyd on the device (``kmeans_backend=torch``: the lent image has no FAISS) and FAISS where installed.
 5. ``resnet18``: ResNet-18 training steps at 224 px, with and without channels_last.
+5b. ``refine``: ``oq``'s pixel refinement (DM's class-mean step: a fresh random ConvNet, DSA, the real side
+   graph-free in the device's real precision, the synthetic side with a graph) at 224 px, per class-iteration.
 6. ``teacher``: teacher training (``distill.teacher.train_on_split``) on a synthetic ImageNet-shaped JPEG set,
    next to the loader's own rate on the same files.
 7. ``pixel``: every pixel method for a few iterations (DC / DSA / DM with ``compile_real=on``).
@@ -84,6 +86,10 @@ class Sizes:
     resnet_px: int
     resnet_batch: int
     resnet_steps: int
+    refine_px: int
+    refine_classes: int
+    refine_settings: tuple[tuple[int, int], ...]  # (IPC, real images per class)
+    refine_steps: int
     teacher_classes: int
     teacher_per_class: int
     teacher_px: int
@@ -138,22 +144,24 @@ TINY_FEW = {**FEW, "dd": {"iterations": 1, "batch_real": 32}, "dc": {"iterations
 
 FULL = Sizes(encode_images=2048, encode_px=256, encode_batch=128, vae=SD_VAE, decode_batches=(64, 256), dit=DIT_XL2,
              dit_batches=(64, 256), dit_steps=4, kmeans_n=1300, kmeans_d=4096, kmeans_ks=(10, 50, 100),
-             resnet_px=224, resnet_batch=256, resnet_steps=10, teacher_classes=100, teacher_per_class=20,
-             teacher_px=224, teacher_batch=256, service_classes=100, service_per_class=40, service_px=256,
+             resnet_px=224, resnet_batch=256, resnet_steps=10, refine_px=224, refine_classes=10,
+             refine_settings=((10, 64), (10, 256), (50, 64)), refine_steps=5, teacher_classes=100,
+             teacher_per_class=20, teacher_px=224, teacher_batch=256, service_classes=100, service_per_class=40, service_px=256,
              service_ipc=10, service_gpus=0, pixel_max_per_class=500, pixel_params=FEW, pixel_compile=True,
              dc_iterations=200, dc_params={}, dc_max_per_class=None, dc_runs=2, dc_epochs=300, dc_test_limit=None,
              budget_s=480.0, limit_s=None)
 SMOKE = Sizes(encode_images=12, encode_px=32, encode_batch=4, vae=TINY_VAE, decode_batches=(2, 4), dit=TINY_DIT,
               dit_batches=(2, 4), dit_steps=2, kmeans_n=60, kmeans_d=32, kmeans_ks=(2, 4), resnet_px=32,
-              resnet_batch=2, resnet_steps=1, teacher_classes=2, teacher_per_class=4, teacher_px=32,
+              resnet_batch=2, resnet_steps=1, refine_px=32, refine_classes=2, refine_settings=((2, 4),), refine_steps=1,
+              teacher_classes=2, teacher_per_class=4, teacher_px=32,
               teacher_batch=4, service_classes=3, service_per_class=4, service_px=32, service_ipc=2,
               service_gpus=1, pixel_max_per_class=10, pixel_params=TINY_FEW, pixel_compile=False, dc_iterations=2,
               dc_params={"batch_real": 16}, dc_max_per_class=10, dc_runs=1, dc_epochs=2, dc_test_limit=100,
               budget_s=900.0, limit_s=300.0)
 
-SECTIONS = ("encode", "dit", "vae-decode", "kmeans", "resnet18", "teacher", "pixel", "dc-mnist", "service")
+SECTIONS = ("encode", "dit", "vae-decode", "kmeans", "resnet18", "refine", "teacher", "pixel", "dc-mnist", "service")
 # Each section's own limit in seconds on one H100 (together within the default budget; cut to the budget left).
-LIMITS = {"encode": 70, "dit": 45, "vae-decode": 25, "kmeans": 20, "resnet18": 30, "teacher": 50, "pixel": 150,
+LIMITS = {"encode": 70, "dit": 45, "vae-decode": 25, "kmeans": 20, "resnet18": 30, "refine": 20, "teacher": 50, "pixel": 130,
           "dc-mnist": 50, "service": 90}
 MIN_START_S = 10.0  # a section is not started with less than this left of the budget
 
@@ -553,6 +561,52 @@ def section_resnet18(c: Context) -> None:
               key=f"resnet18_train_img_s_{layout}", value=rate, unit="img/s")
 
 
+def _refine_step(seed: int, real: Any, syn: Any, optimizer: Any, real_dtype: Any) -> None:
+    """One refinement iteration over every class of ``real`` / ``syn`` (C x n x 3 x H x W): DM's class-mean step."""
+    import torch
+
+    from distill.augment import diff_augment
+    from distill.nets import build_network
+    from pixelspace.dm import class_mean_loss, embed_fn, real_embeddings
+
+    net = build_network("convnet", 3, 1000, real.shape[-1], seed=seed).to(real.device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    strategy = "color_crop_cutout_flip_scale_rotate"
+    real_aug = torch.stack([diff_augment(real[k], strategy, seed=seed + k) for k in range(len(real))])
+    syn_aug = torch.stack([diff_augment(syn[k], strategy, seed=seed + k) for k in range(len(syn))])
+    feats_real = real_embeddings(net, real_aug, 512, real_dtype)
+    feats_syn = embed_fn(net)(syn_aug.flatten(0, 1)).view(syn.shape[0], syn.shape[1], -1)
+    optimizer.zero_grad(set_to_none=True)
+    class_mean_loss(feats_real, feats_syn).backward()
+    optimizer.step()
+
+
+def section_refine(c: Context) -> None:
+    """Seconds per class-iteration of ``oq``'s refinement (what ``refine_iterations`` multiplies by the classes)."""
+    import torch
+
+    from pixelspace.precision import real_autocast_dtype
+
+    s, device = c.sizes, c.device
+    real_dtype = real_autocast_dtype("auto", device)
+    for ipc, batch_real in s.refine_settings:
+        if not c.enough("refine", f"ipc {ipc}, batch_real {batch_real}", 5.0):
+            continue
+        px, classes = s.refine_px, s.refine_classes
+        real = torch.rand(classes, batch_real, 3, px, px, device=device)
+        syn = torch.rand(classes, ipc, 3, px, px, device=device, requires_grad=True)
+        optimizer = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
+        _refine_step(0, real, syn, optimizer, real_dtype)  # warm-up (cuDNN autotune)
+        with measured(device) as m:
+            for it in range(s.refine_steps):
+                _refine_step(it + 1, real, syn, optimizer, real_dtype)
+        per_class_iter = m["seconds"] / (s.refine_steps * classes)
+        c.add("refine", f"DM class-mean step at {px} px, ConvNet-3, IPC {ipc}, {batch_real} real/class, "
+              f"{classes} classes x {s.refine_steps} iterations", f"{per_class_iter * 1000:.1f} ms per class-iteration",
+              m["seconds"], batch_real, f"real {dtype_name(real_dtype or torch.float32)}, synthetic float32",
+              m["peak_gib"], key=f"refine_s_per_class_iter_ipc{ipc}_real{batch_real}", value=per_class_iter, unit="s")
+
 def section_teacher(c: Context) -> None:
     from distill.data import get_dataset
     from distill.data.loader import ImageStream
@@ -735,7 +789,8 @@ def section_dc_mnist(c: Context) -> None:
 
 BODIES: dict[str, Callable[[Context], None]] = {
     "encode": section_encode, "dit": section_dit, "vae-decode": section_vae_decode, "kmeans": section_kmeans,
-    "resnet18": section_resnet18, "teacher": section_teacher, "pixel": section_pixel, "dc-mnist": section_dc_mnist,
+    "resnet18": section_resnet18, "refine": section_refine, "teacher": section_teacher, "pixel": section_pixel,
+    "dc-mnist": section_dc_mnist,
     "service": section_service,
 }
 

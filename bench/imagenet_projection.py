@@ -7,8 +7,9 @@ Every rate is a named constant below with its source; ``--rates`` reads the ``ke
 ``bench/gpu_check.py --out DIR`` writes to ``DIR/rows.jsonl`` and replaces each assumption that a measured
 row covers (the table's basis column then says "measured"). Each stage is a low-high range (a rate's range,
 or the range of the rates it depends on); the totals add the stages. The setting is ``oq``'s defaults at 256 px
-(SD-VAE 4 x 32 x 32 latents, ``decode=nearest``, ``w2_uniform`` on, no refinement from 64 px), a second row
-block shows ``decode=diffusion`` (a DiT-XL/2 prior at strength 0.7 of 50 steps) instead.
+(SD-VAE 4 x 32 x 32 latents, ``decode=nearest``, ``w2_uniform`` on, no refinement above 64 px), a second row
+block shows ``decode=diffusion`` (a DiT-XL/2 prior at strength 0.7 of 50 steps) instead, and a last row what
+the opt-in pixel refinement would add.
 """
 
 from __future__ import annotations
@@ -71,13 +72,23 @@ DIT = Rate(1050, 1400, "latent-steps/s", "DiT-XL/2 with guidance, H100, bf16: as
            "docs/GPU.md", "dit_latent_steps_s_b256")
 ARCHIVE_PNG = Rate(5, 10, "ms per image, one core", "PNG encode at 224-256 px: assumption, docs/GPU.md")
 STARTUP = Rate(1, 1, "min", "Ray start, worker processes, model loads, docs/GPU.md")
+# the opt-in refinement (refine_iterations=N, refine_batch_real=64) at 224 px: DM's class-mean step, ConvNet-3.
+# About 5 GFLOP per image forward; per class-iteration 64 real forwards plus IPC synthetic forward + input-gradient
+# passes: 0.42 TFLOP at IPC 10, 0.82 at IPC 50, at an assumed 50-150 effective TFLOP/s plus DSA's per-class launches.
+REFINE_ITERATIONS = 50  # what the 128 px Imagenette row measured (docs/BENCHMARKS.md, q-nette128-oqr-10)
+REFINE_PER_CLASS_ITER = {10: Rate(0.005, 0.015, "s per class-iteration", "H100, 224 px, 64 real/class: assumption "
+                                  "from FLOPs, docs/GPU.md", "refine_s_per_class_iter_ipc10_real64"),
+                         50: Rate(0.010, 0.025, "s per class-iteration", "H100, 224 px, 64 real/class: assumption "
+                                  "from FLOPs, docs/GPU.md", "refine_s_per_class_iter_ipc50_real64")}
 
 ASSUMPTIONS = {"LOADER_PROCESSES": LOADER_PROCESSES, "DECODE_PER_CORE": DECODE_PER_CORE,
                "LOADER_EFFICIENCY": LOADER_EFFICIENCY, "ENCODE": ENCODE, "ENCODE_OVERLAP": ENCODE_OVERLAP,
                "FILE_INDEX": FILE_INDEX, "KMEANS_PER_CLASS_K10": KMEANS_PER_CLASS[10],
                "KMEANS_PER_CLASS_K50": KMEANS_PER_CLASS[50], "W2_UNIFORM_PER_CLASS": W2_UNIFORM_PER_CLASS,
                "KMEANS_PROCESSES": KMEANS_PROCESSES, "NEAREST_LOAD": NEAREST_LOAD, "VAE_DECODE": VAE_DECODE,
-               "DIT": DIT, "ARCHIVE_PNG": ARCHIVE_PNG, "STARTUP": STARTUP}
+               "DIT": DIT, "ARCHIVE_PNG": ARCHIVE_PNG, "STARTUP": STARTUP,
+               "REFINE_PER_CLASS_ITER_10": REFINE_PER_CLASS_ITER[10],
+               "REFINE_PER_CLASS_ITER_50": REFINE_PER_CLASS_ITER[50]}
 
 
 def derived_loader(rates: dict[str, Rate]) -> Rate:
@@ -152,6 +163,12 @@ def stages(rates: dict[str, Rate], loader: Rate, ipc: int, decode: str) -> list[
     return out
 
 
+def refinement(rates: dict[str, Rate], ipc: int) -> tuple[float, float]:
+    """Minutes of the opt-in refinement: classes x iterations x seconds per class-iteration, on one GPU."""
+    rate = rates[f"REFINE_PER_CLASS_ITER_{ipc}"]
+    return minutes(CLASSES * REFINE_ITERATIONS * rate.low, CLASSES * REFINE_ITERATIONS * rate.high)
+
+
 def fmt(span: tuple[float, float]) -> str:
     low, high = span
     if high < 1:
@@ -175,6 +192,16 @@ def table(rates: dict[str, Rate], measured_from: str | None) -> str:
         totals = [(sum(s[1][0] for s in per_ipc[ipc]), sum(s[1][1] for s in per_ipc[ipc])) for ipc in IPCS]
         lines.append(f"| **total, decode={decode}** | **{fmt(totals[0])}** | **{fmt(totals[1])}** | sum of the rows "
                      f"{'above' if decode == 'nearest' else 'of decode=nearest with this decode instead'} |")
+    cells = [fmt(refinement(rates, ipc)) for ipc in IPCS]
+    lines.append(f"| opt-in refinement (`refine_iterations={REFINE_ITERATIONS} refine_batch_real=64`, off by default "
+                 f"above 64 px), GPU, add to a total | {cells[0]} | {cells[1]} | {CLASSES} classes x "
+                 f"{REFINE_ITERATIONS} iterations x {rates['REFINE_PER_CLASS_ITER_10'].text()} (IPC 10); "
+                 f"{rates['REFINE_PER_CLASS_ITER_50'].text()} (IPC 50) |")
+    reads, near = CLASSES * REFINE_ITERATIONS * 64, rates["NEAREST_LOAD"]
+    cell = fmt(minutes(reads / near.high, reads / near.low))
+    lines.append(f"| its real batches read on demand (a split larger than `realpool_cache_bytes`: all of ImageNet "
+                 f"at 224 px is about 190 GB), one process, add to a total | {cell} | {cell} | {reads:,} JPEG decodes at "
+                 f"{near.text()}; a capped split that fits (`--max-per-class`) is read once instead |")
     return "\n".join(lines)
 
 

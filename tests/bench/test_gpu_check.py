@@ -53,7 +53,7 @@ def test_the_kit_installs_offline_beside_the_image_packages_and_the_check_runs_f
                                                                                       "datm", "dq"}
     keys = {r["key"] for r in rows if r["key"]}
     assert {"loader_img_s", "encode_img_s", "encode_cpu_fed_img_s", "latent_cache_img_s", "teacher_train_img_s",
-            "resnet18_train_img_s_channels_last"} <= keys
+            "resnet18_train_img_s_channels_last", "refine_s_per_class_iter_ipc2_real4"} <= keys
     assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1  # header row + one line per row
     speed = (out / "train_speed.md").read_text()  # the training-speed rows run from the kit too (CPU: --quick)
     assert "| convnet | 28 | epoch-ipc10 |" in speed and "| convnet | 28 | test-2000 |" in speed
@@ -106,17 +106,21 @@ def test_the_imagenet_projection_is_one_table_and_measured_rates_replace_the_ass
     rows.write_text(json.dumps({"section": "encode", "setting": "SD-VAE encoder, uint8 on the device", "key":
                                 "encode_img_s", "value": 500.0, "status": "ok"}) + "\n"
                     + json.dumps({"section": "encode", "setting": "failed", "key": "loader_img_s", "value": 1.0,
-                                  "status": "error"}) + "\n")
+                                  "status": "error"}) + "\n"
+                    + json.dumps({"section": "refine", "setting": "DM step", "key":
+                                  "refine_s_per_class_iter_ipc10_real64", "value": 0.01, "status": "ok"}) + "\n")
     measured = subprocess.run([sys.executable, str(script), "--rates", str(rows)], capture_output=True, text=True,
                               check=True).stdout
     for out in (assumed, measured):
         table = [line for line in out.splitlines() if line.startswith("|")]
-        assert table[0] == "| stage | IPC 10 | IPC 50 | basis |" and len(table) == 12
+        assert table[0] == "| stage | IPC 10 | IPC 50 | basis |" and len(table) == 14
         assert out.count("\n\n") == 1  # a title and one table
     encode = [line for line in measured.splitlines() if "SD-VAE encode" in line][0]
     assert "500 img/s (measured: SD-VAE encoder, uint8 on the device)" in encode
     assert "43.1 min" in encode  # 1,281,167 images / 500 img/s x 1.01 overlap; the error row is ignored
     assert "3,000 img/s" in assumed and "measured:" not in assumed
+    refine = [line for line in measured.splitlines() if "opt-in refinement" in line][0]
+    assert "| 8.3 min |" in refine and "0.01 s per class-iteration (measured: DM step)" in refine  # 1000 x 50 x 0.01 s
     bad = subprocess.run([sys.executable, str(script), "--rates", str(tmp_path / "missing.jsonl")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
