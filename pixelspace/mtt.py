@@ -47,6 +47,11 @@ MTT_TABLE: dict[tuple[str, int], dict[str, Any]] = {
     ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01),
     ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01,
                            batch_syn=125),
+    # ImageNet subsets at 128 px, all IPCs (the author, mtt-distillation issue #1): ImageNette here
+    ("imagenette", 1): dict(syn_steps=20, expert_epochs=2, max_start_epoch=10, lr_img=100000.0, lr_lr=1e-6,
+                            lr_teacher=0.01),
+    ("imagenette", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=10, lr_img=100000.0, lr_lr=1e-6,
+                             lr_teacher=0.01, batch_syn=20),
 }
 MTT_DEFAULTS: dict[str, Any] = dict(syn_steps=20, expert_epochs=3, max_start_epoch=25, lr_img=1000.0, lr_lr=1e-5,
                                     lr_teacher=0.01, batch_syn=None)
@@ -93,8 +98,9 @@ class MTTParams(TrajectoryParams):
 
 
 def resolve(params: TrajectoryParams, table: dict, defaults: dict, dataset: str, ipc: int) -> dict[str, Any]:
-    """Fill ``None`` fields from the per-setting table or the defaults; explicit values always win."""
-    base = dict(defaults) | table.get((dataset, ipc), {})
+    """Fill ``None`` fields from the per-setting table or the defaults; explicit values always win. The table
+    is keyed by the dataset's registered name without its resolution suffix (``imagenette@128`` -> imagenette)."""
+    base = dict(defaults) | table.get((dataset.split("@")[0], ipc), {})
     out = {}
     for key, value in base.items():
         given = getattr(params, key, None)

@@ -79,6 +79,10 @@ def test_defaults_follow_the_reference():
     assert resolve(p, MTT_TABLE, MTT_DEFAULTS, "mnist", 10)["syn_steps"] == 20
     c10 = resolve(p, MTT_TABLE, MTT_DEFAULTS, "cifar10", 1)
     assert (c10["syn_steps"], c10["max_start_epoch"], c10["lr_img"], c10["lr_lr"]) == (50, 2, 100.0, 1e-7)
+    nette = resolve(p, MTT_TABLE, MTT_DEFAULTS, "imagenette@128", 10)  # the size suffix does not hide the row
+    assert (nette["lr_img"], nette["lr_lr"], nette["batch_syn"], nette["max_start_epoch"]) == (1e5, 1e-6, 20, 10)
+    given = resolve(parse_params(cls, {"lr_img": 1000.0}), MTT_TABLE, MTT_DEFAULTS, "imagenette@64", 1)
+    assert given["lr_img"] == 1000.0 and given["batch_syn"] is None  # explicit values win
     with pytest.raises(DistillError, match="zca"):
         TrajectoryMatching().run(RunContext(dataset=None, ipc=1), parse_params(cls, {"zca": True}))  # type: ignore[arg-type]
 
