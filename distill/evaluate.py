@@ -502,7 +502,10 @@ def evaluate_distilled(
         steps = int(distilled.extras["dd_step"].max()) + 1 if "dd_step" in distilled.extras else 1
         epochs = len(distilled.extras.get("step_lrs", [])) // steps
     else:
-        lr = config.lr or distilled.learned_lr or 0.01
+        learned = distilled.learned_lr
+        if config.lr is None and learned is not None and not (math.isfinite(learned) and learned > 0):
+            raise DistillError(f"the archive's learned lr {learned:.5g} is not a positive number: pass --lr")
+        lr = config.lr or learned or 0.01
     soft = F.softmax(distilled.soft_labels, dim=1) if distilled.soft_labels is not None else None
     # test passes are compiled when the students are (dd's replay stays eager)
     compiled = config.protocol != "dd" and student_compiles(

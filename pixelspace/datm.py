@@ -40,6 +40,7 @@ from pixelspace.mtt import (
     match_trajectory,
     resolve,
     student_dtype,
+    usable_lr,
 )
 from pixelspace.synthetic import LoopState
 
@@ -251,7 +252,7 @@ class DifficultyAlignedTrajectoryMatching(Method[DATMParams]):
             images=ctx.dataset.denormalize(images.detach().cpu()),
             labels=labels.cpu(),
             soft_labels=label_syn.detach().cpu() if label_syn is not None else None,
-            learned_lr=learned_lr,
+            learned_lr=usable_lr(learned_lr, ctx.log),
             metrics={
                 "resolved": resolved | {"max_start_epoch_used": max_start, "min_start_epoch_used": min_start,
                                         "batch_syn_used": batch_syn},

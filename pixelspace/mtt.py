@@ -300,6 +300,16 @@ class SyntheticOptimizer:
             opt.load_state_dict(saved)
 
 
+def usable_lr(learned: float, log: Callable[[str], None]) -> float | None:
+    """The learned student lr the archive keeps for evaluation: None when it is not a positive finite number
+    (the reference lets ``syn_lr`` cross zero; students then train at the protocol's lr; the manifest keeps
+    the raw value)."""
+    if math.isfinite(learned) and learned > 0:
+        return learned
+    log(f"learned student lr {learned:.5g} is not positive: the archive stores none (evaluation uses its default)")
+    return None
+
+
 def loss_summary(history: list[float]) -> dict[str, float]:
     if not history:
         return {}
@@ -369,7 +379,7 @@ class TrajectoryMatching(Method[MTTParams]):
         return DistilledSet(
             images=out,
             labels=labels.cpu(),
-            learned_lr=float(syn_lr.detach()),
+            learned_lr=usable_lr(float(syn_lr.detach()), ctx.log),
             metrics={
                 "resolved": resolved | {"max_start_epoch_used": max_start, "batch_syn_used": batch_syn},
                 "buffer": buffer.folder.name,

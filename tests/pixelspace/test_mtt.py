@@ -123,3 +123,27 @@ def test_student_precision_choice():
     assert student_dtype("auto", torch.device("cuda")) is None
     with pytest.raises(DistillError):
         student_dtype("fp8", cpu)
+
+
+def test_a_learned_lr_that_crossed_zero_is_not_archived_and_an_archive_holding_one_is_refused(mnist):
+    """The reference lets syn_lr go negative (seen on ImageNette at 128 px); SGD would refuse it mid-evaluation."""
+    from dataclasses import replace
+
+    from pixelspace.mtt import usable_lr
+
+    logged: list[str] = []
+    assert usable_lr(0.004, logged.append) == 0.004 and not logged
+    assert usable_lr(-0.0025, logged.append) is None and "not positive" in logged[0]
+    assert usable_lr(float("nan"), logged.append) is None
+    images = mnist.train.load(np.arange(10)).float() / 255
+    distilled = replace(_set_of(images, mnist), learned_lr=-0.0025)
+    config = EvalConfig(model="convnet-w16", runs=1, epochs=1, test_limit=50)
+    with pytest.raises(DistillError, match="learned lr -0.0025 is not a positive number: pass --lr"):
+        evaluate_distilled(distilled, mnist, config)
+    assert evaluate_distilled(distilled, mnist, replace(config, lr=0.01)).lr == 0.01
+
+
+def _set_of(images, mnist):
+    from distill.methods.base import DistilledSet
+
+    return DistilledSet(images=images, labels=torch.from_numpy(mnist.train.labels[:10]))
