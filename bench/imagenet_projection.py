@@ -197,7 +197,7 @@ def table(rates: dict[str, Rate], measured_from: str | None) -> str:
                  f"above 64 px), GPU, add to a total | {cells[0]} | {cells[1]} | {CLASSES} classes x "
                  f"{REFINE_ITERATIONS} iterations x {rates['REFINE_PER_CLASS_ITER_10'].text()} (IPC 10); "
                  f"{rates['REFINE_PER_CLASS_ITER_50'].text()} (IPC 50) |")
-    reads, near = CLASSES * REFINE_ITERATIONS * 64, rates["NEAREST_LOAD"]
+    reads, near = CLASSES * REFINE_ITERATIONS * 64, rates["DECODE_PER_CORE"]
     cell = fmt(minutes(reads / near.high, reads / near.low))
     lines.append(f"| its real batches read on demand (a split larger than `realpool_cache_bytes`: all of ImageNet "
                  f"at 224 px is about 190 GB), one process, add to a total | {cell} | {cell} | {reads:,} JPEG decodes at "
