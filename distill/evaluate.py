@@ -54,7 +54,7 @@ from distill.data.sampling import random_per_class
 from distill.errors import DistillError
 from distill.fastpath import FastPath, compile_wanted, prepare, resolve_switch, run_work
 from distill.files import atomic_write_json
-from distill.methods.base import DistilledSet
+from distill.methods.base import DistilledSet, usable_learned_lr
 from distill.nets import Classifier, build_network
 from distill.precision import precision_dtype
 from distill.training import (
@@ -503,7 +503,7 @@ def evaluate_distilled(
         epochs = len(distilled.extras.get("step_lrs", [])) // steps
     else:
         learned = distilled.learned_lr
-        if config.lr is None and learned is not None and not (math.isfinite(learned) and learned > 0):
+        if config.lr is None and learned is not None and not usable_learned_lr(learned):
             raise DistillError(f"the archive's learned lr {learned:.5g} is not a positive number: pass --lr")
         lr = config.lr or learned or 0.01
     soft = F.softmax(distilled.soft_labels, dim=1) if distilled.soft_labels is not None else None

@@ -32,7 +32,15 @@ from torch.nn import functional as F
 
 from distill.augment import diff_augment, strategy_for
 from distill.errors import DistillError
-from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
+from distill.methods.base import (
+    DistilledSet,
+    DsaStrategy,
+    Method,
+    MethodParams,
+    NetworkName,
+    RunContext,
+    usable_learned_lr,
+)
 from pixelspace.experts import ExpertBuffer, ExpertSettings, FlatModel, ensure_buffer, experts_to_train
 from pixelspace.precision import precision_dtype
 from pixelspace.synthetic import LoopState
@@ -304,7 +312,7 @@ def usable_lr(learned: float, log: Callable[[str], None]) -> float | None:
     """The learned student lr the archive keeps for evaluation: None when it is not a positive finite number
     (the reference lets ``syn_lr`` cross zero; students then train at the protocol's lr; the manifest keeps
     the raw value)."""
-    if math.isfinite(learned) and learned > 0:
+    if usable_learned_lr(learned):
         return learned
     log(f"learned student lr {learned:.5g} is not positive: the archive stores none (evaluation uses its default)")
     return None

@@ -7,6 +7,7 @@ goes, where checkpoints live, which device is used and how cancellation is signa
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -193,6 +194,12 @@ class MethodParams(BaseModel):
         if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
             raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": limit})
         return value
+
+
+def usable_learned_lr(value: float) -> bool:
+    """A learned student lr evaluation can train with: positive and finite (trajectory matching lets it cross
+    zero, and SGD refuses a negative lr)."""
+    return math.isfinite(value) and value > 0
 
 
 @dataclass
