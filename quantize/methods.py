@@ -51,8 +51,14 @@ RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 # Fashion-MNIST and Imagenette tables, oq with refine_iterations 0 and 200).
 REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_MAX_PX = 64
+# A teacher-labelled set (labels=teacher) is refined only from this IPC: under a teacher's labels (protocol
+# softlabel) one DM-matched image per class lost 10.7 points to its cell's real image at IPC 1, while at IPC 10
+# the refinement won 6.4 (docs/BENCHMARKS.md, Imagenette soft labels); IPC 2-9 are unmeasured and keep the real
+# images.
+REFINE_AUTO_MIN_IPC_TEACHER = 10
 REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images up to {REFINE_AUTO_MAX_PX} px unless the decode is a diffusion model "
+    f"or labels=teacher below IPC {REFINE_AUTO_MIN_IPC_TEACHER} "
     "(there it was measured to beat the plain quantizer and herding: docs/BENCHMARKS.md), else 0 (a diffusion "
     "decode is DDOQ's own setting, not measured with the refinement; larger images are unmeasured, and each "
     "iteration reads up to 256 real images per class, so its cost grows with pixels times classes: far more "
@@ -413,7 +419,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
             return ctx.train.load(np.concatenate(quant["members"]))  # the real images, uint8 as stored
 
     images = ctx.checkpoints.stage("decode", decode)
-    refine_iterations = resolve_refine_iterations(params, ctx.dataset.image_size)
+    refine_iterations = resolve_refine_iterations(params, ctx.dataset.image_size, ctx.ipc)
     if refine_iterations:
         if params.refine_match != "class" and "cells" not in quant:
             raise DistillError("this run's quantize checkpoint predates refine_match: start a new run")
@@ -460,17 +466,23 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
     )
 
 
-def resolve_refine_iterations(params: LatentParams, image_size: int) -> int:
+def resolve_refine_iterations(params: LatentParams, image_size: int, ipc: int) -> int:
     """``refine_iterations`` as a number: ``auto`` refines where the refinement was measured to win.
 
     That is real images (``decode=nearest``) or VAE decodes of images up to ``REFINE_AUTO_MAX_PX`` (the sizes of
     docs/BENCHMARKS.md's tables, Imagenette's included): no pretrained diffusion decoder, the situation of a CPU
     host and of this project's measurements. A diffusion decode, or larger images, get none unless asked: unmeasured
-    there, and the refinement's cost grows with pixels times classes (at ImageNet scale it would dominate the job)."""
+    there, and the refinement's cost grows with pixels times classes (at ImageNet scale it would dominate the job).
+    A set made for a teacher's labels (``labels=teacher``) below ``REFINE_AUTO_MIN_IPC_TEACHER`` keeps its real
+    images: a teacher labels the few images it is shown, and images moved off the data to match a class's mean
+    embedding carry less of its knowledge than the real ones they started from."""
     if params.refine_iterations != "auto":
         return params.refine_iterations
     pretrained_style_decode = params.decode in ("diffusion", "sd-img2img")
-    return 0 if pretrained_style_decode or image_size > REFINE_AUTO_MAX_PX else REFINE_AUTO_ITERATIONS
+    few_teacher_labelled = params.labels == "teacher" and ipc < REFINE_AUTO_MIN_IPC_TEACHER
+    if pretrained_style_decode or image_size > REFINE_AUTO_MAX_PX or few_teacher_labelled:
+        return 0
+    return REFINE_AUTO_ITERATIONS
 
 
 def cell_targets(ctx: RunContext, quant: dict[str, Any], match: str) -> CellTargets:

@@ -249,12 +249,12 @@ def test_cell_targets_map_cache_rows_to_pool_positions(mnist):
 def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     """oq's default refine_iterations=auto: 200 DM iterations where that was measured to win (real or VAE-decoded
     images up to 64 px: 28-32 px sets and Imagenette at 64), none with a diffusion decode or above 64 px (ImageNet
-    at 128-256 px); numbers pass through."""
+    at 128-256 px), none for a teacher-labelled set below IPC 10; numbers pass through."""
     from distill.methods.registry import get_method, parse_params
     from quantize.methods import resolve_refine_iterations
 
-    def resolved(method: str, size: int, **values) -> int:
-        return resolve_refine_iterations(parse_params(get_method(method), values, paths=True), size)  # CLI values
+    def resolved(method: str, size: int, ipc: int = 10, **values) -> int:
+        return resolve_refine_iterations(parse_params(get_method(method), values, paths=True), size, ipc)  # CLI values
 
     assert resolved("oq", 28) == resolved("oq", 32, decode="vae") == resolved("oq", 64) == 200
     assert resolved("oq", 65) == resolved("oq", 128) == resolved("oq", 224) == 0
@@ -262,3 +262,6 @@ def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     assert resolved("oq", 32, decode="diffusion", prior="some-dit") == 0
     assert resolved("oq", 224, refine_iterations="50") == 50 and resolved("oq", 32, refine_iterations=0) == 0
     assert resolved("d4m", 32) == 0 and resolved("d4m", 32, refine_iterations="auto") == 200  # D4M as published
+    assert resolved("oq", 64, ipc=1) == 200 and resolved("oq", 64, ipc=1, labels="teacher") == 0
+    assert resolved("oq", 64, ipc=9, labels="teacher") == 0 and resolved("oq", 64, ipc=10, labels="teacher") == 200
+    assert resolved("oq", 64, ipc=1, labels="teacher", refine_iterations="200") == 200
