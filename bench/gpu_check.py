@@ -562,23 +562,18 @@ def section_resnet18(c: Context) -> None:
 
 
 def _refine_step(seed: int, real: Any, syn: Any, optimizer: Any, real_dtype: Any) -> None:
-    """One refinement iteration over every class of ``real`` / ``syn`` (C x n x 3 x H x W): DM's class-mean step."""
-    import torch
-
-    from distill.augment import diff_augment
+    """One refinement iteration over every class of ``real`` / ``syn`` (C x n x 3 x H x W): DM's class-mean step
+    (the functions :class:`pixelspace.dm.DistributionMatching` runs each iteration, on a fresh ConvNet-3)."""
     from distill.nets import build_network
-    from pixelspace.dm import class_mean_loss, embed_fn, real_embeddings
+    from pixelspace.dm import augment_classes, matching_loss
 
     net = build_network("convnet", 3, 1000, real.shape[-1], seed=seed).to(real.device)
     for p in net.parameters():
         p.requires_grad_(False)
-    strategy = "color_crop_cutout_flip_scale_rotate"
-    real_aug = torch.stack([diff_augment(real[k], strategy, seed=seed + k) for k in range(len(real))])
-    syn_aug = torch.stack([diff_augment(syn[k], strategy, seed=seed + k) for k in range(len(syn))])
-    feats_real = real_embeddings(net, real_aug, 512, real_dtype)
-    feats_syn = embed_fn(net)(syn_aug.flatten(0, 1)).view(syn.shape[0], syn.shape[1], -1)
+    real_aug, syn_aug = augment_classes(real, syn, "color_crop_cutout_flip_scale_rotate",
+                                        [seed + k for k in range(len(real))])
     optimizer.zero_grad(set_to_none=True)
-    class_mean_loss(feats_real, feats_syn).backward()
+    matching_loss(net, real_aug, syn_aug, 512, real_dtype).backward()
     optimizer.step()
 
 

@@ -131,6 +131,44 @@ def dm_loss_naive(net: nn.Module, real: torch.Tensor, syn: torch.Tensor) -> torc
     return loss
 
 
+def augment_classes(real: torch.Tensor, syn: torch.Tensor, strategy: str,
+                    seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSA's siamese augmentation of class-stacked batches: class c's real and synthetic images share seed c."""
+    real = torch.stack([diff_augment(real[c], strategy, seed=s) for c, s in enumerate(seeds)])
+    syn = torch.stack([diff_augment(syn[c], strategy, seed=s) for c, s in enumerate(seeds)])
+    return real, syn
+
+
+def matching_loss(
+    net: nn.Module,
+    real: torch.Tensor,
+    syn: torch.Tensor,
+    real_chunk: int = 512,
+    real_dtype: torch.dtype | None = None,
+    real_embed: Callable[..., torch.Tensor] | None = None,
+    cells: CellTargets | None = None,
+    real_cells: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DM iteration's loss in ``net``'s features (C x n real, C x ipc synthetic, both augmented): the class
+    means (:func:`class_mean_loss`), or with ``cells`` the refinement's cell-matched terms (``real_cells``: the
+    cell of each real image, needed when ``cells.cell_term``)."""
+    embed = embed_fn(net)
+    classes = syn.shape[0]
+    if has_batchnorm(net):
+        # Reference BN branch: one forward over all classes (BN statistics mix classes).
+        feats_real = embed(real.reshape(-1, *real.shape[2:])).detach().view(classes, real.shape[1], -1)
+    else:
+        feats_real = real_embeddings(net, real, real_chunk, real_dtype, real_embed)
+    feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(classes, syn.shape[1], -1)
+    if cells is None:
+        return class_mean_loss(feats_real, feats_syn)
+    if not cells.cell_term:
+        return class_mean_loss(feats_real, feats_syn, cells.weights)
+    assert real_cells is not None
+    loss = cell_mean_loss(feats_real, real_cells.to(feats_real.device), feats_syn, cells.weights)
+    return loss + class_mean_loss(feats_real, feats_syn) if cells.class_term else loss
+
+
 class DistributionMatching(Method[DMParams]):
     name: ClassVar[str] = "dm"
     summary: ClassVar[str] = "Distribution Matching: match mean embeddings of random networks per class (WACV 2023)."
@@ -153,6 +191,7 @@ class DistributionMatching(Method[DMParams]):
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():
                 p.requires_grad_(False)
+            real_cells = None
             if cells is None or not cells.cell_term:  # the same draws either way; only cell terms read positions
                 real = setup.pool.sample_all(params.batch_real, setup.generator)
             else:
@@ -161,23 +200,8 @@ class DistributionMatching(Method[DMParams]):
             syn = setup.image_syn.view(ds.num_classes, ctx.ipc, *setup.image_syn.shape[1:])
             if setup.strategy != "none":
                 seeds = [draw_seed(setup.generator) for _ in range(ds.num_classes)]
-                real = torch.stack([diff_augment(real[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
-                syn = torch.stack([diff_augment(syn[c], setup.strategy, seed=s) for c, s in enumerate(seeds)])
-            embed = embed_fn(net)
-            if has_batchnorm(net):
-                # Reference BN branch: one forward over all classes (BN statistics mix classes).
-                feats_real = embed(real.reshape(-1, *real.shape[2:])).detach().view(ds.num_classes, real.shape[1], -1)
-            else:
-                feats_real = real_embeddings(net, real, params.real_chunk, setup.real_dtype, real_embed)
-            feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(ds.num_classes, ctx.ipc, -1)
-            if cells is None:
-                loss = class_mean_loss(feats_real, feats_syn)
-            elif not cells.cell_term:
-                loss = class_mean_loss(feats_real, feats_syn, cells.weights)
-            else:
-                loss = cell_mean_loss(feats_real, real_cells.to(feats_real.device), feats_syn, cells.weights)
-                if cells.class_term:
-                    loss = loss + class_mean_loss(feats_real, feats_syn)
+                real, syn = augment_classes(real, syn, setup.strategy, seeds)
+            loss = matching_loss(net, real, syn, params.real_chunk, setup.real_dtype, real_embed, cells, real_cells)
             setup.optimizer_img.zero_grad(set_to_none=True)
             loss.backward()
             setup.optimizer_img.step()
