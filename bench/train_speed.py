@@ -5,7 +5,7 @@ Workloads (rows), for ConvNet at 28, 32, 64 and 128 px and ResNet-18 at 128 and 
   micro-batches from the 2 GiB activation budget, DSA augmentation, SGD momentum 0.9) on 100 / 500 images;
 - ``test-2000``: one test pass over 2,000 images in the test batch evaluation sizes from the same budget;
 - ``dm-iter``: one DM iteration (:mod:`pixelspace.dm`: fresh frozen ConvNet, Siamese DSA per class, the real
-  side through ``dm_loss_batched`` graph-free, the synthetic side with a graph, image step), IPC 10; ConvNet only;
+  side graph-free in ``matching_loss``, the synthetic side with a graph, image step), IPC 10; ConvNet only;
 - ``teacher-epoch``: one epoch of teacher training (batch 256, DSA) over 5,000 images.
 
 Paths (columns): ``ref`` is eager fp32 on a contiguous NCHW model, the reference-exact path; the others are
@@ -173,7 +173,7 @@ def test_unit(net: str, size: int, images: int, cap: int) -> Unit:
 
 def dm_unit(size: int, ipc: int = 10) -> Unit:
     """One iteration of pixelspace.dm's loop body (non-BN branch) on random "real" images."""
-    from pixelspace.dm import dm_loss_batched
+    from pixelspace.dm import matching_loss
     from pixelspace.realpass import RealPass, real_embed_pass
     from pixelspace.synthetic import image_optimizer
 
@@ -205,7 +205,7 @@ def dm_unit(size: int, ipc: int = 10) -> Unit:
         seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) for _ in range(CLASSES)]
         real = torch.stack([diff_augment(real[c], strategy, seed=s) for c, s in enumerate(seeds)])
         syn = torch.stack([diff_augment(syn[c], strategy, seed=s) for c, s in enumerate(seeds)])
-        loss = dm_loss_batched(net, real, syn, 512, dtype, embed)
+        loss = matching_loss(net, real, syn, 512, dtype, embed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

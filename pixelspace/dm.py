@@ -94,21 +94,6 @@ def cell_mean_loss(feats_real: torch.Tensor, real_cells: torch.Tensor, feats_syn
     return (weights.to(per_cell.device) * (counts > 0) * per_cell).sum()
 
 
-def dm_loss_batched(
-    net: nn.Module,
-    real: torch.Tensor,
-    syn: torch.Tensor,
-    real_chunk: int = 512,
-    real_dtype: torch.dtype | None = None,
-    real_embed: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """sum_c ||mean embed(real_c) - mean embed(syn_c)||^2 with one forward per side (C x n x ... inputs); the real
-    side as :func:`real_embeddings` computes it."""
-    feats_real = real_embeddings(net, real, real_chunk, real_dtype, real_embed)
-    feats_syn = embed_fn(net)(syn.reshape(-1, *syn.shape[2:])).view(syn.shape[0], syn.shape[1], -1)
-    return class_mean_loss(feats_real, feats_syn)
-
-
 @dataclass
 class CellTargets:
     """The quantization cells of a cell-matched refinement (``oq``'s ``refine_match``): each synthetic image also

@@ -7,7 +7,7 @@ import torch
 from distill.methods.base import RunContext
 from distill.methods.registry import get_method, parse_params
 from distill.nets import build_network
-from pixelspace.dm import dm_loss_batched, dm_loss_naive
+from pixelspace.dm import dm_loss_naive, matching_loss
 from pixelspace.realpool import RealPool
 
 
@@ -20,14 +20,14 @@ def test_batched_dm_loss_equals_naive_per_class_loop(mnist):
     for p in net.parameters():
         p.requires_grad_(False)
     syn_a, syn_b = syn.clone().requires_grad_(True), syn.clone().requires_grad_(True)
-    batched = dm_loss_batched(net, real, syn_a, real_chunk=50)  # chunks split classes: still identical
+    batched = matching_loss(net, real, syn_a, real_chunk=50)  # chunks split classes: still identical
     naive = dm_loss_naive(net, real, syn_b)
     torch.testing.assert_close(batched, naive, rtol=1e-5, atol=1e-5)
     batched.backward()
     naive.backward()
     torch.testing.assert_close(syn_a.grad, syn_b.grad, rtol=1e-4, atol=1e-7)
     # bf16 real side: the target means move far less than the loss itself
-    bf16 = dm_loss_batched(net, real, syn.clone().requires_grad_(True), real_dtype=torch.bfloat16)
+    bf16 = matching_loss(net, real, syn.clone().requires_grad_(True), real_dtype=torch.bfloat16)
     assert abs(float(bf16.detach()) - float(naive.detach())) / float(naive.detach()) < 0.01
 
 
