@@ -60,9 +60,9 @@ REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images up to {REFINE_AUTO_MAX_PX} px unless the decode is a diffusion model "
     f"or labels=teacher below IPC {REFINE_AUTO_MIN_IPC_TEACHER} "
     "(there it was measured to beat the plain quantizer and herding: docs/BENCHMARKS.md), else 0 (a diffusion "
-    "decode is DDOQ's own setting, not measured with the refinement; larger images are unmeasured, and each "
-    "iteration reads up to 256 real images per class, so its cost grows with pixels times classes: far more "
-    "than the rest of the job at ImageNet scale, see docs/BENCHMARKS.md)")
+    "decode is DDOQ's own setting, not measured with the refinement; at 128 px it helped ConvNet students but not "
+    "ResNet-18, and each iteration reads refine_batch_real real images per class, so its cost grows with pixels "
+    "times classes: far more than the rest of the job at ImageNet scale, see docs/BENCHMARKS.md)")
 REFINE_HELP = ("pixel-space refinement of the decoded set: this many DM iterations (distribution matching in random "
                "ConvNet features, the `dm` method's defaults), cell masses kept as weights (see weight_power); 0 = off; "
                "auto = "
@@ -79,8 +79,15 @@ REFINE_MATCH_HELP = ("what the refinement matches: class (DM: the class's mean e
                      "synthetic side weighted by the cell masses as the student's loss weighs it), cell (each image the "
                      "mean embedding of its own k-means cell's real images, weighted by the cell's mass) or class+cell "
                      "(both terms)")
+# refine_batch_real=auto: from 64 px, 64 real images per class per iteration matched 256 (Imagenette at 64 px, IPC 10
+# from 500 per class: 46.40 vs 46.30) at 2.3x less refinement time; below, DM's 256, with which the 28-32 px
+# figures were measured and whose real pass costs little there (docs/BENCHMARKS.md).
+REFINE_BATCH_AUTO_SMALL, REFINE_BATCH_AUTO_LARGE, REFINE_BATCH_AUTO_FROM_PX = 256, 64, 64
+RefineBatchReal = Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"]
 REFINE_BATCH_HELP = ("real images per class each refinement iteration reads (DM's batch_real; at low IPC their forward "
-                     "pass is most of an iteration's cost, at IPC 50 the synthetic images' pass is)")
+                     "pass is most of an iteration's cost, at IPC 50 the synthetic images' pass is); auto = "
+                     f"{REFINE_BATCH_AUTO_LARGE} from {REFINE_BATCH_AUTO_FROM_PX} px (measured to match "
+                     f"{REFINE_BATCH_AUTO_SMALL} there at less than half the time), else {REFINE_BATCH_AUTO_SMALL}")
 
 
 class LatentParams(MethodParams):
@@ -100,7 +107,7 @@ class LatentParams(MethodParams):
     steps: int = Field(50, ge=1, description="diffusion inference steps (about strength*steps are run)")
     refine_iterations: RefineIterations = Field(0, description=REFINE_HELP)
     refine_match: RefineMatch = Field("class", description=REFINE_MATCH_HELP)
-    refine_batch_real: int = Field(256, ge=1, description=REFINE_BATCH_HELP)
+    refine_batch_real: RefineBatchReal = Field("auto", description=REFINE_BATCH_HELP)
     scheduler: Literal["ddim", "dpm"] = Field("ddim", description="diffusion sampler")
     restarts: int = Field(1, ge=1, description="k-means restarts (k-means++ seeded), the best inertia is kept")
     labels: Literal["hard", "teacher"] = Field("hard", description="hard labels, or teacher logits stored as "
@@ -424,7 +431,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         if params.refine_match != "class" and "cells" not in quant:
             raise DistillError("this run's quantize checkpoint predates refine_match: start a new run")
         cells = None if params.refine_match == "class" else cell_targets(ctx, quant, params.refine_match)
-        batch_real = params.refine_batch_real
+        batch_real = resolve_refine_batch_real(params.refine_batch_real, ctx.dataset.image_size)
         images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, refine_iterations, cells, batch_real))
     power = resolve_weight_power(weight_power, refine_iterations, params.refine_match)
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
@@ -437,7 +444,8 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         "kmeans_backend_requested": params.kmeans_backend,
         "refine_iterations": refine_iterations,
         "refine_match": params.refine_match if refine_iterations else None,
-        "refine_batch_real": params.refine_batch_real if refine_iterations else None,
+        "refine_batch_real": resolve_refine_batch_real(params.refine_batch_real, ctx.dataset.image_size)
+        if refine_iterations else None,
         "weight_power": power if weighted else None,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
@@ -496,6 +504,14 @@ def cell_targets(ctx: RunContext, quant: dict[str, Any], match: str) -> CellTarg
         cells.append(torch.tensor([lookup.get(int(i), -1) for i in ctx.train.class_indices(c)], dtype=torch.long))
     weights = class_weights(quant["counts"], 1.0).view(ctx.num_classes, ctx.ipc)
     return CellTargets(cells=cells, weights=weights, class_term=match == "class+cell", cell_term=match != "mass")
+
+
+def resolve_refine_batch_real(batch_real: int | str, image_size: int) -> int:
+    """``refine_batch_real`` as a number: ``auto`` reads fewer real images per iteration where their pass is
+    costly and fewer were measured to do as well (from ``REFINE_BATCH_AUTO_FROM_PX``)."""
+    if batch_real != "auto":
+        return int(batch_real)
+    return REFINE_BATCH_AUTO_LARGE if image_size >= REFINE_BATCH_AUTO_FROM_PX else REFINE_BATCH_AUTO_SMALL
 
 
 def resolve_weight_power(weight_power: float | str, refine_iterations: int, refine_match: str) -> float:

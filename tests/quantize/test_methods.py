@@ -207,6 +207,7 @@ def test_refine_runs_dm_from_the_oq_set_and_keeps_its_weights(tmp_path: Path, mn
     moved = (b.pixels() - a.pixels()).abs()
     assert 0 < float(moved.mean()) < 0.2  # refined, not replaced
     assert refined.manifest["metrics"]["refine_iterations"] == 2 and "refine" in refined.manifest["timings"]
+    assert refined.manifest["metrics"]["refine_batch_real"] == 256  # refine_batch_real=auto below 64 px
     bad = invoke("run", "oq", "--dataset", "mnist", "--ipc", "2", "--max-per-class", "50", "--set", "refine_iterations=-1",
                  "--out", str(tmp_path / "x.tar"))
     assert bad.exit_code == 2 and "refine_iterations" in bad.output and not (tmp_path / "x.tar").exists()
@@ -265,3 +266,20 @@ def test_refine_auto_refines_small_images_without_a_diffusion_decode():
     assert resolved("oq", 64, ipc=1) == 200 and resolved("oq", 64, ipc=1, labels="teacher") == 0
     assert resolved("oq", 64, ipc=9, labels="teacher") == 0 and resolved("oq", 64, ipc=10, labels="teacher") == 200
     assert resolved("oq", 64, ipc=1, labels="teacher", refine_iterations="200") == 200
+
+
+def test_refine_batch_real_auto_reads_fewer_real_images_from_64_px():
+    """refine_batch_real=auto: DM's 256 real images per class below 64 px, 64 from 64 px (measured to match 256
+    there); numbers pass through, and bad values are one clear error."""
+    from distill.errors import DistillError
+    from distill.methods.registry import get_method, parse_params
+    from quantize.methods import resolve_refine_batch_real
+
+    def resolved(size: int, **values) -> int:
+        return resolve_refine_batch_real(parse_params(get_method("oq"), values, paths=True).refine_batch_real, size)
+
+    assert resolved(28) == resolved(32) == 256 and resolved(64) == resolved(128) == resolved(224) == 64
+    assert resolved(224, refine_batch_real="256") == 256 and resolved(32, refine_batch_real=16) == 16
+    for bad in ("0", "many"):
+        with pytest.raises(DistillError, match="refine_batch_real"):
+            parse_params(get_method("oq"), {"refine_batch_real": bad}, paths=True)
