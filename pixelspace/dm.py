@@ -16,7 +16,7 @@ embedding depends only on its own image for non-BN networks).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -154,6 +154,28 @@ def matching_loss(
     return loss + class_mean_loss(feats_real, feats_syn) if cells.class_term else loss
 
 
+def class_groups(num_classes: int, per_pass: int) -> list[slice]:
+    """Consecutive class ranges of at most ``per_pass`` classes (a batch-norm network takes them all at once:
+    its statistics mix classes, as in the reference)."""
+    return [slice(start, min(start + per_pass, num_classes)) for start in range(0, num_classes, per_pass)]
+
+
+def synthetic_classes_per_pass(params: DMParams, ctx: RunContext) -> int:
+    """How many classes' synthetic images one forward/backward holds within the device's activation budget
+    (:func:`distill.training.memory_budget_gb`): all of a small set's at once, one class at a time at 128 px and
+    IPC 50 (about 2 GB of activations per class on a ConvNet), so large sets no longer need memory for every
+    class's graph together."""
+    from distill.training import activation_bytes, batch_for, memory_budget_gb
+
+    per_class = ctx.ipc * activation_bytes(params.model, ctx.dataset.channels, ctx.dataset.image_size, True)
+    return batch_for(memory_budget_gb(ctx.device), per_class, ctx.dataset.num_classes)
+
+
+def cells_in(cells: CellTargets | None, group: slice) -> CellTargets | None:
+    """``cells`` restricted to the classes of ``group`` (the terms :func:`matching_loss` reads)."""
+    return None if cells is None else replace(cells, weights=cells.weights[group])
+
+
 class DistributionMatching(Method[DMParams]):
     name: ClassVar[str] = "dm"
     summary: ClassVar[str] = "Distribution Matching: match mean embeddings of random networks per class (WACV 2023)."
@@ -173,6 +195,7 @@ class DistributionMatching(Method[DMParams]):
             real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log,
                                   check_cancelled=ctx.check_cancelled)
         stage = "distill" if initial is None else "refine"
+        classes_per_pass = synthetic_classes_per_pass(params, ctx)
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
             for p in net.parameters():
                 p.requires_grad_(False)
@@ -183,14 +206,19 @@ class DistributionMatching(Method[DMParams]):
                 real, positions = setup.pool.sample_all_with_positions(params.batch_real, setup.generator)
                 real_cells = torch.stack([cells.cells[c][positions[c]] for c in range(ds.num_classes)])
             syn = setup.image_syn.view(ds.num_classes, ctx.ipc, *setup.image_syn.shape[1:])
-            if setup.strategy != "none":
-                seeds = [draw_seed(setup.generator) for _ in range(ds.num_classes)]
-                real, syn = augment_classes(real, syn, setup.strategy, seeds)
-            loss = matching_loss(net, real, syn, params.real_chunk, setup.real_dtype, real_embed, cells, real_cells)
+            seeds = [draw_seed(setup.generator) for _ in range(ds.num_classes)] if setup.strategy != "none" else []
             setup.optimizer_img.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for group in class_groups(ds.num_classes, ds.num_classes if has_batchnorm(net) else classes_per_pass):
+                real_g, syn_g = real[group], syn[group]
+                if seeds:
+                    real_g, syn_g = augment_classes(real_g, syn_g, setup.strategy, seeds[group])
+                loss = matching_loss(net, real_g, syn_g, params.real_chunk, setup.real_dtype, real_embed,
+                                     cells_in(cells, group), None if real_cells is None else real_cells[group])
+                loss.backward()  # each class's loss reaches only its own images: the sum's gradient, in parts
+                total += float(loss.detach())
             setup.optimizer_img.step()
-            setup.losses.append(float(loss.detach()) / ds.num_classes)
+            setup.losses.append(total / ds.num_classes)
             if it % 100 == 0:
                 ctx.log(f"dm iteration {it}: loss {setup.losses[-1]:.4f}")
         return setup.result(ctx, lr_img=lr_img)

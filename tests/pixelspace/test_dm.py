@@ -74,3 +74,28 @@ def test_positions_are_the_draws_of_sample_all(mnist):
     images, positions = pool.sample_all_with_positions(5, torch.Generator().manual_seed(4))
     assert torch.equal(plain, images) and positions.shape == (10, 5)
     assert torch.equal(images[3, 2], pool._normalise(pool.images(3, positions[3, 2:3]))[0])
+
+
+def test_synthetic_side_in_class_groups_is_the_one_pass_result(mnist, monkeypatch):
+    """Large sets run the synthetic forward/backward a few classes at a time (each class's loss reaches only its
+    own images): the images match the one-pass run, cell-matched terms included; the group size follows the
+    activation budget (one class per pass at 128 px and IPC 50 on the CPU's 2 GiB)."""
+    import pixelspace.dm as dm
+    from distill.data import get_dataset
+    from pixelspace.dm import CellTargets, class_groups
+
+    cls = get_method("dm")
+    params = parse_params(cls, {"iterations": 3, "batch_real": 8, "init": "real"})
+    ctx = RunContext(dataset=mnist, ipc=2, seed=0, max_per_class=20)
+    cells = CellTargets(cells=[torch.arange(20) % 2 for _ in range(10)], weights=torch.full((10, 2), 0.5),
+                        class_term=True)
+    whole = cls().run(ctx, params, cells=cells).images
+    monkeypatch.setattr(dm, "synthetic_classes_per_pass", lambda params, ctx: 3)
+    grouped = cls().run(RunContext(dataset=mnist, ipc=2, seed=0, max_per_class=20), params, cells=cells).images
+    torch.testing.assert_close(grouped, whole, rtol=1e-4, atol=1e-5)
+    assert class_groups(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
+    assert class_groups(10, 10) == [slice(0, 10)]
+    monkeypatch.undo()
+    assert dm.synthetic_classes_per_pass(params, ctx) == 10  # MNIST: every class at once
+    big = RunContext(dataset=get_dataset("imagenette@128"), ipc=50, seed=0)
+    assert dm.synthetic_classes_per_pass(params, big) == 1
