@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from distill.augment import augment_for_training, diff_augment, strategy_for  # noqa: E402
+from distill.augment import augment_for_training, strategy_for  # noqa: E402
 from distill.evaluate import activation_bytes, batch_for  # noqa: E402
 from distill.fastpath import FastPath, prepare  # noqa: E402
 from distill.nets import build_network  # noqa: E402
@@ -173,7 +173,7 @@ def test_unit(net: str, size: int, images: int, cap: int) -> Unit:
 
 def dm_unit(size: int, ipc: int = 10) -> Unit:
     """One iteration of pixelspace.dm's loop body (non-BN branch) on random "real" images."""
-    from pixelspace.dm import matching_loss
+    from pixelspace.dm import augment_classes, matching_loss
     from pixelspace.realpass import RealPass, real_embed_pass
     from pixelspace.synthetic import image_optimizer
 
@@ -203,8 +203,7 @@ def dm_unit(size: int, ipc: int = 10) -> Unit:
         real = torch.stack([pool[c, picks[c]] for c in range(CLASSES)])
         syn = syn_all.view(CLASSES, ipc, ch, size, size)
         seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) for _ in range(CLASSES)]
-        real = torch.stack([diff_augment(real[c], strategy, seed=s) for c, s in enumerate(seeds)])
-        syn = torch.stack([diff_augment(syn[c], strategy, seed=s) for c, s in enumerate(seeds)])
+        real, syn = augment_classes(real, syn, strategy, seeds)
         loss = matching_loss(net, real, syn, 512, dtype, embed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -427,11 +427,11 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
 
     images = ctx.checkpoints.stage("decode", decode)
     refine_iterations = resolve_refine_iterations(params, ctx.dataset.image_size, ctx.ipc)
+    batch_real = resolve_refine_batch_real(params.refine_batch_real, ctx.dataset.image_size)
     if refine_iterations:
         if params.refine_match != "class" and "cells" not in quant:
             raise DistillError("this run's quantize checkpoint predates refine_match: start a new run")
         cells = None if params.refine_match == "class" else cell_targets(ctx, quant, params.refine_match)
-        batch_real = resolve_refine_batch_real(params.refine_batch_real, ctx.dataset.image_size)
         images = ctx.checkpoints.stage("refine", lambda: refine_with_dm(ctx, images, refine_iterations, cells, batch_real))
     power = resolve_weight_power(weight_power, refine_iterations, params.refine_match)
     soft = teacher_logits(ctx, images, params) if params.labels == "teacher" else None
@@ -444,8 +444,7 @@ def run_latent_pipeline(ctx: RunContext, params: LatentParams, *, weighted: bool
         "kmeans_backend_requested": params.kmeans_backend,
         "refine_iterations": refine_iterations,
         "refine_match": params.refine_match if refine_iterations else None,
-        "refine_batch_real": resolve_refine_batch_real(params.refine_batch_real, ctx.dataset.image_size)
-        if refine_iterations else None,
+        "refine_batch_real": batch_real if refine_iterations else None,
         "weight_power": power if weighted else None,
         "class_sizes": quant["class_sizes"], "counts": quant["counts"],
         "w2_weighted": [round(v, 6) for v in quant["w2_weighted"]],
