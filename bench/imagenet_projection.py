@@ -72,10 +72,11 @@ DIT = Rate(1050, 1400, "latent-steps/s", "DiT-XL/2 with guidance, H100, bf16: as
            "docs/GPU.md", "dit_latent_steps_s_b256")
 ARCHIVE_PNG = Rate(5, 10, "ms per image, one core", "PNG encode at 224-256 px: assumption, docs/GPU.md")
 STARTUP = Rate(1, 1, "min", "Ray start, worker processes, model loads, docs/GPU.md")
-# the opt-in refinement (refine_iterations=N, refine_batch_real=64) at 224 px: DM's class-mean step, ConvNet-3.
+# the opt-in refinement (refine_iterations=N, refine_batch_real=REFINE_BATCH_REAL) at 224 px: DM's class-mean step, ConvNet-3.
 # About 5 GFLOP per image forward; per class-iteration 64 real forwards plus IPC synthetic forward + input-gradient
 # passes: 0.42 TFLOP at IPC 10, 0.82 at IPC 50, at an assumed 50-150 effective TFLOP/s plus DSA's per-class launches.
 REFINE_ITERATIONS = 50  # what the 128 px Imagenette row measured (docs/BENCHMARKS.md, q-nette128-oqr-10)
+REFINE_BATCH_REAL = 64  # real images per class per iteration: oq's refine_batch_real=auto from 64 px
 REFINE_PER_CLASS_ITER = {10: Rate(0.005, 0.015, "s per class-iteration", "H100, 224 px, 64 real/class: assumption "
                                   "from FLOPs, docs/GPU.md", "refine_s_per_class_iter_ipc10_real64"),
                          50: Rate(0.010, 0.025, "s per class-iteration", "H100, 224 px, 64 real/class: assumption "
@@ -193,11 +194,12 @@ def table(rates: dict[str, Rate], measured_from: str | None) -> str:
         lines.append(f"| **total, decode={decode}** | **{fmt(totals[0])}** | **{fmt(totals[1])}** | sum of the rows "
                      f"{'above' if decode == 'nearest' else 'of decode=nearest with this decode instead'} |")
     cells = [fmt(refinement(rates, ipc)) for ipc in IPCS]
-    lines.append(f"| opt-in refinement (`refine_iterations={REFINE_ITERATIONS} refine_batch_real=64`, off by default "
-                 f"above 64 px), GPU, add to a total | {cells[0]} | {cells[1]} | {CLASSES} classes x "
+    lines.append(f"| opt-in refinement (`refine_iterations={REFINE_ITERATIONS} "
+                 f"refine_batch_real={REFINE_BATCH_REAL}`, off by default above 64 px), GPU, add to a total "
+                 f"| {cells[0]} | {cells[1]} | {CLASSES} classes x "
                  f"{REFINE_ITERATIONS} iterations x {rates['REFINE_PER_CLASS_ITER_10'].text()} (IPC 10); "
                  f"{rates['REFINE_PER_CLASS_ITER_50'].text()} (IPC 50) |")
-    reads, near = CLASSES * REFINE_ITERATIONS * 64, rates["DECODE_PER_CORE"]
+    reads, near = CLASSES * REFINE_ITERATIONS * REFINE_BATCH_REAL, rates["DECODE_PER_CORE"]
     cell = fmt(minutes(reads / near.high, reads / near.low))
     lines.append(f"| its real batches read on demand (a split larger than `realpool_cache_bytes`: all of ImageNet "
                  f"at 224 px is about 190 GB), one process, add to a total | {cell} | {cell} | {reads:,} JPEG decodes at "
