@@ -52,9 +52,8 @@ RefineIterations = Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"]
 REFINE_AUTO_ITERATIONS = 200
 REFINE_AUTO_MAX_PX = 64
 # A teacher-labelled set (labels=teacher) is refined only from this IPC: under a teacher's labels (protocol
-# softlabel) one DM-matched image per class lost 10.7 points to its cell's real image at IPC 1, while at IPC 10
-# the refinement won 6.4 (docs/BENCHMARKS.md, Imagenette soft labels); IPC 2-9 are unmeasured and keep the real
-# images.
+# softlabel) the DM-matched images lost to their cells' real images at IPC 1 and 3, tied with them at IPC 5 and
+# won from IPC 10 (docs/BENCHMARKS.md, Imagenette soft labels).
 REFINE_AUTO_MIN_IPC_TEACHER = 10
 REFINE_AUTO_HELP = (
     f"{REFINE_AUTO_ITERATIONS} on images up to {REFINE_AUTO_MAX_PX} px unless the decode is a diffusion model "
