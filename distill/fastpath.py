@@ -27,6 +27,10 @@ SWITCHES = ("auto", "on", "off")
 # least this many image-pixels (steps x images per step x side^2) through the network (bench/train_speed.py
 # measures where compilation pays back on the host at hand).
 COMPILE_MIN_WORK = 50_000_000
+# Every network of one class shares one forward, so one evaluation's teacher, students, control and test passes
+# compile their shapes (batch and last partial batch, train and no-grad) as variants of one function: a soft-label
+# evaluation needs more than torch's default of 8, past which new variants run eager.
+COMPILE_VARIANTS = 32
 
 
 @dataclass
@@ -80,8 +84,12 @@ class FastPath:
         return autocast_context(self.device, self.dtype)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the memory layout the model was prepared for."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """``x`` in the memory layout the model was prepared for. Off the reference-exact path a batch in another
+        layout is brought to it (DSA's crop hands back channels-last strides): eager bf16 runs such a batch about
+        2x slower through the group-norm ConvNet on a CPU, and a compiled network compiles a variant for it."""
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x if self.reference_exact else contiguous_nchw(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of a batch under this path's autocast (losses are taken in fp32)."""
@@ -98,12 +106,32 @@ class FastPath:
         return out.float()
 
 
+def contiguous_nchw(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a plain contiguous tensor, size-1 dimensions included (``contiguous()`` leaves a
+    one-channel batch's channel stride as it was, and a compiled network specialises to every stride)."""
+    x = x.contiguous()
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= size
+    strides.reverse()
+    return x if list(x.stride()) == strides else x.as_strided(x.shape, strides)
+
+
 def resolve_switch(setting: str | bool, name: str) -> str:
     if isinstance(setting, bool):
         return "on" if setting else "off"
     if setting not in SWITCHES:
         raise DistillError(f"unknown {name} '{setting}' (use {', '.join(SWITCHES)})")
     return setting
+
+
+def raise_recompile_limit() -> None:
+    """Let one forward hold :data:`COMPILE_VARIANTS` compiled variants (never lowers a higher setting)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, COMPILE_VARIANTS)
 
 
 def run_work(steps: int, images_per_step: int, image_size: int) -> int:
@@ -166,6 +194,7 @@ def prepare(
 
         fast.eager = fast.call = wrap_data_parallel(model, device)
     if compile_wanted(compile, device, work):
+        raise_recompile_limit()
         fast.call = torch.compile(fast.eager, dynamic=False)
         fast.compiled = True
     return fast

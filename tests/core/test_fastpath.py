@@ -8,7 +8,16 @@ import torch
 from torch.nn import functional as F
 
 from distill.errors import DistillError
-from distill.fastpath import COMPILE_MIN_WORK, channels_last_wanted, compile_wanted, prepare, run_work, train_step
+from distill.fastpath import (
+    COMPILE_MIN_WORK,
+    COMPILE_VARIANTS,
+    channels_last_wanted,
+    compile_wanted,
+    contiguous_nchw,
+    prepare,
+    run_work,
+    train_step,
+)
 from distill.nets import build_network
 from distill.precision import bf16_fast_on
 
@@ -72,6 +81,38 @@ def test_channels_last_keeps_fp32_results_to_float_rounding(mnist) -> None:
     losses, state = _fast_losses(mnist, "fp32", channels_last="on")
     assert state["features.0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 1e-4
+
+
+def _channels_last_strided(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides DSA's crop leaves (an NHWC gather permuted back to NCHW)."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def test_batches_reach_the_fast_path_in_plain_layout_and_the_reference_path_untouched() -> None:
+    for channels in (3, 1):  # one channel: contiguous() alone keeps the odd channel stride
+        x = _channels_last_strided(torch.randn(4, channels, 6, 6))
+        plain = contiguous_nchw(x)
+        assert plain.stride() == (channels * 36, 36, 6, 1) and torch.equal(plain, x)
+    x = _channels_last_strided(torch.randn(4, 3, 6, 6))
+    reference = prepare(build_network("convnet-w16", 3, 10, 8, seed=0), CPU, "fp32", "off", "off")
+    assert reference.input(x) is x  # bit for bit what plain eager code is given
+    fast = prepare(build_network("convnet-w16", 3, 10, 8, seed=0), CPU, "bf16", "off", "off")
+    assert fast.input(x).stride() == (108, 36, 6, 1) and fast.input(plain) is plain
+
+
+@pytest.mark.timeout(240)
+def test_a_compiled_network_compiles_no_variant_for_a_channels_last_batch() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    fast = prepare(build_network("convnet-w16", 3, 10, 8, seed=0), CPU, "fp32", "on", "off")
+    assert torch._dynamo.config.recompile_limit >= COMPILE_VARIANTS
+    x = torch.randn(4, 3, 8, 8)
+    fast.logits(x)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = fast.logits(_channels_last_strided(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled and fast.compiled
+    assert torch.allclose(out, fast.logits(x))
 
 
 def test_switch_settings_resolve_as_documented() -> None:
