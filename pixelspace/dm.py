@@ -9,8 +9,9 @@ classes), as the reference does.
 
 Speed: the reference runs one real forward per class; here the real batches of all classes go through one
 graph-free forward (in chunks bounding memory; bf16 on CPUs with native bf16, torch.compile for long runs)
-and the synthetic images of all classes through one forward with a graph. The loss is identical (each
-embedding depends only on its own image for non-BN networks).
+and the synthetic images of a group of classes through one forward with a graph (the same bf16 and compile
+switches: ``syn_precision``, ``compile_syn``). The loss is identical (each embedding depends only on its own
+image for non-BN networks).
 """
 
 from __future__ import annotations
@@ -25,9 +26,18 @@ from torch import nn
 
 from distill.augment import diff_augment
 from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
-from pixelspace.precision import REAL_PRECISION_HELP, autocast_context
+from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_autocast_dtype
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
 from pixelspace.synthetic import draw_seed, fresh_network, has_batchnorm, matching_setup, network_iterations
+
+SYN_PRECISION_HELP = (
+    "Arithmetic of the synthetic side's forward and backward (the images' gradient) on a network without batch "
+    "norm: 'fp32' as the reference; 'bf16' autocasts its convolutions to bfloat16 (the embeddings, the loss and the "
+    "image update stay fp32); 'auto' = bf16 where it is native, as real_precision. At IPC 50 this pass is most of "
+    "an iteration.")
+COMPILE_SYN_HELP = (
+    "torch.compile the synthetic side's pass (a network without batch norm), as compile_real: 'auto' for runs of at "
+    "least 50 iterations on CPU and CUDA; 'on' / 'off' force it.")
 
 
 class DMParams(MethodParams):
@@ -43,6 +53,8 @@ class DMParams(MethodParams):
     real_chunk: int = Field(512, ge=1, description="Real images per graph-free forward (memory bound; no effect on results).")
     real_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=REAL_PRECISION_HELP)
     compile_real: Literal["auto", "on", "off"] = Field("auto", description=COMPILE_REAL_HELP)
+    syn_precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=SYN_PRECISION_HELP)
+    compile_syn: Literal["auto", "on", "off"] = Field("auto", description=COMPILE_SYN_HELP)
 
 
 def embed_fn(net: nn.Module):
@@ -133,18 +145,29 @@ def matching_loss(
     real_embed: Callable[..., torch.Tensor] | None = None,
     cells: CellTargets | None = None,
     real_cells: torch.Tensor | None = None,
+    syn_dtype: torch.dtype | None = None,
+    syn_embed: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One DM iteration's loss in ``net``'s features (C x n real, C x ipc synthetic, both augmented): the class
     means (:func:`class_mean_loss`), or with ``cells`` the refinement's cell-matched terms (``real_cells``: the
-    cell of each real image, needed when ``cells.cell_term``)."""
+    cell of each real image, needed when ``cells.cell_term``). The synthetic side runs in ``syn_dtype`` autocast
+    (fp32 when None), or through ``syn_embed`` ((state dict, images) -> fp32 embeddings with a graph to the
+    images, e.g. a compiled :class:`RealPass`), on a network without batch norm."""
     embed = embed_fn(net)
     classes = syn.shape[0]
+    flat_syn = syn.reshape(-1, *syn.shape[2:])
     if has_batchnorm(net):
         # Reference BN branch: one forward over all classes (BN statistics mix classes).
         feats_real = embed(real.reshape(-1, *real.shape[2:])).detach().view(classes, real.shape[1], -1)
+        feats_syn = embed(flat_syn)
     else:
         feats_real = real_embeddings(net, real, real_chunk, real_dtype, real_embed)
-    feats_syn = embed(syn.reshape(-1, *syn.shape[2:])).view(classes, syn.shape[1], -1)
+        if syn_embed is not None:
+            feats_syn = syn_embed(network_state(net), flat_syn)
+        else:
+            with autocast_context(syn.device, syn_dtype):
+                feats_syn = embed(flat_syn).float()
+    feats_syn = feats_syn.view(classes, syn.shape[1], -1)
     if cells is None:
         return class_mean_loss(feats_real, feats_syn)
     if not cells.cell_term:
@@ -189,11 +212,18 @@ class DistributionMatching(Method[DMParams]):
         ds = ctx.dataset
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         setup = matching_setup(ctx, params, 13, lr_img, initial)
-        real_embed = None
-        if compile_wanted(params.compile_real, ctx.device, params.iterations):
-            template = fresh_network(params.model, ctx, seed=0)
+        real_embed = syn_embed = None
+        compile_real = compile_wanted(params.compile_real, ctx.device, params.iterations)
+        compile_syn = compile_wanted(params.compile_syn, ctx.device, params.iterations)
+        # the template of the compiled passes (built only for them: a seeded build resets torch's global RNG)
+        template = fresh_network(params.model, ctx, seed=0) if compile_real or compile_syn else nn.Identity()
+        if compile_real:
             real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log,
                                   check_cancelled=ctx.check_cancelled)
+        syn_dtype = real_autocast_dtype(params.syn_precision, ctx.device)
+        if compile_syn and not has_batchnorm(template):
+            syn_embed = RealPass(real_embed_pass(template, syn_dtype), compile=True, log=ctx.log,
+                                 check_cancelled=ctx.check_cancelled)
         stage = "distill" if initial is None else "refine"
         classes_per_pass = synthetic_classes_per_pass(params, ctx)
         for it, net in network_iterations(ctx, self.name, params, params.iterations, params.model, setup.state, stage):
@@ -214,11 +244,12 @@ class DistributionMatching(Method[DMParams]):
                 if seeds:
                     real_g, syn_g = augment_classes(real_g, syn_g, setup.strategy, seeds[group])
                 loss = matching_loss(net, real_g, syn_g, params.real_chunk, setup.real_dtype, real_embed,
-                                     cells_in(cells, group), None if real_cells is None else real_cells[group])
+                                     cells_in(cells, group), None if real_cells is None else real_cells[group],
+                                     syn_dtype, syn_embed)
                 loss.backward()  # each class's loss reaches only its own images: the sum's gradient, in parts
                 total += float(loss.detach())
             setup.optimizer_img.step()
             setup.losses.append(total / ds.num_classes)
             if it % 100 == 0:
                 ctx.log(f"dm iteration {it}: loss {setup.losses[-1]:.4f}")
-        return setup.result(ctx, lr_img=lr_img)
+        return setup.result(ctx, lr_img=lr_img, syn_precision=str(syn_dtype or torch.float32).replace("torch.", ""))

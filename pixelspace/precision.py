@@ -16,7 +16,8 @@ REAL_PRECISION_HELP = (
     "Arithmetic of the real-batch side only (real gradients / real embeddings, the matching targets): "
     "'fp32' as the reference; 'bf16' autocasts its convolutions to bfloat16 (about 1.7x faster on CPUs with "
     "AVX512-BF16; measured error 20x below the sampling noise of a 256-image batch); 'auto' = bf16 on such "
-    "CPUs and on CUDA GPUs with bf16, fp32 elsewhere. The synthetic side and the image update always stay fp32."
+    "CPUs and on CUDA GPUs with bf16, fp32 elsewhere. The image update always stays fp32 (DM's synthetic side has "
+    "its own switch, syn_precision)."
 )
 
 

@@ -1,4 +1,5 @@
-"""The real side's network pass as a pure function of a parameter dict, optionally through torch.compile.
+"""A network pass (the real side's, or DM's synthetic side's) as a pure function of a parameter dict, optionally
+through torch.compile.
 
 Methods sample a fresh network every iteration; compiling a function of (parameters, batch) of one template
 network compiles once per run instead of once per network.
@@ -16,6 +17,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from distill.errors import Cancelled, DistillError
+from distill.fastpath import raise_recompile_limit
 from distill.methods.base import CHECK_SECONDS
 from distill.nets import Classifier
 from pixelspace.precision import autocast_context
@@ -53,6 +55,8 @@ class RealPass:
         # With a cancellation check, even torch.compile's set-up (importing the compiler takes seconds) waits
         # for the first call and runs inside the cancellable warm-up.
         self.pending = compile and check_cancelled is not None
+        if compile:
+            raise_recompile_limit()  # the real and synthetic passes of a run are variants of one function
         self.compiled: Callable[..., torch.Tensor] | None = (
             torch.compile(fn, dynamic=False) if compile and not self.pending else None)
 
