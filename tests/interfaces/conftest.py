@@ -20,7 +20,7 @@ KEY = "interfaces-test-key"
 OTHER_KEY = "interfaces-other-key"
 QUICK = {"method": "random", "dataset": "mnist", "ipc": 2, "max_per_class": 20}
 # A job that runs long enough to watch (and to cancel): DM with few iterations, no compilation.
-SLOW_PARAMS = {"iterations": 100_000, "compile_real": "off", "batch_real": 8}
+SLOW_PARAMS = {"iterations": 100_000, "compile_real": "off", "compile_syn": "off", "batch_real": 8}
 
 
 @dataclass

@@ -249,7 +249,7 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
 def test_cancel_from_the_job_page_and_phone_width(server: Server, browser) -> None:  # noqa: ANN001
     driver, _ = browser
     with Client(server.url, api_key=KEY) as client:
-        job = client.submit("dm", "mnist", 1, params={"iterations": 100_000, "compile_real": "off", "batch_real": 8},
+        job = client.submit("dm", "mnist", 1, params={"iterations": 100_000, "compile_real": "off", "compile_syn": "off", "batch_real": 8},
                             max_per_class=10)
         try:
             open_page(driver, server, f"/#/jobs/{job.id}")
