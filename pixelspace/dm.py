@@ -213,15 +213,14 @@ class DistributionMatching(Method[DMParams]):
         lr_img = params.lr_img if params.lr_img is not None else (1.0 if ctx.ipc < 100 else 10.0)
         setup = matching_setup(ctx, params, 13, lr_img, initial)
         real_embed = syn_embed = None
-        compile_real = compile_wanted(params.compile_real, ctx.device, params.iterations)
-        compile_syn = compile_wanted(params.compile_syn, ctx.device, params.iterations)
-        # the template of the compiled passes (built only for them: a seeded build resets torch's global RNG)
-        template = fresh_network(params.model, ctx, seed=0) if compile_real or compile_syn else nn.Identity()
-        if compile_real:
+        with torch.random.fork_rng(devices=[]):  # the compiled passes' template leaves the run's draws alone
+            template = fresh_network(params.model, ctx, seed=0)
+        if compile_wanted(params.compile_real, ctx.device, params.iterations):
             real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log,
                                   check_cancelled=ctx.check_cancelled)
-        syn_dtype = real_autocast_dtype(params.syn_precision, ctx.device)
-        if compile_syn and not has_batchnorm(template):
+        # batch-norm networks keep the reference's eager fp32 synthetic pass (matching_loss's BN branch)
+        syn_dtype = None if has_batchnorm(template) else real_autocast_dtype(params.syn_precision, ctx.device)
+        if compile_wanted(params.compile_syn, ctx.device, params.iterations) and not has_batchnorm(template):
             syn_embed = RealPass(real_embed_pass(template, syn_dtype), compile=True, log=ctx.log,
                                  check_cancelled=ctx.check_cancelled)
         stage = "distill" if initial is None else "refine"
