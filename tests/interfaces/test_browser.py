@@ -21,7 +21,7 @@ from service_support.helpers import wait_until
 from distill.archive import read_archive
 from distill.client import Client
 
-from .conftest import KEY, Server
+from .conftest import KEY, SLOW_PARAMS, Server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -249,8 +249,7 @@ def test_submit_watch_open_preview_download(server: Server, browser) -> None:  #
 def test_cancel_from_the_job_page_and_phone_width(server: Server, browser) -> None:  # noqa: ANN001
     driver, _ = browser
     with Client(server.url, api_key=KEY) as client:
-        job = client.submit("dm", "mnist", 1, params={"iterations": 100_000, "compile_real": "off", "compile_syn": "off", "batch_real": 8},
-                            max_per_class=10)
+        job = client.submit("dm", "mnist", 1, params=SLOW_PARAMS, max_per_class=10)
         try:
             open_page(driver, server, f"/#/jobs/{job.id}")
             find(driver, "#cancel").click()
