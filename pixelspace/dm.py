@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from distill.augment import diff_augment
+from distill.fastpath import COMPILE_MIN_WORK, run_work
 from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
 from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_autocast_dtype
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
@@ -36,8 +37,18 @@ SYN_PRECISION_HELP = (
     "image update stay fp32); 'auto' = bf16 where it is native, as real_precision. At IPC 50 this pass is most of "
     "an iteration.")
 COMPILE_SYN_HELP = (
-    "torch.compile the synthetic side's pass (a network without batch norm), as compile_real: 'auto' for runs of at "
-    "least 50 iterations on CPU and CUDA; 'on' / 'off' force it.")
+    "torch.compile the synthetic side's pass (a network without batch norm): 'auto' on CPU and CUDA for runs of at "
+    "least 50 iterations that push at least 50 M image-pixels through it (iterations x synthetic images x side^2, "
+    "evaluation's rule for compiling a training network: IPC 10 at 64 px, not MNIST's IPC 10); 'on' / 'off' force it.")
+
+
+def syn_compile_wanted(setting: str, device: torch.device, iterations: int, images: int, image_size: int) -> bool:
+    """``compile_syn``: 'on' / 'off', or 'auto': long enough for the real pass's rule and enough synthetic work to
+    repay a compilation (:data:`distill.fastpath.COMPILE_MIN_WORK`)."""
+    wanted = compile_wanted(setting, device, iterations)
+    if setting != "auto":
+        return wanted
+    return wanted and run_work(iterations, images, image_size) >= COMPILE_MIN_WORK
 
 
 class DMParams(MethodParams):
@@ -220,7 +231,8 @@ class DistributionMatching(Method[DMParams]):
                                   check_cancelled=ctx.check_cancelled)
         # batch-norm networks keep the reference's eager fp32 synthetic pass (matching_loss's BN branch)
         syn_dtype = None if has_batchnorm(template) else real_autocast_dtype(params.syn_precision, ctx.device)
-        if compile_wanted(params.compile_syn, ctx.device, params.iterations) and not has_batchnorm(template):
+        if not has_batchnorm(template) and syn_compile_wanted(params.compile_syn, ctx.device, params.iterations,
+                                                              ctx.ipc * ds.num_classes, ds.image_size):
             syn_embed = RealPass(real_embed_pass(template, syn_dtype), compile=True, log=ctx.log,
                                  check_cancelled=ctx.check_cancelled)
         stage = "distill" if initial is None else "refine"

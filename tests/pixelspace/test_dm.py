@@ -134,3 +134,14 @@ def test_dm_records_the_synthetic_side_arithmetic(mnist):
         out = cls().run(ctx, parse_params(cls, {"iterations": 2, "batch_real": 4, "model": "convnet-w16",
                                                 "syn_precision": precision}))
         assert out.metrics["syn_precision"] == ("float32" if precision == "fp32" else "bfloat16")
+
+
+def test_the_synthetic_pass_compiles_where_its_work_repays_it():
+    from pixelspace.dm import syn_compile_wanted
+
+    cpu = torch.device("cpu")
+    assert syn_compile_wanted("auto", cpu, 200, 100, 64)  # Imagenette IPC 10 at 64 px, oq's 200 iterations
+    assert not syn_compile_wanted("auto", cpu, 200, 100, 28)  # MNIST IPC 10 (make demo): eager bf16
+    assert not syn_compile_wanted("auto", cpu, 200, 10, 64)  # IPC 1: too little work
+    assert not syn_compile_wanted("auto", cpu, 40, 10_000, 64)  # too short, as the real pass
+    assert syn_compile_wanted("on", cpu, 1, 1, 8) and not syn_compile_wanted("off", cpu, 10**6, 500, 128)
