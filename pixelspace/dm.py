@@ -27,7 +27,7 @@ from torch import nn
 from distill.augment import diff_augment
 from distill.fastpath import COMPILE_MIN_WORK, run_work
 from distill.methods.base import DistilledSet, DsaStrategy, Method, MethodParams, NetworkName, RunContext
-from pixelspace.precision import REAL_PRECISION_HELP, autocast_context, real_autocast_dtype
+from pixelspace.precision import REAL_PRECISION_HELP, arithmetic_name, autocast_context, real_autocast_dtype
 from pixelspace.realpass import COMPILE_REAL_HELP, RealPass, compile_wanted, network_state, real_embed_pass
 from pixelspace.synthetic import draw_seed, fresh_network, has_batchnorm, matching_setup, network_iterations
 
@@ -230,8 +230,9 @@ class DistributionMatching(Method[DMParams]):
             real_embed = RealPass(real_embed_pass(template, setup.real_dtype), compile=True, log=ctx.log,
                                   check_cancelled=ctx.check_cancelled)
         # batch-norm networks keep the reference's eager fp32 synthetic pass (matching_loss's BN branch)
-        syn_dtype = None if has_batchnorm(template) else real_autocast_dtype(params.syn_precision, ctx.device)
-        if not has_batchnorm(template) and syn_compile_wanted(params.compile_syn, ctx.device, params.iterations,
+        batchnorm = has_batchnorm(template)
+        syn_dtype = None if batchnorm else real_autocast_dtype(params.syn_precision, ctx.device)
+        if not batchnorm and syn_compile_wanted(params.compile_syn, ctx.device, params.iterations,
                                                               ctx.ipc * ds.num_classes, ds.image_size):
             syn_embed = RealPass(real_embed_pass(template, syn_dtype), compile=True, log=ctx.log,
                                  check_cancelled=ctx.check_cancelled)
@@ -263,4 +264,4 @@ class DistributionMatching(Method[DMParams]):
             setup.losses.append(total / ds.num_classes)
             if it % 100 == 0:
                 ctx.log(f"dm iteration {it}: loss {setup.losses[-1]:.4f}")
-        return setup.result(ctx, lr_img=lr_img, syn_precision=str(syn_dtype or torch.float32).replace("torch.", ""))
+        return setup.result(ctx, lr_img=lr_img, syn_precision=arithmetic_name(syn_dtype))

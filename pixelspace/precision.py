@@ -10,7 +10,8 @@ import torch
 
 from distill.precision import autocast_context, bf16_fast_on, precision_dtype
 
-__all__ = ["REAL_PRECISION_HELP", "autocast_context", "bf16_fast_on", "precision_dtype", "real_autocast_dtype"]
+__all__ = ["REAL_PRECISION_HELP", "arithmetic_name", "autocast_context", "bf16_fast_on", "precision_dtype",
+           "real_autocast_dtype"]
 
 REAL_PRECISION_HELP = (
     "Arithmetic of the real-batch side only (real gradients / real embeddings, the matching targets): "
@@ -24,3 +25,8 @@ REAL_PRECISION_HELP = (
 def real_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the real side (``real_precision``): None (fp32) or torch.bfloat16."""
     return precision_dtype(precision, device, "real_precision")
+
+
+def arithmetic_name(dtype: torch.dtype | None) -> str:
+    """What a method records for an autocast dtype: 'float32' (None: no autocast) or 'bfloat16'."""
+    return str(dtype or torch.float32).replace("torch.", "")

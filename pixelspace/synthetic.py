@@ -19,7 +19,7 @@ from distill.augment import strategy_for
 from distill.errors import DistillError
 from distill.methods.base import DistilledSet, MethodParams, RunContext
 from distill.nets import build_network
-from pixelspace.precision import real_autocast_dtype
+from pixelspace.precision import arithmetic_name, real_autocast_dtype
 from pixelspace.realpool import RealPool
 
 
@@ -194,7 +194,7 @@ class MatchingSetup:
                 "first_loss": losses[0] if losses else None,
                 **metrics,
                 "dsa_strategy": self.strategy,
-                "real_precision": str(self.real_dtype or torch.float32).replace("torch.", ""),
+                "real_precision": arithmetic_name(self.real_dtype),
                 "space": "normalised during optimisation, pixel scale in the archive",
             },
         )
